@@ -32,6 +32,11 @@ const _: () = assert!(usize::BITS >= 64, "tokens pack a 32-bit generation and a 
 const INDEX_LIMIT: usize = 1 << 31;
 
 impl Key {
+    /// The slot index (stable while the key lives; reused after).
+    pub fn index(self) -> u32 {
+        self.index
+    }
+
     /// The mio token that names this key's socket on `side`.
     pub fn token(self, side: Side) -> Token {
         let side_bit = match side {

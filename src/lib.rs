@@ -9,4 +9,17 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod admin;
+pub mod api;
+pub mod balance;
+pub mod buffer;
+pub mod config;
+pub mod health;
+pub mod http;
 pub mod key;
+pub mod net;
+pub mod probe;
+pub mod proxy;
+pub mod server;
+pub mod service;
+pub mod timer;

@@ -1,0 +1,303 @@
+//! The admin API's routes (SPEC §5): what each method and path does, with
+//! every status code.
+//!
+//! A change runs as prepare → persist → commit: everything that can fail is
+//! done first (validate, resolve, bind a new listener: 400/409), then the
+//! state file is written (500 if that fails, and nothing is applied), then
+//! the change is applied, which cannot fail. So what runs and what is on disk
+//! never disagree, and a bad request changes nothing.
+
+use std::time::Instant;
+
+use log::info;
+use serde_json::Value;
+
+use crate::config::{self, BackendConfig, ServiceConfig};
+use crate::http::Request;
+use crate::key::Key;
+use crate::net;
+use crate::server::{Entry, Server};
+use crate::service::{self, Prepared};
+
+/// A response to one admin request.
+#[derive(Debug)]
+pub struct Response {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body, pretty-printed with a trailing newline.
+    pub body: Vec<u8>,
+    /// The `Allow` header of a 405.
+    pub allow: Option<&'static str>,
+}
+
+/// Why a request failed, by status.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400: the request or its body is wrong.
+    BadRequest(String),
+    /// 404: no such service or backend.
+    NotFound(String),
+    /// 405: the path exists but not with this method.
+    MethodNotAllowed(&'static str),
+    /// 409: the new listen address cannot be bound.
+    Conflict(String),
+    /// 500: the state file could not be written.
+    Internal(String),
+}
+
+impl ApiError {
+    fn into_response(self) -> Response {
+        let (status, message, allow) = match self {
+            ApiError::BadRequest(m) => (400, m, None),
+            ApiError::NotFound(m) => (404, m, None),
+            ApiError::MethodNotAllowed(allow) => (405, format!("method not allowed; use {allow}"), Some(allow)),
+            ApiError::Conflict(m) => (409, m, None),
+            ApiError::Internal(m) => (500, m, None),
+        };
+        Response { status, body: error_body(&message), allow }
+    }
+}
+
+impl From<config::ConfigError> for ApiError {
+    fn from(e: config::ConfigError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
+/// `{"error": message}`, pretty-printed with a trailing newline.
+pub fn error_body(message: &str) -> Vec<u8> {
+    pretty(&serde_json::json!({ "error": message }))
+}
+
+fn pretty(value: &Value) -> Vec<u8> {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    body
+}
+
+const READ_ONLY: &str = "GET";
+const READ_WRITE: &str = "GET, PUT, POST, DELETE";
+
+/// Runs one admin request against the server.
+pub fn execute(server: &mut Server, request: &Request, now: Instant) -> Response {
+    match route(server, request, now) {
+        Ok(body) => Response { status: 200, body, allow: None },
+        Err(e) => e.into_response(),
+    }
+}
+
+fn route(server: &mut Server, request: &Request, now: Instant) -> Result<Vec<u8>, ApiError> {
+    let path = request.path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(&request.path);
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = request.method.as_str();
+    let backends_only = has_param(request.query.as_deref(), "backends_only");
+    match (method, segments.as_slice()) {
+        ("GET", [""]) => {
+            Ok(pretty(&Value::Array(server.services.keys().filter_map(|k| server.services.service_stats(k)).collect())))
+        }
+        (_, [""]) | (_, ["_config"]) if method != "GET" => Err(ApiError::MethodNotAllowed(READ_ONLY)),
+        ("GET", ["_config"]) => Ok(config::to_json(&server.services.configs()).into_bytes()),
+        ("GET", [name]) => {
+            let key = find_service(server, name)?;
+            Ok(pretty(&server.services.service_stats(key).unwrap_or_default()))
+        }
+        ("PUT" | "POST", [name]) => put_service(server, name, &request.body, backends_only, now),
+        ("DELETE", [name]) => delete_service(server, name),
+        ("GET", [name, backend]) => {
+            let service = find_service(server, name)?;
+            let key = find_backend(server, service, name, backend)?;
+            Ok(pretty(&server.services.backend_stats(key).unwrap_or_default()))
+        }
+        ("PUT" | "POST", [name, backend]) => put_backend(server, name, backend, &request.body, now),
+        ("DELETE", [name, backend]) => delete_backend(server, name, backend, now),
+        (_, [_] | [_, _]) => Err(ApiError::MethodNotAllowed(READ_WRITE)),
+        _ => Err(ApiError::NotFound(format!(
+            "no such path {:?}; paths are /, /_config, /SERVICE and /SERVICE/BACKEND",
+            request.path
+        ))),
+    }
+}
+
+fn has_param(query: Option<&str>, name: &str) -> bool {
+    query.is_some_and(|q| q.split('&').any(|pair| pair.split('=').next() == Some(name)))
+}
+
+fn find_service(server: &Server, name: &str) -> Result<Key, ApiError> {
+    server.services.find(name).ok_or_else(|| ApiError::NotFound(format!("no service named {name:?}")))
+}
+
+fn find_backend(server: &Server, service: Key, service_name: &str, name: &str) -> Result<Key, ApiError> {
+    server
+        .services
+        .find_backend(service, name)
+        .ok_or_else(|| ApiError::NotFound(format!("service {service_name:?} has no backend named {name:?}")))
+}
+
+/// A name from a path that is about to be written: `_` names are reserved.
+fn writable_name(kind: &str, name: &str) -> Result<(), ApiError> {
+    config::validate_name(name).map_err(|e| ApiError::BadRequest(format!("invalid {kind} name {name:?}: {e}")))
+}
+
+fn put_service(
+    server: &mut Server,
+    name: &str,
+    body: &[u8],
+    backends_only: bool,
+    now: Instant,
+) -> Result<Vec<u8>, ApiError> {
+    writable_name("service", name)?;
+    let mut config = config::parse_service(body, name)?;
+    let existing = server.services.find(name);
+    if let Some(key) = existing {
+        let running = server.services.config(key).unwrap_or_else(|| config.clone());
+        if backends_only {
+            config = ServiceConfig { backends: config.backends, ..running.clone() };
+        }
+        if config.settings_equal(&running) {
+            return update_backends(server, key, config.backends, now);
+        }
+    }
+    let mut all = others(server, name);
+    all.push(config.clone());
+    config::check_loops(&all)?;
+    let prepared = service::prepare(config).map_err(ApiError::BadRequest)?;
+    let running_addr = existing.and_then(|k| server.services.service(k)).map(|s| s.addr);
+    // Bind a new address before anything changes; a failure leaves the old service running (409).
+    let socket = if running_addr == Some(prepared.addr) {
+        None
+    } else {
+        Some(net::bind(prepared.addr).map_err(|e| {
+            ApiError::Conflict(format!("cannot listen on {} ({}): {e}", prepared.config.address, prepared.addr))
+        })?)
+    };
+    persist(server, &all)?;
+    let body = config::to_json(&sorted(all)).into_bytes();
+    match existing {
+        Some(key) => {
+            let changes = server.services.replace(key, prepared);
+            for removed in changes.removed {
+                if let Some(probe) = removed.probe {
+                    server.remove_entry(probe);
+                }
+            }
+            if let Some(socket) = socket {
+                server.attach_listener(key, socket).map_err(|e| ApiError::Internal(e.to_string()))?;
+            }
+            reconcile_probes(server, key, now);
+            info!("service {name} updated");
+        }
+        None => {
+            let Some(socket) = socket else { return Err(ApiError::Internal("no listener was bound".into())) };
+            server.add_service(prepared, socket, now).map_err(|e| ApiError::Internal(e.to_string()))?;
+            info!("service {name} added");
+        }
+    }
+    Ok(body)
+}
+
+fn delete_service(server: &mut Server, name: &str) -> Result<Vec<u8>, ApiError> {
+    writable_name("service", name)?;
+    let key = find_service(server, name)?;
+    let all = others(server, name);
+    persist(server, &all)?;
+    if let Some((service, backends)) = server.services.remove(key) {
+        if let Some(listener) = service.listener {
+            server.remove_entry(listener);
+        }
+        for probe in backends.into_iter().filter_map(|b| b.probe) {
+            server.remove_entry(probe);
+        }
+    }
+    info!("service {name} removed; its open connections run on");
+    Ok(config::to_json(&all).into_bytes())
+}
+
+fn put_backend(server: &mut Server, name: &str, backend: &str, body: &[u8], now: Instant) -> Result<Vec<u8>, ApiError> {
+    writable_name("service", name)?;
+    writable_name("backend", backend)?;
+    let config = config::parse_backend(body, name, backend)?;
+    let key = find_service(server, name)?;
+    let mut backends = server.services.config(key).map(|c| c.backends).unwrap_or_default();
+    match backends.iter_mut().find(|b| b.name == backend) {
+        Some(slot) => *slot = config,
+        None => backends.push(config),
+    }
+    update_backends(server, key, backends, now)
+}
+
+fn delete_backend(server: &mut Server, name: &str, backend: &str, now: Instant) -> Result<Vec<u8>, ApiError> {
+    writable_name("service", name)?;
+    writable_name("backend", backend)?;
+    let key = find_service(server, name)?;
+    find_backend(server, key, name, backend)?;
+    let mut backends = server.services.config(key).map(|c| c.backends).unwrap_or_default();
+    backends.retain(|b| b.name != backend);
+    update_backends(server, key, backends, now)
+}
+
+/// Replaces a service's backends, keeping unchanged ones as they are (SPEC §5).
+fn update_backends(
+    server: &mut Server,
+    key: Key,
+    backends: Vec<BackendConfig>,
+    now: Instant,
+) -> Result<Vec<u8>, ApiError> {
+    let Some(mut config) = server.services.config(key) else {
+        return Err(ApiError::NotFound("service vanished".into()));
+    };
+    config.backends = backends;
+    config::validate_service(&config)?;
+    let mut all = others(server, &config.name);
+    all.push(config.clone());
+    config::check_loops(&all)?;
+    let Prepared { config, backend_addrs, .. } = service::prepare(config).map_err(ApiError::BadRequest)?;
+    persist(server, &all)?;
+    let changes = server.services.set_backends(key, config.backends, backend_addrs);
+    for removed in changes.removed {
+        if let Some(probe) = removed.probe {
+            server.remove_entry(probe);
+        }
+    }
+    reconcile_probes(server, key, now);
+    info!("service {} backends updated", config.name);
+    Ok(config::to_json(&sorted(all)).into_bytes())
+}
+
+/// Starts or stops probes so that exactly the checked backends of a checking service have one.
+fn reconcile_probes(server: &mut Server, service: Key, now: Instant) {
+    let Some(s) = server.services.service(service) else { return };
+    let checks = config::seconds(s.settings.check_interval).is_some();
+    for backend in s.backends.clone() {
+        let Some(b) = server.services.backend(backend) else { continue };
+        let want = checks && b.check_addr.is_some();
+        let have = b.probe.filter(|&p| matches!(server.entries.get(p), Some(Entry::Probe(_))));
+        match (want, have) {
+            (true, None) => server.start_probe(backend, now),
+            (false, Some(probe)) => {
+                server.remove_entry(probe);
+                if let Some(b) = server.services.backend_mut(backend) {
+                    b.probe = None;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Every running service's config but `name`'s.
+fn others(server: &Server, name: &str) -> Vec<ServiceConfig> {
+    server.services.configs().into_iter().filter(|c| c.name != name).collect()
+}
+
+fn sorted(mut all: Vec<ServiceConfig>) -> Vec<ServiceConfig> {
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    all
+}
+
+/// Writes the state file (if any) with the config about to run; a failure is 500 and stops the change.
+fn persist(server: &Server, all: &[ServiceConfig]) -> Result<(), ApiError> {
+    let Some(path) = &server.options.state else { return Ok(()) };
+    config::save_atomic(path, &sorted(all.to_vec())).map_err(|e| {
+        ApiError::Internal(format!("cannot write the state file {}: {e}; nothing was changed", path.display()))
+    })
+}

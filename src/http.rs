@@ -1,0 +1,763 @@
+//! Admin HTTP/1.1 framing on httparse: request heads, bodies, `Expect`, keep-alive, responses.
+//!
+//! Read SPEC §5 and DESIGN §12 first. Pure: no sockets, no clock. The admin
+//! connection appends what it reads to one input buffer and calls
+//! [`Decoder::decode`]; indices into that buffer stay valid between calls
+//! because bytes are only removed when a whole request is returned.
+//!
+//! Everything is bounded (house rule 7): the head to [`MAX_HEAD`], the decoded
+//! body to [`MAX_BODY`], chunk extensions and trailers to [`MAX_HEAD`] each.
+//! Blank lines are found by scanning only new bytes, and httparse runs once per
+//! head, so a head dribbled in byte by byte costs linear time (pitfall 17).
+
+use std::fmt;
+
+use httparse::Status;
+
+/// Longest request head accepted: request line and headers, including the blank line.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Largest request body accepted, inclusive; for chunked bodies, the decoded size.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// The interim response that lets a client waiting on `Expect: 100-continue` send its body.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+// curl sends about six fields; more than 64 answers 431.
+const MAX_HEADERS: usize = 64;
+// A chunk-size line without extensions: at most 16 hex digits (httparse's cap) and CRLF.
+const BARE_SIZE_LINE: usize = 16 + 2;
+
+/// One complete admin request, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The method as sent (a valid token); the router answers 405 for unknown ones.
+    pub method: String,
+    /// The percent-decoded path, without the query.
+    pub path: String,
+    /// The raw text after the first `?`, if there was one.
+    pub query: Option<String>,
+    /// The body, de-chunked.
+    pub body: Vec<u8>,
+    /// Whether the connection may carry another request after this one's response.
+    pub keep_alive: bool,
+}
+
+/// Why a request cannot be decoded; the caller answers [`HttpError::status`] and closes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpError {
+    /// The head (or the trailer section) is longer than [`MAX_HEAD`] or has too many fields.
+    HeadTooLarge,
+    /// The body is, or is announced to be, larger than [`MAX_BODY`].
+    BodyTooLarge,
+    /// The request breaks HTTP/1.1 syntax or framing; the text says how.
+    Malformed(String),
+    /// An `Expect` value other than `100-continue`.
+    UnsupportedExpect(String),
+    /// A transfer coding other than `chunked`.
+    UnsupportedTransferEncoding(String),
+}
+
+impl HttpError {
+    /// The status code that answers this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            HttpError::HeadTooLarge => 431,
+            HttpError::BodyTooLarge => 413,
+            HttpError::Malformed(_) => 400,
+            HttpError::UnsupportedExpect(_) => 417,
+            HttpError::UnsupportedTransferEncoding(_) => 501,
+        }
+    }
+}
+
+impl fmt::Display for HttpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HttpError::HeadTooLarge => write!(
+                f,
+                "request head larger than {MAX_HEAD} bytes or over {MAX_HEADERS} fields"
+            ),
+            HttpError::BodyTooLarge => write!(f, "request body larger than {MAX_BODY} bytes"),
+            HttpError::Malformed(why) => write!(f, "malformed request: {why}"),
+            HttpError::UnsupportedExpect(v) => write!(f, "unsupported expect value {v:?} (only 100-continue is)"),
+            HttpError::UnsupportedTransferEncoding(v) => {
+                write!(f, "unsupported transfer-encoding {v:?} (only chunked is)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for HttpError {}
+
+/// What one call to [`Decoder::decode`] achieved.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// The request is incomplete: read more, then call again.
+    NeedMore,
+    /// Write [`CONTINUE`], then call again (the client waits for it before sending the body).
+    SendContinue,
+    /// A whole request; its bytes are gone from the input.
+    Request(Request),
+}
+
+/// Incremental decoder for one connection's requests.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    phase: Phase,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Looking for the blank line: `start` is past any leading empty lines, `scanned` is where to resume.
+    Head { start: usize, scanned: usize },
+    /// The head is parsed; the body is arriving.
+    Body(Pending),
+}
+
+impl Default for Phase {
+    fn default() -> Self {
+        Phase::Head { start: 0, scanned: 0 }
+    }
+}
+
+/// A parsed head and its body so far; `pos` is the next unread input index.
+#[derive(Debug)]
+struct Pending {
+    /// Owned at once, since httparse's view borrows the input; the body grows in place.
+    request: Request,
+    pos: usize,
+    step: Step,
+    /// Chunk-extension bytes still allowed across the whole body.
+    ext_budget: usize,
+    /// True until `SendContinue` has been returned for this request.
+    expect_continue: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// `Content-Length` (0 without one): the request ends with these bytes.
+    Length { len: usize },
+    /// Looking for a chunk-size line's LF.
+    Size { scanned: usize },
+    /// Inside a chunk, with this many data bytes left.
+    Data { left: usize },
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// Looking for the blank line after the last chunk and any trailer fields.
+    Trailers { scanned: usize },
+}
+
+impl Decoder {
+    /// A decoder waiting for the first request head.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Decodes from `input` (every byte received and not yet consumed). On `Request`, the request's bytes are removed
+    /// from the front of `input`; pipelined bytes after it stay for the next call.
+    pub fn decode(&mut self, input: &mut Vec<u8>) -> Result<Progress, HttpError> {
+        // Taken out so each phase moves instead of being cloned; after an error the caller closes anyway.
+        let mut pending = match std::mem::take(&mut self.phase) {
+            Phase::Head { mut start, mut scanned } => match decode_head(input, &mut start, &mut scanned)? {
+                Some(pending) => pending,
+                None => {
+                    self.phase = Phase::Head { start, scanned };
+                    return Ok(Progress::NeedMore);
+                }
+            },
+            Phase::Body(pending) => pending,
+        };
+        if let Some(end) = pending.advance(input)? {
+            input.drain(..end);
+            return Ok(Progress::Request(pending.request));
+        }
+        // Only while the body is incomplete: curl would otherwise wait 1 s before sending it (pitfall 18).
+        let send = std::mem::take(&mut pending.expect_continue);
+        self.phase = Phase::Body(pending);
+        Ok(if send {
+            Progress::SendContinue
+        } else {
+            Progress::NeedMore
+        })
+    }
+}
+
+/// Parses the head once its blank line has arrived; `None` (scan state updated) to wait for more.
+fn decode_head(input: &[u8], start: &mut usize, scanned: &mut usize) -> Result<Option<Pending>, HttpError> {
+    // RFC 9112 §2.2: ignore empty lines before the request line (some clients add CRLF after a body).
+    loop {
+        *start += match input.get(*start..) {
+            Some([b'\n', ..]) => 1,
+            Some([b'\r', b'\n', ..]) => 2,
+            _ => break,
+        };
+        if *start > MAX_HEAD {
+            return Err(HttpError::HeadTooLarge);
+        }
+    }
+    *scanned = (*scanned).max(*start);
+    let Some(end) = section_end(input, *start, scanned)? else {
+        return Ok(None);
+    };
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    complete(req.parse(&input[*start..end]))?;
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(malformed("incomplete request line"));
+    };
+    let (path, query) = split_target(target)?;
+    let fields = Fields::read(req.headers, version)?;
+    let step = match (fields.codings, fields.length) {
+        (None, length) => match usize::try_from(length.unwrap_or(0)) {
+            Ok(len) if len <= MAX_BODY => Step::Length { len },
+            _ => return Err(HttpError::BodyTooLarge),
+        },
+        // RFC 9112 §6.1: HTTP/1.0 has no chunked coding, so its framing cannot be trusted.
+        (Some(_), _) if version == 0 => return Err(malformed("transfer-encoding in an http/1.0 request")),
+        // RFC 9112 §6.3: both is how requests are smuggled past a proxy; refuse rather than pick one.
+        (Some(_), Some(_)) => return Err(malformed("both transfer-encoding and content-length")),
+        (Some(codings), None) if codings.iter().any(|c| c != "chunked") => {
+            return Err(HttpError::UnsupportedTransferEncoding(codings.join(", ")));
+        }
+        (Some(codings), None) if codings.len() > 1 => return Err(malformed("chunked applied twice")),
+        (Some(_), None) => Step::Size { scanned: end },
+    };
+    // HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 closes unless told to keep it.
+    let keep_alive = !fields.close && (version >= 1 || fields.keep_alive);
+    let request = Request {
+        method: method.to_owned(),
+        path,
+        query,
+        body: Vec::new(),
+        keep_alive,
+    };
+    let expect_continue = fields.expect_continue;
+    Ok(Some(Pending {
+        request,
+        pos: end,
+        step,
+        ext_budget: MAX_HEAD,
+        expect_continue,
+    }))
+}
+
+/// The framing and connection fields of a head; the others are ignored.
+#[derive(Debug, Default)]
+struct Fields {
+    length: Option<u64>,
+    /// Lower-cased transfer codings, `Some` once a `Transfer-Encoding` field is seen.
+    codings: Option<Vec<String>>,
+    close: bool,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+impl Fields {
+    fn read(headers: &[httparse::Header<'_>], version: u8) -> Result<Fields, HttpError> {
+        let mut f = Fields::default();
+        for &httparse::Header { name, value } in headers {
+            if name.eq_ignore_ascii_case("content-length") {
+                let lengths = list(value).map(parse_length).collect::<Result<Vec<_>, _>>()?;
+                let first = lengths.first().copied();
+                // RFC 9110 §8.6: identical repeats are one length; different ones make the framing unknowable.
+                if first.is_none() || lengths.iter().copied().chain(f.length).any(|n| Some(n) != first) {
+                    return Err(malformed("invalid or conflicting content-length"));
+                }
+                f.length = first;
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                let codings = f.codings.get_or_insert_with(Vec::new);
+                codings.extend(list(value).map(|c| String::from_utf8_lossy(c).to_ascii_lowercase()));
+                if codings.is_empty() {
+                    return Err(malformed("empty transfer-encoding"));
+                }
+            } else if name.eq_ignore_ascii_case("connection") {
+                f.close |= list(value).any(|t| t.eq_ignore_ascii_case(b"close"));
+                f.keep_alive |= list(value).any(|t| t.eq_ignore_ascii_case(b"keep-alive"));
+            } else if name.eq_ignore_ascii_case("expect") {
+                if !value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
+                    return Err(HttpError::UnsupportedExpect(
+                        String::from_utf8_lossy(value.trim_ascii()).into(),
+                    ));
+                }
+                // RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored.
+                f.expect_continue = version >= 1;
+            }
+        }
+        Ok(f)
+    }
+}
+
+impl Pending {
+    /// Reads whatever body bytes arrived; `Some(end)` once the request ends at input index `end`.
+    fn advance(&mut self, input: &[u8]) -> Result<Option<usize>, HttpError> {
+        loop {
+            match self.step {
+                Step::Length { len } => {
+                    let Some(body) = input.get(self.pos..self.pos + len) else {
+                        return Ok(None);
+                    };
+                    self.request.body = body.to_vec();
+                    return Ok(Some(self.pos + len));
+                }
+                Step::Size { scanned } => {
+                    let limit = self.pos + BARE_SIZE_LINE + self.ext_budget;
+                    let window = input.get(scanned..input.len().min(limit)).unwrap_or_default();
+                    let Some(nl) = window.iter().position(|&b| b == b'\n').map(|i| scanned + i) else {
+                        if input.len() >= limit {
+                            return Err(malformed("chunk extensions too long"));
+                        }
+                        self.step = Step::Size { scanned: input.len() };
+                        return Ok(None);
+                    };
+                    let left = self.size_line(&input[self.pos..=nl])?;
+                    self.pos = nl + 1;
+                    // The blank line ending the trailers may begin with this line's LF.
+                    self.step = if left == 0 {
+                        Step::Trailers { scanned: nl }
+                    } else {
+                        Step::Data { left }
+                    };
+                }
+                Step::Data { left } => {
+                    let arrived = input.get(self.pos..).unwrap_or_default();
+                    let take = left.min(arrived.len());
+                    self.request.body.extend_from_slice(&arrived[..take]);
+                    self.pos += take;
+                    if take < left {
+                        self.step = Step::Data { left: left - take };
+                        return Ok(None);
+                    }
+                    self.step = Step::DataEnd;
+                }
+                Step::DataEnd => match input.get(self.pos..self.pos + 2) {
+                    None => return Ok(None),
+                    Some(b"\r\n") => {
+                        self.pos += 2;
+                        self.step = Step::Size { scanned: self.pos };
+                    }
+                    Some(_) => return Err(malformed("chunk data longer than its size")),
+                },
+                Step::Trailers { mut scanned } => {
+                    let found = section_end(input, self.pos, &mut scanned)?;
+                    self.step = Step::Trailers { scanned };
+                    let Some(end) = found else { return Ok(None) };
+                    // Trailer fields are checked for syntax, then dropped: no admin route reads them.
+                    complete(httparse::parse_headers(
+                        &input[self.pos..end],
+                        &mut [httparse::EMPTY_HEADER; MAX_HEADERS],
+                    ))?;
+                    return Ok(Some(end));
+                }
+            }
+        }
+    }
+
+    /// Parses one chunk-size line (through its LF) and charges it to the extension and body budgets.
+    fn size_line(&mut self, line: &[u8]) -> Result<usize, HttpError> {
+        // httparse reads an empty size as 0, which would end the body early; demand a digit.
+        let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+        let size = match httparse::parse_chunk_size(line) {
+            Ok(Status::Complete((used, size))) if digits > 0 && used == line.len() => size,
+            _ => return Err(malformed("invalid chunk size line")),
+        };
+        // Extensions are ignored, but a client must not be able to stream them forever.
+        let extensions = line.len().saturating_sub(digits + 2);
+        self.ext_budget = self
+            .ext_budget
+            .checked_sub(extensions)
+            .ok_or_else(|| malformed("chunk extensions too long"))?;
+        // Refused as soon as the size is known, before its data is read.
+        match usize::try_from(size) {
+            Ok(size) if size <= MAX_BODY - self.request.body.len() => Ok(size),
+            _ => Err(HttpError::BodyTooLarge),
+        }
+    }
+}
+
+/// Finds the end of the field section starting at `base`: the index just past its blank line.
+///
+/// Resumes at `*scanned` and leaves it a few bytes short of the end, so each byte is looked at about once. Like
+/// httparse, a bare LF ends a line too (RFC 9112 §2.2).
+fn section_end(input: &[u8], base: usize, scanned: &mut usize) -> Result<Option<usize>, HttpError> {
+    let window = &input[..input.len().min(base + MAX_HEAD)];
+    let mut i = *scanned;
+    while let Some(nl) = window
+        .get(i..)
+        .and_then(|w| w.iter().position(|&b| b == b'\n'))
+        .map(|o| i + o)
+    {
+        match window.get(nl + 1..) {
+            Some([b'\n', ..]) => return Ok(Some(nl + 2)),
+            Some([b'\r', b'\n', ..]) => return Ok(Some(nl + 3)),
+            _ => i = nl + 1,
+        }
+    }
+    if window.len() >= base + MAX_HEAD {
+        return Err(HttpError::HeadTooLarge);
+    }
+    // Back up: the blank line may straddle this read and the next.
+    *scanned = window.len().saturating_sub(3).max(*scanned);
+    Ok(None)
+}
+
+/// Maps httparse's verdict on a section whose blank line we already found.
+fn complete<T>(parsed: httparse::Result<T>) -> Result<(), HttpError> {
+    match parsed {
+        Ok(Status::Complete(_)) => Ok(()),
+        Ok(Status::Partial) => Err(malformed("incomplete field section")),
+        Err(httparse::Error::TooManyHeaders) => Err(HttpError::HeadTooLarge),
+        Err(e) => Err(HttpError::Malformed(e.to_string())),
+    }
+}
+
+/// Splits a request target into the percent-decoded path and the raw query.
+fn split_target(target: &str) -> Result<(String, Option<String>), HttpError> {
+    let (mut path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query.to_owned())),
+        None => (target, None),
+    };
+    // Absolute form (RFC 9112 §3.2.2): keep only what follows the authority.
+    for scheme in ["http://", "https://"] {
+        if path.get(..scheme.len()).is_some_and(|p| p.eq_ignore_ascii_case(scheme)) {
+            let rest = &path[scheme.len()..];
+            path = rest.find('/').map_or("/", |i| &rest[i..]);
+        }
+    }
+    let mut out = Vec::with_capacity(path.len());
+    let mut bytes = path.bytes();
+    while let Some(b) = bytes.next() {
+        if b != b'%' {
+            out.push(b);
+            continue;
+        }
+        let mut digit = || bytes.next().and_then(|d| char::from(d).to_digit(16));
+        let (Some(high), Some(low)) = (digit(), digit()) else {
+            return Err(malformed("invalid percent-escape in path"));
+        };
+        // Two hex digits make at most 0xff.
+        out.push((high << 4 | low) as u8);
+    }
+    let path = String::from_utf8(out).map_err(|_| malformed("path is not utf-8 once percent-decoded"))?;
+    Ok((path, query))
+}
+
+/// The non-empty, trimmed elements of a comma-separated field value.
+fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+fn parse_length(value: &[u8]) -> Result<u64, HttpError> {
+    // Digits only: `str::parse` would also take a sign.
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return Err(malformed("invalid or conflicting content-length"));
+    }
+    // All digits, so failing to parse can only mean too large for u64: far beyond MAX_BODY anyway.
+    Ok(std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(u64::MAX))
+}
+
+fn malformed(why: &str) -> HttpError {
+    HttpError::Malformed(why.to_owned())
+}
+
+/// The reason phrase for `status`; empty (which RFC 9112 allows) for codes the admin API never sends.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        413 => "Content Too Large",
+        417 => "Expectation Failed",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// Bytes of a complete HTTP/1.1 response with a JSON body, then the `extra` fields (e.g. `("Allow", "GET, PUT")`).
+pub fn response(status: u16, body: &[u8], keep_alive: bool, extra: &[(&str, &str)]) -> Vec<u8> {
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    let (reason, len) = (reason(status), body.len());
+    let mut head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n\
+         Content-Length: {len}\r\nConnection: {connection}\r\n"
+    );
+    // A CR or LF in a field would split the response: such a field is dropped, never sent.
+    for (name, value) in extra
+        .iter()
+        .filter(|(n, v)| !n.contains(['\r', '\n']) && !v.contains(['\r', '\n']))
+    {
+        head.extend([*name, ": ", value, "\r\n"]);
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Appends `bytes` to `input` and decodes once.
+    fn push(d: &mut Decoder, input: &mut Vec<u8>, bytes: &[u8]) -> Result<Progress, HttpError> {
+        input.extend_from_slice(bytes);
+        d.decode(input)
+    }
+
+    fn one(bytes: &[u8]) -> Result<Progress, HttpError> {
+        push(&mut Decoder::new(), &mut Vec::new(), bytes)
+    }
+
+    #[track_caller]
+    fn request(bytes: &[u8]) -> Request {
+        match one(bytes) {
+            Ok(Progress::Request(r)) => r,
+            other => panic!("expected a request, got {other:?}"),
+        }
+    }
+
+    #[track_caller]
+    fn status(bytes: &[u8]) -> u16 {
+        one(bytes).map_or_else(|e| e.status(), |p| panic!("expected an error, got {p:?}"))
+    }
+
+    /// One test per rejected input, each named for the state it hits and the status it must get.
+    macro_rules! rejects {
+        ($($name:ident: $bytes:expr => $status:expr;)*) => {$(
+            #[test]
+            fn $name() {
+                assert_eq!(status($bytes), $status);
+            }
+        )*};
+    }
+
+    rejects! {
+        head_over_limit_431: &head_of_len(MAX_HEAD + 1) => 431;
+        head_no_blank_line_at_limit_431: &[b'a'; MAX_HEAD] => 431;
+        head_too_many_fields_431: format!("GET / HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(65)).as_bytes() => 431;
+        head_garbage_400: b"\x00\x01\x02garbage\r\n\r\n" => 400;
+        head_bad_method_400: b"G(T / HTTP/1.1\r\n\r\n" => 400;
+        head_bad_version_400: b"GET / HTTP/2.0\r\n\r\n" => 400;
+        head_bad_field_name_400: b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n" => 400;
+        head_bad_escape_400: b"GET /%zz HTTP/1.1\r\n\r\n" => 400;
+        head_short_escape_400: b"GET /%4 HTTP/1.1\r\n\r\n" => 400;
+        head_escape_not_utf8_400: b"GET /%ff HTTP/1.1\r\n\r\n" => 400;
+        head_length_over_limit_413: &put(&format!("Content-Length: {}\r\n", MAX_BODY + 1)) => 413;
+        head_length_beyond_u64_413: &put("Content-Length: 99999999999999999999999\r\n") => 413;
+        head_length_letters_400: &put("Content-Length: abc\r\n") => 400;
+        head_length_signed_400: &put("Content-Length: +5\r\n") => 400;
+        head_length_empty_400: &put("Content-Length: \r\n") => 400;
+        head_length_list_conflict_400: &put("Content-Length: 5, 6\r\n") => 400;
+        head_length_repeat_conflict_400: &put("Content-Length: 1\r\nContent-Length: 2\r\n") => 400;
+        head_te_then_length_400: &put("Transfer-Encoding: chunked\r\nContent-Length: 3\r\n") => 400;
+        head_length_then_te_400: &put("Content-Length: 3\r\nTransfer-Encoding: chunked\r\n") => 400;
+        head_te_gzip_501: &put("Transfer-Encoding: gzip, chunked\r\n") => 501;
+        head_te_in_http10_400: b"PUT / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n" => 400;
+        head_te_chunked_twice_400: &put("Transfer-Encoding: chunked, chunked\r\n") => 400;
+        head_expect_other_417: &put("Expect: something-else\r\nContent-Length: 1\r\n") => 417;
+        chunked_size_not_hex_400: &chunked(b"zz\r\n") => 400;
+        chunked_size_empty_400: &chunked(b";ext\r\n") => 400;
+        chunked_data_too_long_400: &chunked(b"3\r\nabcd\r\n") => 400;
+        chunked_bare_lf_in_extension_400: &chunked(b"1;a\nb\r\n") => 400;
+        chunked_bad_trailer_400: &chunked(b"0\r\nBad Name: x\r\n\r\n") => 400;
+        chunked_extensions_endless_400: &chunked(&[b"1;", &[b'x'; MAX_HEAD + BARE_SIZE_LINE][..]].concat()) => 400;
+        chunked_size_over_limit_413: &chunked(format!("{:x}\r\n", MAX_BODY + 1).as_bytes()) => 413;
+        chunked_total_over_limit_413: &chunked(&[&full_chunk(), &b"1\r\n"[..]].concat()) => 413;
+    }
+
+    /// A PUT head with these fields (each ending in CRLF).
+    fn put(fields: &str) -> Vec<u8> {
+        format!("PUT / HTTP/1.1\r\n{fields}\r\n").into_bytes()
+    }
+
+    /// A GET whose head is exactly `len` bytes long.
+    fn head_of_len(len: usize) -> Vec<u8> {
+        let fixed = b"GET / HTTP/1.1\r\nX: \r\n\r\n".len();
+        format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(len - fixed)).into_bytes()
+    }
+
+    fn chunked(body: &[u8]) -> Vec<u8> {
+        [&b"PUT /s HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..], body].concat()
+    }
+
+    /// One chunk carrying exactly MAX_BODY bytes.
+    fn full_chunk() -> Vec<u8> {
+        [format!("{MAX_BODY:x}\r\n").as_bytes(), &vec![b'x'; MAX_BODY], b"\r\n"].concat()
+    }
+
+    const CHUNKED: &[u8] = b"PUT /svc HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+        5;name=value\r\nhello\r\n1 ; x\r\n \r\n6\r\nworld!\r\n0;last\r\nX-Trailer: yes\r\nY: z\r\n\r\n";
+
+    #[test]
+    fn head_byte_by_byte() {
+        let (mut d, mut input) = (Decoder::new(), Vec::new());
+        let bytes = b"GET /svc HTTP/1.1\r\nHost: x\r\n\r\n";
+        for b in &bytes[..bytes.len() - 1] {
+            assert_eq!(push(&mut d, &mut input, &[*b]), Ok(Progress::NeedMore));
+        }
+        let Ok(Progress::Request(r)) = push(&mut d, &mut input, b"\n") else {
+            panic!("no request")
+        };
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str(), r.keep_alive),
+            ("GET", "/svc", true)
+        );
+        assert!(input.is_empty());
+    }
+
+    #[test]
+    fn idle_two_pipelined() {
+        let (mut d, mut input) = (Decoder::new(), Vec::new());
+        let first = push(
+            &mut d,
+            &mut input,
+            b"PUT /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nhiGET /b HTTP/1.1\r\n\r\n",
+        );
+        assert!(matches!(first, Ok(Progress::Request(r)) if r.path == "/a" && r.body == b"hi"));
+        assert_eq!(input, b"GET /b HTTP/1.1\r\n\r\n");
+        assert!(matches!(d.decode(&mut input), Ok(Progress::Request(r)) if r.path == "/b"));
+        assert!(input.is_empty());
+    }
+
+    #[test]
+    fn idle_leading_empty_lines() {
+        assert_eq!(request(b"\r\n\n\r\nGET / HTTP/1.1\r\n\r\n").path, "/");
+    }
+
+    #[test]
+    fn head_at_limit_accepted() {
+        assert_eq!(request(&head_of_len(MAX_HEAD)).method, "GET");
+        // Byte by byte too: the scan resumes where it stopped, so this stays linear.
+        let (mut d, mut input, head) = (Decoder::new(), Vec::new(), head_of_len(MAX_HEAD));
+        let last = head.iter().map(|b| push(&mut d, &mut input, &[*b])).last();
+        assert!(matches!(last, Some(Ok(Progress::Request(_)))));
+        assert_eq!(one(&[b'a'; MAX_HEAD - 1]), Ok(Progress::NeedMore));
+    }
+
+    #[test]
+    fn head_length_at_limit_accepted() {
+        let head = format!("PUT /s HTTP/1.1\r\nContent-Length: {MAX_BODY}\r\n\r\n");
+        assert_eq!(
+            request(&[head.as_bytes(), &vec![b'x'; MAX_BODY]].concat()).body.len(),
+            MAX_BODY
+        );
+        // Identical repeats are one length (RFC 9110 §8.6).
+        assert_eq!(
+            request(b"PUT / HTTP/1.1\r\nContent-Length: 2, 2\r\nContent-Length: 2\r\n\r\nok").body,
+            b"ok"
+        );
+    }
+
+    #[test]
+    fn chunked_split_everywhere() {
+        for split in 0..CHUNKED.len() {
+            let (mut d, mut input) = (Decoder::new(), Vec::new());
+            assert_eq!(
+                push(&mut d, &mut input, &CHUNKED[..split]),
+                Ok(Progress::NeedMore),
+                "split {split}"
+            );
+            let done = push(&mut d, &mut input, &CHUNKED[split..]);
+            assert!(
+                matches!(done, Ok(Progress::Request(r)) if r.body == b"hello world!"),
+                "split {split}"
+            );
+        }
+        // Every byte in its own read, then the next request pipelined behind it in one read.
+        let (mut d, mut input) = (Decoder::new(), Vec::new());
+        let results: Vec<_> = CHUNKED.iter().map(|b| push(&mut d, &mut input, &[*b])).collect();
+        assert!(results[..results.len() - 1]
+            .iter()
+            .all(|r| *r == Ok(Progress::NeedMore)));
+        assert!(matches!(results.last(), Some(Ok(Progress::Request(_)))));
+        let both = push(&mut d, &mut input, &[CHUNKED, b"GET /next HTTP/1.1\r\n\r\n"].concat());
+        assert!(matches!(both, Ok(Progress::Request(r)) if r.body == b"hello world!"));
+        assert_eq!(input, b"GET /next HTTP/1.1\r\n\r\n");
+    }
+
+    #[test]
+    fn chunked_at_limit_accepted() {
+        assert_eq!(
+            request(&chunked(&[&full_chunk(), &b"0\r\n\r\n"[..]].concat()))
+                .body
+                .len(),
+            MAX_BODY
+        );
+    }
+
+    #[test]
+    fn head_expect_continue_once_then_body() {
+        let (mut d, mut input) = (Decoder::new(), Vec::new());
+        let head = b"PUT /s HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 4\r\n\r\n";
+        assert_eq!(push(&mut d, &mut input, head), Ok(Progress::SendContinue));
+        assert_eq!(d.decode(&mut input), Ok(Progress::NeedMore));
+        assert_eq!(push(&mut d, &mut input, b"ab"), Ok(Progress::NeedMore));
+        assert!(matches!(push(&mut d, &mut input, b"cd"), Ok(Progress::Request(r)) if r.body == b"abcd"));
+        // `curl -T -`: chunked, and nothing sent before the 100.
+        let te = b"PUT /s HTTP/1.1\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(one(te), Ok(Progress::SendContinue));
+    }
+
+    #[test]
+    fn head_expect_continue_not_needed() {
+        // Body already here, or none to wait for: no interim response.
+        assert_eq!(
+            request(b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx").body,
+            b"x"
+        );
+        assert_eq!(request(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").body, b"");
+        // RFC 9110 §10.1.1: ignored in HTTP/1.0.
+        assert_eq!(
+            one(b"PUT / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n"),
+            Ok(Progress::NeedMore)
+        );
+    }
+
+    #[test]
+    fn head_keep_alive_rules() {
+        let keep = |head: &str| request(format!("GET / {head}\r\n\r\n").as_bytes()).keep_alive;
+        assert!(!keep("HTTP/1.0"));
+        assert!(keep("HTTP/1.0\r\nConnection: Keep-Alive"));
+        assert!(keep("HTTP/1.1"));
+        assert!(!keep("HTTP/1.1\r\nConnection: Upgrade, close"));
+        assert!(!keep("HTTP/1.0\r\nConnection: close, keep-alive"));
+    }
+
+    #[test]
+    fn head_path_decoded_query_raw() {
+        let r = request(b"GET /a%20b/caf%C3%a9?x=%20&y?z HTTP/1.1\r\n\r\n");
+        assert_eq!(
+            (r.path.as_str(), r.query.as_deref()),
+            ("/a b/caf\u{e9}", Some("x=%20&y?z"))
+        );
+        assert_eq!(request(b"GET /s HTTP/1.1\r\n\r\n").query, None);
+        let r = request(b"GET HTTP://host:9/svc?q HTTP/1.1\r\n\r\n");
+        assert_eq!((r.path.as_str(), r.query.as_deref()), ("/svc", Some("q")));
+        assert_eq!(request(b"GET http://host HTTP/1.1\r\n\r\n").path, "/");
+    }
+
+    #[test]
+    fn response_bytes_exact() {
+        let bytes = response(405, b"{}\n", false, &[("Allow", "GET, PUT"), ("X", "a\r\nb")]);
+        let want = "HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/json\r\nContent-Length: 3\r\n\
+            Connection: close\r\nAllow: GET, PUT\r\n\r\n{}\n";
+        assert_eq!(String::from_utf8_lossy(&bytes), want);
+        assert_eq!(
+            HttpError::BodyTooLarge.to_string(),
+            "request body larger than 1048576 bytes"
+        );
+    }
+}

@@ -1,0 +1,128 @@
+//! Socket plumbing: binding listeners with an explicit backlog, nonblocking
+//! connects and their outcome, accept-error classes, and the fd limit.
+//!
+//! This is the only file with `unsafe` (one `setrlimit` call).
+
+use std::io;
+use std::net::SocketAddr;
+
+use mio::net::{TcpListener, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Listen backlog; mio ≥ 1.2 would use std's 128, which drops SYNs under bursts (pitfall 14).
+const BACKLOG: i32 = 1024;
+
+/// A nonblocking listener on `addr` with `SO_REUSEADDR` and a deep backlog.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+/// Starts a nonblocking connect to `addr`; an error here is a synchronous failure.
+pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect(addr)?;
+    // A relay must not add Nagle delay on top of the endpoints' own.
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Where a nonblocking connect stands after a readiness event.
+#[derive(Debug)]
+pub enum ConnectOutcome {
+    /// The connection is established.
+    Connected,
+    /// Not yet: the event was spurious.
+    Pending,
+    /// The connect failed.
+    Failed(io::Error),
+}
+
+/// Checks a connect in flight: `SO_ERROR` first, then `peer_addr` (mio's documented sequence).
+pub fn connect_outcome(stream: &TcpStream) -> ConnectOutcome {
+    match stream.take_error() {
+        Ok(Some(e)) | Err(e) => return ConnectOutcome::Failed(e),
+        Ok(None) => {}
+    }
+    match stream.peer_addr() {
+        Ok(_) => ConnectOutcome::Connected,
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => ConnectOutcome::Pending,
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => ConnectOutcome::Pending,
+        Err(e) => ConnectOutcome::Failed(e),
+    }
+}
+
+/// Whether an error is this host running short (fds, memory, ports), not the peer's fault (pitfall 15).
+pub fn is_local_shortage(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM) | Some(libc::EADDRNOTAVAIL)
+    )
+}
+
+/// What the accept loop does after `accept` failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AcceptError {
+    /// The queue is empty: wait for the next event.
+    Drained,
+    /// One connection failed or the call was interrupted: accept the next one.
+    Skip,
+    /// Out of fds or memory: pause this listener briefly, or it would spin or stall.
+    Exhausted,
+}
+
+/// Classifies an accept error (pitfall 5).
+pub fn classify_accept(e: &io::Error) -> AcceptError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock => AcceptError::Drained,
+        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset => {
+            AcceptError::Skip
+        }
+        _ if is_local_shortage(e) => AcceptError::Exhausted,
+        // EPROTO, ENETDOWN and friends concern one queued connection.
+        _ => AcceptError::Skip,
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the new soft limit.
+#[allow(unsafe_code)]
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the rlimit struct we own and pass by pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit only reads the rlimit struct we pass by pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_are_classified() {
+        assert_eq!(classify_accept(&io::ErrorKind::WouldBlock.into()), AcceptError::Drained);
+        assert_eq!(classify_accept(&io::ErrorKind::ConnectionAborted.into()), AcceptError::Skip);
+        assert_eq!(classify_accept(&io::Error::from_raw_os_error(libc::EMFILE)), AcceptError::Exhausted);
+        assert_eq!(classify_accept(&io::Error::from_raw_os_error(libc::ENFILE)), AcceptError::Exhausted);
+    }
+
+    #[test]
+    fn bind_gives_a_listener_on_an_ephemeral_port() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_ne!(listener.local_addr().unwrap().port(), 0);
+    }
+}

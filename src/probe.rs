@@ -1,0 +1,330 @@
+//! The health probe (SPEC §4): one per checked backend, a socket of the same
+//! event loop, never a thread.
+//!
+//! A probe waits `check_interval`, connects to the backend's `check_address`
+//! with `connect_timeout` as the deadline, optionally sends `check_send` and
+//! looks for `check_expect` in the first 4 KiB of the reply, then feeds the
+//! result to the backend's `Health`. There is one state per probe, so a check
+//! that is still running when the next interval comes is never started twice.
+//! Settings are read from the service when each check starts, so a changed
+//! interval, rise, fall or expectation applies from the next check on.
+
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::net::TcpStream;
+use mio::Interest;
+
+use crate::health::Transition;
+use crate::key::{Key, Side};
+use crate::net::{self, ConnectOutcome};
+use crate::server::{Cx, Ready, Step};
+use crate::timer::{TimerKey, Wheel};
+
+/// The most of a reply a check reads while looking for `check_expect`.
+const EXPECT_LIMIT: usize = 4096;
+
+enum ProbeState {
+    /// Waiting for the next check.
+    Idle,
+    /// The check's connect is in flight.
+    Connecting { stream: TcpStream, started: Instant },
+    /// Connected; `check_send` is partly written.
+    Sending { stream: TcpStream, started: Instant, sent: usize },
+    /// Waiting for `check_expect` in the reply.
+    Expecting { stream: TcpStream, started: Instant, seen: Vec<u8> },
+}
+
+/// One backend's health checker.
+pub struct Probe {
+    backend: Key,
+    state: ProbeState,
+    ready: Ready,
+    /// When the check in flight fails for lack of an answer, if ever.
+    deadline: Option<Instant>,
+    /// The one armed timer: the next check while idle, the deadline while checking.
+    timer: Option<TimerKey>,
+}
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.state {
+            ProbeState::Idle => "idle",
+            ProbeState::Connecting { .. } => "connecting",
+            ProbeState::Sending { .. } => "sending",
+            ProbeState::Expecting { .. } => "expecting",
+        };
+        f.debug_struct("Probe").field("backend", &self.backend).field("state", &state).finish()
+    }
+}
+
+/// Where in `interval` the first check of the probe in slot `index` falls.
+///
+/// Multiples of the golden ratio modulo 1 are evenly spread for any count, so
+/// a thousand backends added at once don't all probe in the same millisecond.
+fn first_check_offset(index: u64, interval: Duration) -> Duration {
+    const GOLDEN: f64 = 0.618_033_988_749_894_9;
+    interval.mul_f64((index as f64 * GOLDEN).fract())
+}
+
+/// The outcome of one check, with the reason a failure is logged with.
+type CheckResult = Result<(), String>;
+
+impl Probe {
+    /// A probe whose first check comes within one `interval`.
+    pub fn new(key: Key, backend: Key, interval: Duration, now: Instant, timers: &mut Wheel<Key>) -> Probe {
+        let spread = first_check_offset(u64::from(key.index()), interval);
+        let timer = Some(timers.insert(now + spread, key));
+        Probe { backend, state: ProbeState::Idle, ready: Ready::default(), deadline: None, timer }
+    }
+
+    /// Gives back the probe's timer before it is dropped (its socket closes with it).
+    pub fn close(&mut self, cx: &mut Cx<'_>) {
+        if let Some(timer) = self.timer.take() {
+            cx.timers.cancel(timer);
+        }
+    }
+
+    /// The timer fired: start a check when idle, or fail the check whose deadline passed.
+    pub fn on_timer(&mut self, key: Key, cx: &mut Cx<'_>) -> Step {
+        self.timer = None;
+        match self.state {
+            ProbeState::Idle => self.start(key, cx),
+            _ if self.deadline.is_some_and(|d| cx.now >= d) => self.finish(key, Err("timeout".into()), cx),
+            _ => {
+                self.arm(key, self.deadline, cx);
+                Step::Wait
+            }
+        }
+    }
+
+    /// The check's socket is ready: advance the check.
+    pub fn on_ready(&mut self, key: Key, ready: Ready, cx: &mut Cx<'_>) -> Step {
+        self.ready.merge(ready);
+        match self.advance(cx) {
+            Some(result) => self.finish(key, result, cx),
+            None => Step::Wait,
+        }
+    }
+
+    fn start(&mut self, key: Key, cx: &mut Cx<'_>) -> Step {
+        let Some(backend) = cx.services.backend(self.backend) else { return Step::Close };
+        let Some(addr) = backend.check_addr else { return Step::Close };
+        let Some(service) = cx.services.service(backend.service) else { return Step::Close };
+        let connect_timeout = crate::config::seconds(service.settings.connect_timeout);
+        let started = cx.now;
+        let connecting = net::connect(addr).and_then(|mut stream| {
+            cx.registry.register(&mut stream, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE)?;
+            Ok(stream)
+        });
+        match connecting {
+            Ok(stream) => {
+                self.state = ProbeState::Connecting { stream, started };
+                self.ready = Ready::default();
+                self.deadline = connect_timeout.map(|d| started + d);
+                self.arm(key, self.deadline, cx);
+                Step::Wait
+            }
+            Err(e) if net::is_local_shortage(&e) => {
+                // Our shortage says nothing about the backend: skip this check (pitfall 15).
+                warn!("health check of {addr} skipped: {e}");
+                self.schedule_next(key, started, cx);
+                Step::Wait
+            }
+            Err(e) => self.finish(key, Err(reason(&e)), cx),
+        }
+    }
+
+    /// Moves the check as far as the socket allows; `Some` once it has passed or failed.
+    fn advance(&mut self, cx: &Cx<'_>) -> Option<CheckResult> {
+        let (send, expect) = match cx.services.backend(self.backend).and_then(|b| cx.services.service(b.service)) {
+            Some(s) => (s.settings.check_send.as_bytes(), s.settings.check_expect.as_bytes()),
+            None => (&[][..], &[][..]),
+        };
+        loop {
+            // Idle is the placeholder while the owned state moves into its successor.
+            let state = std::mem::replace(&mut self.state, ProbeState::Idle);
+            let (next, progress) = match state {
+                ProbeState::Idle => return None,
+                ProbeState::Connecting { stream, started } => match net::connect_outcome(&stream) {
+                    ConnectOutcome::Pending => {
+                        self.ready = Ready::default();
+                        (ProbeState::Connecting { stream, started }, Progress::Wait)
+                    }
+                    ConnectOutcome::Failed(e) => {
+                        (ProbeState::Connecting { stream, started }, Progress::Done(Err(reason(&e))))
+                    }
+                    ConnectOutcome::Connected if send.is_empty() && expect.is_empty() => {
+                        (ProbeState::Connecting { stream, started }, Progress::Done(Ok(())))
+                    }
+                    ConnectOutcome::Connected => (ProbeState::Sending { stream, started, sent: 0 }, Progress::Next),
+                },
+                ProbeState::Sending { mut stream, started, mut sent } => {
+                    let progress = write_send(&mut stream, send, &mut sent, &mut self.ready);
+                    match progress {
+                        Progress::Next if expect.is_empty() => {
+                            (ProbeState::Sending { stream, started, sent }, Progress::Done(Ok(())))
+                        }
+                        Progress::Next => (ProbeState::Expecting { stream, started, seen: Vec::new() }, Progress::Next),
+                        other => (ProbeState::Sending { stream, started, sent }, other),
+                    }
+                }
+                ProbeState::Expecting { mut stream, started, mut seen } => {
+                    let progress = read_expect(&mut stream, &mut seen, expect, &mut self.ready);
+                    (ProbeState::Expecting { stream, started, seen }, progress)
+                }
+            };
+            self.state = next;
+            match progress {
+                Progress::Next => continue,
+                Progress::Wait => return None,
+                Progress::Done(result) => return Some(result),
+            }
+        }
+    }
+
+    fn finish(&mut self, key: Key, result: CheckResult, cx: &mut Cx<'_>) -> Step {
+        let started = match &self.state {
+            ProbeState::Connecting { started, .. }
+            | ProbeState::Sending { started, .. }
+            | ProbeState::Expecting { started, .. } => *started,
+            ProbeState::Idle => cx.now,
+        };
+        self.state = ProbeState::Idle; // drops the socket
+        self.deadline = None;
+        if let Some(timer) = self.timer.take() {
+            cx.timers.cancel(timer);
+        }
+        let Some(backend) = cx.services.backend(self.backend) else { return Step::Close };
+        let Some(service) = cx.services.service(backend.service) else { return Step::Close };
+        let (rise, fall) = (service.settings.rise, service.settings.fall);
+        let names = format!("{}/{}", service.settings.name, backend.config.name);
+        let Some(backend) = cx.services.backend_mut(self.backend) else { return Step::Close };
+        match &result {
+            Ok(()) => backend.counters.check_success += 1,
+            Err(_) => backend.counters.check_fail += 1,
+        }
+        let transition = backend.health.record_check(result.is_ok(), rise, fall);
+        match (transition, &result) {
+            (Some(Transition::WentDown), Err(why)) => warn!("{names} is down: {fall} checks failed, last: {why}"),
+            (Some(Transition::CameUp), _) => info!("{names} is up: {rise} checks passed"),
+            (_, Err(why)) => debug!("{names}: check failed: {why}"),
+            (_, Ok(())) => {}
+        }
+        self.schedule_next(key, started, cx);
+        Step::Wait
+    }
+
+    fn schedule_next(&mut self, key: Key, started: Instant, cx: &mut Cx<'_>) {
+        let interval = cx
+            .services
+            .backend(self.backend)
+            .and_then(|b| cx.services.service(b.service))
+            .and_then(|s| crate::config::seconds(s.settings.check_interval));
+        // Interval 0 turns checks off; the service update removes this probe.
+        let Some(interval) = interval else { return };
+        let next = (started + interval).max(cx.now);
+        self.arm(key, Some(next), cx);
+    }
+
+    fn arm(&mut self, key: Key, at: Option<Instant>, cx: &mut Cx<'_>) {
+        if let Some(timer) = self.timer.take() {
+            cx.timers.cancel(timer);
+        }
+        if let Some(at) = at {
+            self.timer = Some(cx.timers.insert(at, key));
+        }
+    }
+}
+
+/// What one step of a check came to.
+enum Progress {
+    /// Move on to the next state now.
+    Next,
+    /// Wait for the socket.
+    Wait,
+    /// The check passed or failed.
+    Done(CheckResult),
+}
+
+/// Writes what is left of `check_send`.
+fn write_send(stream: &mut TcpStream, send: &[u8], sent: &mut usize, ready: &mut Ready) -> Progress {
+    while *sent < send.len() {
+        if !ready.writable {
+            return Progress::Wait;
+        }
+        match stream.write(&send[*sent..]) {
+            Ok(0) => return Progress::Done(Err("connection closed while sending".into())),
+            Ok(n) => *sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.writable = false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Progress::Done(Err(reason(&e))),
+        }
+    }
+    Progress::Next
+}
+
+/// Reads the reply until `expect` shows up, the peer closes, or 4 KiB were seen.
+fn read_expect(stream: &mut TcpStream, seen: &mut Vec<u8>, expect: &[u8], ready: &mut Ready) -> Progress {
+    let mut chunk = [0u8; 1024];
+    while ready.readable {
+        let want = (EXPECT_LIMIT - seen.len()).min(chunk.len());
+        match stream.read(&mut chunk[..want]) {
+            Ok(0) => return Progress::Done(Err("connection closed before the expected reply".into())),
+            Ok(n) => {
+                seen.extend_from_slice(&chunk[..n]);
+                if contains(seen, expect) {
+                    return Progress::Done(Ok(()));
+                }
+                if seen.len() >= EXPECT_LIMIT {
+                    let why = format!("unexpected reply: no {:?} in the first 4 KiB", lossy(expect));
+                    return Progress::Done(Err(why));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.readable = false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Progress::Done(Err(reason(&e))),
+        }
+    }
+    Progress::Wait
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A short reason for a failed check: "refused", "timeout", or the OS's words.
+fn reason(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "refused".into(),
+        io::ErrorKind::TimedOut => "timeout".into(),
+        _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_checks_spread_over_the_interval() {
+        let interval = Duration::from_millis(1000);
+        let mut per_ms = [0u32; 1000];
+        for i in 0..1000 {
+            let ms = first_check_offset(i, interval).as_millis() as usize;
+            per_ms[ms] += 1;
+        }
+        assert!(per_ms.iter().all(|&n| n <= 2), "some millisecond has {} probes", per_ms.iter().max().unwrap());
+    }
+
+    #[test]
+    fn expect_matches_across_reads() {
+        assert!(contains(b"HTTP/1.0 200 OK\r\n", b"200 OK"));
+        assert!(!contains(b"HTTP/1.0 503 Service Unavailable", b"200 OK"));
+    }
+}

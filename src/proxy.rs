@@ -1,0 +1,546 @@
+//! The proxied pair: one client socket, one backend socket, and the two
+//! directions between them. Read SPEC §3 and DESIGN.md §8–10 first.
+//!
+//! A pair is first `Connecting` (a nonblocking connect to one backend of its
+//! plan, failing over to the next on refusal or deadline), then `Relaying`.
+//! Each direction is a `Half`: bytes read from one peer wait in a pooled
+//! buffer until written to the other; a full buffer stops reading (the
+//! backpressure of SPEC §3) and an EOF is passed on as `shutdown(Write)` once
+//! the buffer is flushed. Both halves shut: the pair is done. Any socket
+//! error or idle timeout closes both sides.
+//!
+//! Readiness is cached per socket (edge-triggered epoll): a flag is cleared
+//! only when a syscall says `WouldBlock`, so a pair that stops early (full
+//! buffer, spent budget) resumes without waiting for an edge that won't come.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::time::Instant;
+
+use log::{debug, info, warn};
+use mio::net::TcpStream;
+use mio::{Interest, Token};
+
+use crate::buffer::{Buffer, BufferPool, Transfer, BUF_SIZE};
+use crate::health::Transition;
+use crate::key::{Key, Side};
+use crate::net::{self, ConnectOutcome};
+use crate::server::{Cx, Ready, Step};
+use crate::service::{Limits, Plan};
+use crate::timer::TimerKey;
+
+/// Bytes one direction may read per wakeup before the pair yields to others (fairness).
+const BUDGET: usize = 4 * BUF_SIZE;
+
+/// A byte stream a half can relay through; mio's `TcpStream` in the loop, a script in tests.
+pub trait Stream: Read + Write {
+    /// Ends our sending direction (sends FIN).
+    fn shutdown_write(&self) -> io::Result<()>;
+}
+
+impl Stream for TcpStream {
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+/// One socket of a pair with its cached readiness and last progress.
+#[derive(Debug)]
+pub struct Peer<S> {
+    stream: S,
+    ready: Ready,
+    last_progress: Instant,
+}
+
+impl<S> Peer<S> {
+    fn new(stream: S, now: Instant) -> Self {
+        Peer { stream, ready: Ready::default(), last_progress: now }
+    }
+}
+
+/// Where one direction stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HalfState {
+    /// The source may still send.
+    Open,
+    /// The source sent EOF: flush the buffer, then shut the destination's write side.
+    Draining,
+    /// The destination got `shutdown(Write)`; this direction is finished.
+    Shut,
+}
+
+/// Which end of a half failed.
+#[derive(Debug)]
+enum HalfError {
+    Source(io::Error),
+    Destination(io::Error),
+}
+
+/// One direction: bytes read from one peer wait here until written to the other.
+#[derive(Debug)]
+struct Half {
+    buf: Option<Buffer>,
+    state: HalfState,
+    /// Bytes written to the destination and not yet added to the counters.
+    unreported: u64,
+}
+
+impl Half {
+    fn new() -> Self {
+        Half { buf: None, state: HalfState::Open, unreported: 0 }
+    }
+
+    fn has_data(&self) -> bool {
+        self.buf.as_ref().is_some_and(|b| !b.is_empty())
+    }
+
+    fn has_room(&self) -> bool {
+        self.buf.as_ref().is_none_or(Buffer::has_room)
+    }
+
+    /// Moves bytes from `src` towards `dst` until both would block, the buffer
+    /// is stuck, or `budget` is spent. Without `dst` (backend still
+    /// connecting) it only reads ahead into the buffer.
+    fn pump<S: Stream>(
+        &mut self,
+        src: &mut Peer<S>,
+        mut dst: Option<&mut Peer<S>>,
+        pool: &mut BufferPool,
+        budget: &mut usize,
+        now: Instant,
+    ) -> Result<(), HalfError> {
+        loop {
+            if let (Some(dst), Some(buf)) = (dst.as_deref_mut(), self.buf.as_mut()) {
+                if !buf.is_empty() && dst.ready.writable {
+                    match buf.write_to(&mut dst.stream) {
+                        Transfer::Moved(n) => {
+                            dst.last_progress = now;
+                            self.unreported += n as u64;
+                        }
+                        Transfer::WouldBlock => dst.ready.writable = false,
+                        Transfer::Eof => return Err(HalfError::Destination(io::ErrorKind::WriteZero.into())),
+                        Transfer::Failed(e) => return Err(HalfError::Destination(e)),
+                    }
+                    continue;
+                }
+            }
+            if self.state == HalfState::Open && src.ready.readable && self.has_room() && *budget > 0 {
+                let buf = self.buf.get_or_insert_with(|| pool.take());
+                match buf.read_from(&mut src.stream) {
+                    Transfer::Moved(n) => {
+                        src.last_progress = now;
+                        *budget = budget.saturating_sub(n);
+                    }
+                    Transfer::WouldBlock => src.ready.readable = false,
+                    Transfer::Eof => {
+                        src.last_progress = now;
+                        self.state = HalfState::Draining;
+                    }
+                    Transfer::Failed(e) => return Err(HalfError::Source(e)),
+                }
+                continue;
+            }
+            break;
+        }
+        if !self.has_data() {
+            if let Some(buf) = self.buf.take() {
+                pool.give(buf);
+            }
+            if self.state == HalfState::Draining {
+                if let Some(dst) = dst {
+                    dst.stream.shutdown_write().map_err(HalfError::Destination)?;
+                    self.state = HalfState::Shut;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the last pump stopped only because its budget ran out.
+    fn has_work<S>(&self, src: &Peer<S>, dst: &Peer<S>) -> bool {
+        (self.has_data() && dst.ready.writable)
+            || (self.state == HalfState::Open && src.ready.readable && self.has_room())
+    }
+
+    fn release(&mut self, pool: &mut BufferPool) {
+        if let Some(buf) = self.buf.take() {
+            pool.give(buf);
+        }
+    }
+}
+
+/// Why a pair ended early.
+#[derive(Debug)]
+pub enum Fault {
+    /// The client socket failed.
+    Client(io::Error),
+    /// The backend socket failed.
+    Backend(io::Error),
+    /// A side was idle for longer than its timeout.
+    Timeout(Side),
+    /// Every candidate backend failed to connect.
+    NoBackend,
+    /// Connecting failed for lack of local resources (fds, ports, memory).
+    Local(io::Error),
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fault::Client(e) => write!(f, "client error: {e}"),
+            Fault::Backend(e) => write!(f, "backend error: {e}"),
+            Fault::Timeout(Side::Client) => f.write_str("client idle timeout"),
+            Fault::Timeout(Side::Backend) => f.write_str("server idle timeout"),
+            Fault::NoBackend => f.write_str("no backend could be reached"),
+            Fault::Local(e) => write!(f, "cannot connect: {e}"),
+        }
+    }
+}
+
+// The backend socket lives in `Pair`, not in the phase: a failover swaps it
+// in place and the connect confirmation only changes the phase, with no
+// placeholder socket needed to move it between variants. Writing to an
+// unconfirmed backend is still impossible: only `Relaying` pumps towards it.
+enum Phase {
+    /// A nonblocking connect is in flight; client bytes may already be buffered.
+    Connecting { target: Key, deadline: Option<Instant>, plan: Plan, started: Instant },
+    /// Both sockets are connected; bytes flow until both halves are shut.
+    Relaying { target: Key },
+}
+
+impl fmt::Debug for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Phase::Connecting { target, .. } => write!(f, "connecting to {target}"),
+            Phase::Relaying { target, .. } => write!(f, "relaying with {target}"),
+        }
+    }
+}
+
+/// One proxied connection: a client, the backend it was given, and both directions.
+#[derive(Debug)]
+pub struct Pair {
+    client: Peer<TcpStream>,
+    backend: Peer<TcpStream>,
+    phase: Phase,
+    /// Client → backend.
+    up: Half,
+    /// Backend → client.
+    down: Half,
+    service: Key,
+    limits: Limits,
+    /// The armed timer and its deadline: at most one, at the earliest deadline.
+    timer: Option<(TimerKey, Instant)>,
+}
+
+/// A started connect: the stream and the backend it goes to.
+struct Attempt {
+    stream: TcpStream,
+    target: Key,
+}
+
+/// Starts a connect to the next candidate of `plan` that accepts one; failed
+/// candidates are counted as backend errors (SPEC §3).
+fn connect_next(plan: &mut Plan, token: Token, cx: &mut Cx<'_>) -> Result<Attempt, Fault> {
+    while let Some(target) = plan.next_target() {
+        let Some(addr) = cx.services.backend(target).map(|b| b.addr) else { continue };
+        let started = net::connect(addr).and_then(|mut stream| {
+            cx.registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+            Ok(stream)
+        });
+        match started {
+            Ok(stream) => {
+                if let Some(b) = cx.services.backend_mut(target) {
+                    b.counters.active += 1;
+                }
+                return Ok(Attempt { stream, target });
+            }
+            // An fd or port shortage is ours, not the backend's (pitfall 15).
+            Err(e) if net::is_local_shortage(&e) => return Err(Fault::Local(e)),
+            Err(e) => backend_failed(target, &e, cx),
+        }
+    }
+    Err(Fault::NoBackend)
+}
+
+/// Counts a failed connect to `target` and logs what passive health made of it.
+fn backend_failed(target: Key, error: &io::Error, cx: &mut Cx<'_>) {
+    let transition = cx.services.connect_failed(target);
+    let (service, backend) = cx.services.names(target);
+    debug!("{service}/{backend}: connect failed: {error}");
+    if transition == Some(Transition::WentDown) {
+        warn!("{service}/{backend} is down: {} client connects failed ({error})", fall_of(cx, target));
+    }
+}
+
+fn fall_of(cx: &Cx<'_>, target: Key) -> u32 {
+    let service = cx.services.backend(target).map(|b| b.service);
+    service.and_then(|s| cx.services.service(s)).map_or(1, |s| s.settings.fall)
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+impl Pair {
+    /// Takes a freshly accepted client and starts connecting it along `plan`.
+    /// On failure the client is dropped (a normal close) and the fault returned.
+    pub fn open(key: Key, mut client: TcpStream, service: Key, mut plan: Plan, cx: &mut Cx<'_>) -> Result<Pair, Fault> {
+        let limits = cx.services.limits(service);
+        cx.registry
+            .register(&mut client, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE)
+            .map_err(Fault::Local)?;
+        let attempt = connect_next(&mut plan, key.token(Side::Backend), cx)?;
+        let now = cx.now;
+        let mut pair = Pair {
+            client: Peer::new(client, now),
+            backend: Peer::new(attempt.stream, now),
+            phase: Phase::Connecting {
+                target: attempt.target,
+                deadline: limits.connect.map(|d| now + d),
+                plan,
+                started: now,
+            },
+            up: Half::new(),
+            down: Half::new(),
+            service,
+            limits,
+            timer: None,
+        };
+        pair.rearm(key, cx);
+        Ok(pair)
+    }
+
+    /// Handles readiness of one of the pair's sockets.
+    pub fn on_ready(&mut self, key: Key, side: Side, ready: Ready, cx: &mut Cx<'_>) -> Step {
+        match side {
+            Side::Client => self.client.ready.merge(ready),
+            Side::Backend => self.backend.ready.merge(ready),
+        }
+        let step = self.advance(key, side == Side::Backend, cx);
+        self.finish_wakeup(key, step, cx)
+    }
+
+    /// Continues work left over when a wakeup's budget ran out.
+    pub fn resume(&mut self, key: Key, cx: &mut Cx<'_>) -> Step {
+        let step = self.advance(key, false, cx);
+        self.finish_wakeup(key, step, cx)
+    }
+
+    /// Handles the pair's timer: a connect deadline or an idle timeout may have passed.
+    pub fn on_timer(&mut self, key: Key, cx: &mut Cx<'_>) -> Step {
+        self.timer = None;
+        let now = cx.now;
+        let step = if self.limits.client.is_some_and(|d| now >= self.client.last_progress + d) {
+            self.fail(Fault::Timeout(Side::Client), cx)
+        } else {
+            match &mut self.phase {
+                Phase::Connecting { deadline: Some(deadline), target, .. } if now >= *deadline => {
+                    let target = *target;
+                    self.attempt_failed(target, io::ErrorKind::TimedOut.into(), key, cx)
+                }
+                Phase::Relaying { .. } if self.limits.server.is_some_and(|d| now >= self.backend.last_progress + d) => {
+                    self.fail(Fault::Timeout(Side::Backend), cx)
+                }
+                _ => Step::Wait,
+            }
+        };
+        self.finish_wakeup(key, step, cx)
+    }
+
+    /// Gives back what the pair holds before it is dropped: its timer, buffers and active count.
+    pub fn close(&mut self, cx: &mut Cx<'_>) {
+        if let Some((timer, _)) = self.timer.take() {
+            cx.timers.cancel(timer);
+        }
+        self.up.release(cx.pool);
+        self.down.release(cx.pool);
+        self.report(cx);
+        let target = match &self.phase {
+            Phase::Connecting { target, .. } | Phase::Relaying { target, .. } => *target,
+        };
+        if let Some(b) = cx.services.backend_mut(target) {
+            b.counters.active = b.counters.active.saturating_sub(1);
+        }
+    }
+
+    fn advance(&mut self, key: Key, backend_event: bool, cx: &mut Cx<'_>) -> Step {
+        if let Phase::Connecting { target, .. } = &mut self.phase {
+            if backend_event || self.backend.ready.writable {
+                match net::connect_outcome(&self.backend.stream) {
+                    ConnectOutcome::Connected => self.connected(cx),
+                    ConnectOutcome::Pending => self.backend.ready.writable = false,
+                    ConnectOutcome::Failed(e) => {
+                        let target = *target;
+                        return self.attempt_failed(target, e, key, cx);
+                    }
+                }
+            }
+        }
+        self.relay(cx)
+    }
+
+    fn connected(&mut self, cx: &mut Cx<'_>) {
+        let Phase::Connecting { target, started, .. } = self.phase else { return };
+        cx.services.connect_succeeded(target);
+        self.backend.last_progress = cx.now;
+        let (service, name) = cx.services.names(target);
+        debug!("{service}: connected to {name} in {} ms", cx.now.duration_since(started).as_millis());
+        self.set_phase(Phase::Relaying { target });
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        log::trace!("pair phase {:?} => {:?}", self.phase, phase);
+        self.phase = phase;
+    }
+
+    /// The connect to `target` failed: count it and fail over to the next candidate.
+    fn attempt_failed(&mut self, target: Key, error: io::Error, key: Key, cx: &mut Cx<'_>) -> Step {
+        if let Some(b) = cx.services.backend_mut(target) {
+            b.counters.active = b.counters.active.saturating_sub(1);
+        }
+        backend_failed(target, &error, cx);
+        let Phase::Connecting { plan, .. } = &mut self.phase else { return Step::Close };
+        match connect_next(plan, key.token(Side::Backend), cx) {
+            Ok(attempt) => {
+                let now = cx.now;
+                // The old stream is dropped here, which closes it and removes it from epoll.
+                self.backend = Peer::new(attempt.stream, now);
+                if let Phase::Connecting { target, deadline, .. } = &mut self.phase {
+                    *target = attempt.target;
+                    *deadline = self.limits.connect.map(|d| now + d);
+                }
+                Step::Wait
+            }
+            Err(fault) => {
+                // The failed attempt was already taken off `active`; don't let close() do it again.
+                if let Phase::Connecting { target, .. } = &mut self.phase {
+                    *target = self.service;
+                }
+                self.fail(fault, cx)
+            }
+        }
+    }
+
+    fn relay(&mut self, cx: &mut Cx<'_>) -> Step {
+        let now = cx.now;
+        let mut up_budget = BUDGET;
+        let mut down_budget = BUDGET;
+        let backend = &mut self.backend;
+        let (result, more) = match &mut self.phase {
+            Phase::Connecting { .. } => {
+                let r = self.up.pump(&mut self.client, None, cx.pool, &mut up_budget, now);
+                (r.map_err(|e| half_fault(e, Side::Client)), false)
+            }
+            Phase::Relaying { .. } => {
+                let r = self
+                    .up
+                    .pump(&mut self.client, Some(backend), cx.pool, &mut up_budget, now)
+                    .map_err(|e| half_fault(e, Side::Client))
+                    .and_then(|()| {
+                        self.down
+                            .pump(backend, Some(&mut self.client), cx.pool, &mut down_budget, now)
+                            .map_err(|e| half_fault(e, Side::Backend))
+                    });
+                let more = self.up.has_work(&self.client, backend) || self.down.has_work(backend, &self.client);
+                (r, more)
+            }
+        };
+        if let Err(fault) = result {
+            return self.fail(fault, cx);
+        }
+        if self.up.state == HalfState::Shut && self.down.state == HalfState::Shut {
+            return Step::Close;
+        }
+        if more {
+            Step::Again
+        } else {
+            Step::Wait
+        }
+    }
+
+    fn fail(&mut self, fault: Fault, cx: &mut Cx<'_>) -> Step {
+        let service = cx.services.service(self.service).map_or("?", |s| s.settings.name.as_str());
+        match &fault {
+            Fault::Local(_) => warn!("{service}: {fault}"),
+            Fault::NoBackend => info!("{service}: closing client: {fault}"),
+            _ => debug!("{service}: closing pair: {fault}"),
+        }
+        match fault {
+            Fault::Backend(_) | Fault::Timeout(Side::Backend) => {
+                if let Phase::Relaying { target, .. } = &self.phase {
+                    if let Some(b) = cx.services.backend_mut(*target) {
+                        b.counters.errors += 1;
+                    }
+                }
+            }
+            Fault::Local(_) => {
+                if let Some(s) = cx.services.service_mut(self.service) {
+                    s.errors += 1;
+                }
+            }
+            _ => {}
+        }
+        Step::Close
+    }
+
+    /// Adds the bytes moved since the last report to the backend's counters (once per wakeup).
+    fn report(&mut self, cx: &mut Cx<'_>) {
+        if self.up.unreported == 0 && self.down.unreported == 0 {
+            return;
+        }
+        if let Phase::Relaying { target, .. } = &self.phase {
+            if let Some(b) = cx.services.backend_mut(*target) {
+                b.counters.sent += self.up.unreported;
+                b.counters.received += self.down.unreported;
+            }
+        }
+        self.up.unreported = 0;
+        self.down.unreported = 0;
+    }
+
+    fn finish_wakeup(&mut self, key: Key, step: Step, cx: &mut Cx<'_>) -> Step {
+        self.report(cx);
+        if !matches!(step, Step::Close) {
+            self.rearm(key, cx);
+        }
+        step
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let client = self.limits.client.map(|d| self.client.last_progress + d);
+        let other = match &self.phase {
+            Phase::Connecting { deadline, .. } => *deadline,
+            Phase::Relaying { .. } => self.limits.server.map(|d| self.backend.last_progress + d),
+        };
+        earliest(client, other)
+    }
+
+    /// Keeps one timer armed at or before the earliest deadline. Progress moves
+    /// idle deadlines later without touching the wheel: an early fire just re-arms.
+    fn rearm(&mut self, key: Key, cx: &mut Cx<'_>) {
+        let Some(want) = self.next_deadline() else { return };
+        if let Some((timer, at)) = self.timer {
+            if at <= want {
+                return;
+            }
+            cx.timers.cancel(timer);
+        }
+        self.timer = Some((cx.timers.insert(want, key), want));
+    }
+}
+
+fn half_fault(error: HalfError, source: Side) -> Fault {
+    let failed = match error {
+        HalfError::Source(e) => (source, e),
+        HalfError::Destination(e) => (if source == Side::Client { Side::Backend } else { Side::Client }, e),
+    };
+    match failed {
+        (Side::Client, e) => Fault::Client(e),
+        (Side::Backend, e) => Fault::Backend(e),
+    }
+}

@@ -1,0 +1,470 @@
+//! The running services and backends: their config, health, counters, stats
+//! JSON, and how a new config is matched against the running one.
+//!
+//! Services and backends live in generation-checked `Slots`, so a pair that
+//! holds the key of a backend an operator has since removed or replaced finds
+//! nothing when it counts, and keeps running (SPEC §3).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+
+use crate::balance::{self, Candidate, Cursor};
+use crate::config::{self, BackendConfig, Balance, ServiceConfig};
+use crate::health::{Health, Transition};
+use crate::key::{Key, Slots};
+
+/// Counters of one backend, as the stats API shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Bytes client → backend.
+    pub sent: u64,
+    /// Bytes backend → client.
+    pub received: u64,
+    /// Failed connects and backend-side failures.
+    pub errors: u64,
+    /// Connections established, in all.
+    pub connections: u64,
+    /// Connections open or being opened now.
+    pub active: u64,
+    /// Health checks passed.
+    pub check_success: u64,
+    /// Health checks failed.
+    pub check_fail: u64,
+}
+
+/// One running backend.
+#[derive(Debug)]
+pub struct Backend {
+    /// Its config as the operator wrote it.
+    pub config: BackendConfig,
+    /// The service it belongs to.
+    pub service: Key,
+    /// `config.address`, resolved when the config was applied.
+    pub addr: SocketAddr,
+    /// `config.check_address`, resolved; `None` when it is never checked.
+    pub check_addr: Option<SocketAddr>,
+    /// Up or down, and the current run of results.
+    pub health: Health,
+    /// Traffic and check counters.
+    pub counters: Counters,
+    /// The event-loop entry that probes it, if any.
+    pub probe: Option<Key>,
+}
+
+/// One running service; its backends are listed by key, in balancing order.
+#[derive(Debug)]
+pub struct Service {
+    /// Its settings; `config.backends` is kept empty (the backends are `backends`).
+    pub settings: ServiceConfig,
+    /// `settings.address`, resolved.
+    pub addr: SocketAddr,
+    /// Backends in config order.
+    pub backends: Vec<Key>,
+    /// Clients that found no backend to go to.
+    pub errors: u64,
+    /// The event-loop entry of its listener.
+    pub listener: Option<Key>,
+    cursor: Cursor,
+}
+
+/// A config checked and resolved, ready to be applied without failing.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The config as written.
+    pub config: ServiceConfig,
+    /// The listen address.
+    pub addr: SocketAddr,
+    /// Each backend's (address, check address).
+    pub backend_addrs: Vec<(SocketAddr, Option<SocketAddr>)>,
+}
+
+/// Resolves every address of a validated config (SPEC §2: names resolve once, when applied).
+pub fn prepare(config: ServiceConfig) -> Result<Prepared, String> {
+    let addr = config::resolve(&config.address).map_err(|e| format!("service {:?}: address: {e}", config.name))?;
+    let mut backend_addrs = Vec::with_capacity(config.backends.len());
+    for b in &config.backends {
+        backend_addrs.push(resolve_backend(&config.name, b)?);
+    }
+    Ok(Prepared { config, addr, backend_addrs })
+}
+
+/// Resolves one backend's address and check address.
+pub fn resolve_backend(service: &str, b: &BackendConfig) -> Result<(SocketAddr, Option<SocketAddr>), String> {
+    let err = |field: &str, e: String| format!("service {service:?}: backend {:?}: {field}: {e}", b.name);
+    let addr = config::resolve(&b.address).map_err(|e| err("address", e))?;
+    let check = if b.check_address.is_empty() {
+        None
+    } else {
+        Some(config::resolve(&b.check_address).map_err(|e| err("check_address", e))?)
+    };
+    Ok((addr, check))
+}
+
+/// The connect, client and server timeouts a pair keeps from its accept on.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    /// Deadline of each backend connect.
+    pub connect: Option<Duration>,
+    /// Idle limit of the client socket.
+    pub client: Option<Duration>,
+    /// Idle limit of the backend socket.
+    pub server: Option<Duration>,
+}
+
+/// The backends to try for one client, best first; each is tried at most once (SPEC §3).
+#[derive(Debug, Default)]
+pub struct Plan {
+    targets: Vec<Key>,
+    next: usize,
+}
+
+impl Plan {
+    /// The next backend to try.
+    pub fn next_target(&mut self) -> Option<Key> {
+        let key = self.targets.get(self.next).copied();
+        self.next += 1;
+        key
+    }
+
+    /// Whether no candidate is left.
+    pub fn is_empty(&self) -> bool {
+        self.next >= self.targets.len()
+    }
+}
+
+/// What a backends update did, so the loop can start and stop probes.
+#[derive(Debug, Default)]
+pub struct BackendChanges {
+    /// Backends that are new (fresh health and counters).
+    pub added: Vec<Key>,
+    /// Backends that are gone; their open connections run on.
+    pub removed: Vec<Backend>,
+}
+
+/// Every running service and backend.
+#[derive(Debug, Default)]
+pub struct Services {
+    by_name: BTreeMap<String, Key>,
+    services: Slots<Service>,
+    backends: Slots<Backend>,
+}
+
+impl Services {
+    /// The service called `name`.
+    pub fn find(&self, name: &str) -> Option<Key> {
+        self.by_name.get(name).copied()
+    }
+
+    /// A service by key.
+    pub fn service(&self, key: Key) -> Option<&Service> {
+        self.services.get(key)
+    }
+
+    /// A service by key, mutably.
+    pub fn service_mut(&mut self, key: Key) -> Option<&mut Service> {
+        self.services.get_mut(key)
+    }
+
+    /// A backend by key.
+    pub fn backend(&self, key: Key) -> Option<&Backend> {
+        self.backends.get(key)
+    }
+
+    /// A backend by key, mutably.
+    pub fn backend_mut(&mut self, key: Key) -> Option<&mut Backend> {
+        self.backends.get_mut(key)
+    }
+
+    /// The backend called `name` in `service`.
+    pub fn find_backend(&self, service: Key, name: &str) -> Option<Key> {
+        let s = self.services.get(service)?;
+        s.backends.iter().copied().find(|&b| self.backends.get(b).is_some_and(|b| b.config.name == name))
+    }
+
+    /// Service keys, sorted by name.
+    pub fn keys(&self) -> impl Iterator<Item = Key> + '_ {
+        self.by_name.values().copied()
+    }
+
+    /// How many services run.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Whether no service runs.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Adds a new service with fresh backends; returns its key and its backends' keys.
+    pub fn insert(&mut self, prepared: Prepared) -> (Key, Vec<Key>) {
+        let Prepared { mut config, addr, backend_addrs } = prepared;
+        let backends = std::mem::take(&mut config.backends);
+        let name = config.name.clone();
+        let key = self.services.insert(Service {
+            settings: config,
+            addr,
+            backends: Vec::new(),
+            errors: 0,
+            listener: None,
+            cursor: Cursor::default(),
+        });
+        self.by_name.insert(name, key);
+        let changes = self.set_backends(key, backends, backend_addrs);
+        (key, changes.added)
+    }
+
+    /// Replaces a service's settings (keeping its counters and listener) and matches its backends.
+    pub fn replace(&mut self, key: Key, prepared: Prepared) -> BackendChanges {
+        let Prepared { mut config, addr, backend_addrs } = prepared;
+        let backends = std::mem::take(&mut config.backends);
+        if let Some(service) = self.services.get_mut(key) {
+            service.settings = config;
+            service.addr = addr;
+        }
+        self.set_backends(key, backends, backend_addrs)
+    }
+
+    /// Sets a service's backends: an unchanged config keeps its backend (state and
+    /// counters), anything else gets a fresh one, and the rest are removed.
+    pub fn set_backends(
+        &mut self,
+        key: Key,
+        configs: Vec<BackendConfig>,
+        addrs: Vec<(SocketAddr, Option<SocketAddr>)>,
+    ) -> BackendChanges {
+        let mut changes = BackendChanges::default();
+        let Some(service) = self.services.get_mut(key) else { return changes };
+        let mut old = std::mem::take(&mut service.backends);
+        let mut new_keys = Vec::with_capacity(configs.len());
+        for (config, (addr, check_addr)) in configs.into_iter().zip(addrs) {
+            let same = old.iter().position(|&k| self.backends.get(k).is_some_and(|b| b.config == config));
+            match same {
+                Some(i) => new_keys.push(old.remove(i)),
+                None => {
+                    let b = Backend {
+                        config,
+                        service: key,
+                        addr,
+                        check_addr,
+                        health: Health::default(),
+                        counters: Counters::default(),
+                        probe: None,
+                    };
+                    let k = self.backends.insert(b);
+                    changes.added.push(k);
+                    new_keys.push(k);
+                }
+            }
+        }
+        changes.removed = old.into_iter().filter_map(|k| self.backends.remove(k)).collect();
+        if let Some(service) = self.services.get_mut(key) {
+            service.backends = new_keys;
+        }
+        changes
+    }
+
+    /// Removes a service and its backends, which are returned.
+    pub fn remove(&mut self, key: Key) -> Option<(Service, Vec<Backend>)> {
+        let service = self.services.remove(key)?;
+        self.by_name.remove(&service.settings.name);
+        let backends = service.backends.iter().filter_map(|&k| self.backends.remove(k)).collect();
+        Some((service, backends))
+    }
+
+    /// The timeouts new connections to the service get.
+    pub fn limits(&self, key: Key) -> Limits {
+        let Some(s) = self.services.get(key) else { return Limits::default() };
+        Limits {
+            connect: config::seconds(s.settings.connect_timeout),
+            client: config::seconds(s.settings.client_timeout),
+            server: config::seconds(s.settings.server_timeout),
+        }
+    }
+
+    /// Chooses backends for a new client; an empty plan means none is available.
+    pub fn plan(&mut self, key: Key) -> Plan {
+        let Some(service) = self.services.get_mut(key) else { return Plan::default() };
+        let candidates: Vec<Candidate> = service
+            .backends
+            .iter()
+            .map(|&k| match self.backends.get(k) {
+                Some(b) => Candidate { weight: b.config.weight, up: b.health.is_up(), active: b.counters.active },
+                None => Candidate { weight: 0, up: false, active: 0 },
+            })
+            .collect();
+        let order = match service.settings.balance {
+            Balance::RoundRobin => balance::round_robin(&mut service.cursor, &candidates),
+            Balance::LeastConn => balance::least_connected(&mut service.cursor, &candidates),
+        };
+        Plan { targets: order.into_iter().map(|i| service.backends[i]).collect(), next: 0 }
+    }
+
+    /// Counts a failed backend connect and feeds passive health; returns a transition to log.
+    pub fn connect_failed(&mut self, backend: Key) -> Option<Transition> {
+        let b = self.backends.get_mut(backend)?;
+        b.counters.errors += 1;
+        let fall = self.services.get(b.service).map_or(1, |s| s.settings.fall);
+        // Only checked backends are marked down by traffic (SPEC §4 passive health).
+        if b.check_addr.is_some() {
+            b.health.record_connect_failure(fall)
+        } else {
+            None
+        }
+    }
+
+    /// Counts an established backend connection.
+    pub fn connect_succeeded(&mut self, backend: Key) {
+        if let Some(b) = self.backends.get_mut(backend) {
+            b.counters.connections += 1;
+            b.health.record_connect_success();
+        }
+    }
+
+    /// The `service`'s and `backend`'s names, for logs.
+    pub fn names(&self, backend: Key) -> (&str, &str) {
+        match self.backends.get(backend) {
+            Some(b) => (self.services.get(b.service).map_or("?", |s| s.settings.name.as_str()), b.config.name.as_str()),
+            None => ("?", "?"),
+        }
+    }
+
+    /// The full config of one service, as `GET /_config` shows it.
+    pub fn config(&self, key: Key) -> Option<ServiceConfig> {
+        let s = self.services.get(key)?;
+        let mut config = s.settings.clone();
+        config.backends = s.backends.iter().filter_map(|&k| self.backends.get(k)).map(|b| b.config.clone()).collect();
+        Some(config)
+    }
+
+    /// Every service's config, sorted by name.
+    pub fn configs(&self) -> Vec<ServiceConfig> {
+        self.keys().filter_map(|k| self.config(k)).collect()
+    }
+
+    /// A backend's stats object (SPEC §5).
+    pub fn backend_stats(&self, key: Key) -> Option<Value> {
+        let b = self.backends.get(key)?;
+        let mut obj = to_object(&b.config);
+        let c = &b.counters;
+        obj.insert("up".into(), json!(b.health.is_up()));
+        for (name, value) in [
+            ("sent", c.sent),
+            ("received", c.received),
+            ("errors", c.errors),
+            ("connections", c.connections),
+            ("active", c.active),
+            ("check_success", c.check_success),
+            ("check_fail", c.check_fail),
+        ] {
+            obj.insert(name.into(), json!(value));
+        }
+        Some(Value::Object(obj))
+    }
+
+    /// A service's stats object: its config, summed counters and its backends' stats (SPEC §5).
+    pub fn service_stats(&self, key: Key) -> Option<Value> {
+        let s = self.services.get(key)?;
+        let mut obj = to_object(&s.settings);
+        let mut sum = Counters { errors: s.errors, ..Counters::default() };
+        let mut backends = Vec::with_capacity(s.backends.len());
+        for &k in &s.backends {
+            if let Some(b) = self.backends.get(k) {
+                sum.sent += b.counters.sent;
+                sum.received += b.counters.received;
+                sum.errors += b.counters.errors;
+                sum.connections += b.counters.connections;
+                sum.active += b.counters.active;
+            }
+            backends.extend(self.backend_stats(k));
+        }
+        for (name, value) in [
+            ("sent", sum.sent),
+            ("received", sum.received),
+            ("errors", sum.errors),
+            ("connections", sum.connections),
+            ("active", sum.active),
+        ] {
+            obj.insert(name.into(), json!(value));
+        }
+        obj.insert("backends".into(), Value::Array(backends));
+        Some(Value::Object(obj))
+    }
+}
+
+fn to_object<T: serde::Serialize>(value: &T) -> Map<String, Value> {
+    match serde_json::to_value(value) {
+        Ok(Value::Object(map)) => map,
+        _ => Map::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(backends: &[(&str, u16)]) -> Prepared {
+        let mut config = ServiceConfig::new("web", "127.0.0.1:0");
+        for &(name, port) in backends {
+            let mut b = BackendConfig::new(name, &format!("127.0.0.1:{port}"));
+            b.weight = 1;
+            config.backends.push(b);
+        }
+        prepare(config).unwrap()
+    }
+
+    #[test]
+    fn unchanged_backends_keep_their_keys_and_counters() {
+        let mut services = Services::default();
+        let (key, added) = services.insert(service(&[("a", 1), ("b", 2)]));
+        assert_eq!(added.len(), 2);
+        services.backend_mut(added[0]).unwrap().counters.sent = 42;
+        let changes = services.replace(key, service(&[("b", 3), ("a", 1), ("c", 4)]));
+        assert_eq!(changes.added.len(), 2, "b changed address and c is new");
+        assert_eq!(changes.removed.len(), 1);
+        assert_eq!(changes.removed[0].config.address, "127.0.0.1:2");
+        let a = services.find_backend(key, "a").unwrap();
+        assert_eq!(a, added[0]);
+        assert_eq!(services.backend(a).unwrap().counters.sent, 42);
+        let names: Vec<_> = services.config(key).unwrap().backends.into_iter().map(|b| b.name).collect();
+        assert_eq!(names, ["b", "a", "c"]);
+    }
+
+    #[test]
+    fn a_stale_backend_key_counts_nothing() {
+        let mut services = Services::default();
+        let (key, added) = services.insert(service(&[("a", 1)]));
+        services.set_backends(key, Vec::new(), Vec::new());
+        assert_eq!(services.connect_failed(added[0]), None);
+        services.connect_succeeded(added[0]);
+        assert!(services.backend(added[0]).is_none());
+    }
+
+    #[test]
+    fn plan_lists_every_up_backend_once() {
+        let mut services = Services::default();
+        let (key, added) = services.insert(service(&[("a", 1), ("b", 2), ("c", 3)]));
+        let mut plan = services.plan(key);
+        let got: Vec<_> = std::iter::from_fn(|| plan.next_target()).collect();
+        assert_eq!(got, added);
+    }
+
+    #[test]
+    fn stats_sum_backend_counters_and_service_errors() {
+        let mut services = Services::default();
+        let (key, added) = services.insert(service(&[("a", 1), ("b", 2)]));
+        services.backend_mut(added[0]).unwrap().counters.sent = 5;
+        services.backend_mut(added[1]).unwrap().counters.sent = 7;
+        services.service_mut(key).unwrap().errors = 3;
+        services.connect_failed(added[1]);
+        let stats = services.service_stats(key).unwrap();
+        assert_eq!(stats["sent"], 12);
+        assert_eq!(stats["errors"], 4);
+        assert_eq!(stats["backends"][1]["errors"], 1);
+        assert_eq!(stats["backends"][0]["up"], true);
+        assert_eq!(stats["address"], "127.0.0.1:0");
+    }
+}

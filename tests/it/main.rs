@@ -1,0 +1,18 @@
+//! Black-box tests of the real shuttle binary on loopback (DESIGN.md §14).
+//!
+//! One test binary with one module per area, so it links once. Each test
+//! starts its own shuttle with a config templated in code (services on port 0,
+//! backends on this process's own test servers) and reads the bound ports from
+//! the "listening on" log lines.
+
+// The support toolkit is shared with later modules (admin, health, state);
+// not every helper is used by every set of tests.
+#[allow(dead_code, unused_imports)]
+mod support;
+
+mod balance;
+mod failover;
+mod proxy;
+mod shutdown;
+mod startup;
+mod timeouts;

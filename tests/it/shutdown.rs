@@ -1,0 +1,77 @@
+//! SIGTERM / SIGINT (SPEC §1): listeners close at once, open pairs may finish
+//! within the grace period, then the process exits 0.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::support::{connect, echo, one_backend, read_to_eof, wait_closed, wait_until, Shuttle, DEADLINE};
+
+#[track_caller]
+fn round_trip(client: &mut TcpStream, message: &[u8]) {
+    client.write_all(message).expect("send");
+    let mut reply = vec![0; message.len()];
+    client.read_exact(&mut reply).expect("echo");
+    assert_eq!(reply, message);
+}
+
+/// Whether a connect to `addr` is refused within `within` (a connect that
+/// still gets through, e.g. into a closing backlog, is retried).
+fn refused_within(addr: SocketAddr, within: Duration) -> bool {
+    wait_until(within, || {
+        matches!(TcpStream::connect_timeout(&addr, Duration::from_secs(1)),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused)
+    })
+}
+
+#[test]
+fn sigterm_refuses_new_connections_and_lets_an_open_pair_finish() {
+    let echo = echo();
+    let mut shuttle = Shuttle::start_with_config(&one_backend(echo.address()), &["-grace", "30"]);
+    let addr = shuttle.service_addr("web");
+    let mut client = connect(addr);
+    round_trip(&mut client, b"before");
+
+    shuttle.signal(libc::SIGTERM);
+    let signalled = Instant::now();
+    assert!(refused_within(addr, Duration::from_secs(5)), "new connects still accepted 5 s after SIGTERM");
+
+    round_trip(&mut client, b"after SIGTERM the open pair still relays");
+    assert_eq!(shuttle.wait_exit(Duration::ZERO), None, "exited while a pair was open, well before the grace");
+
+    client.shutdown(Shutdown::Write).expect("shut write");
+    assert_eq!(read_to_eof(&mut client), b"");
+    let status = shuttle.wait_exit(DEADLINE).expect("exit once the last pair closed");
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_secs(20), "exit took {took:?}, grace was 30 s: it waited for the grace");
+}
+
+#[test]
+fn sigterm_grace_period_ends_a_pair_that_stays_open() {
+    let echo = echo();
+    let mut shuttle = Shuttle::start_with_config(&one_backend(echo.address()), &["--grace", "1"]);
+    let mut client = connect(shuttle.service_addr("web"));
+    round_trip(&mut client, b"hold me open");
+
+    shuttle.signal(libc::SIGTERM);
+    let signalled = Instant::now();
+    let status = shuttle.wait_exit(Duration::from_secs(6)).expect("exit within the 1 s grace (and a margin)");
+    let took = signalled.elapsed();
+    assert!(status.success(), "exit status after the grace period: {status:?}");
+    assert!(took >= Duration::from_millis(800), "exited after {took:?} with a pair open and 1 s grace");
+    let closed = wait_closed(&mut client, Duration::from_secs(5));
+    assert!(closed.is_ok(), "the held client after shuttle exited: {closed:?}");
+}
+
+#[test]
+fn sigint_with_no_open_pair_exits_promptly() {
+    let echo = echo();
+    let mut shuttle = Shuttle::start_with_config(&one_backend(echo.address()), &[]);
+    let addr = shuttle.service_addr("web");
+    shuttle.signal(libc::SIGINT);
+    let status = shuttle.wait_exit(Duration::from_secs(5)).expect("exit promptly on SIGINT");
+    assert!(status.success(), "exit status after SIGINT: {status:?}");
+    let refused = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+    assert!(refused.is_err(), "the service still accepts after exit");
+}
