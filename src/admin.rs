@@ -279,7 +279,9 @@ impl AdminConn {
     }
 
     fn closed_by(&self, e: io::Error) -> AdminStep {
-        debug!("admin: connection failed: {e}");
+        if e.kind() != io::ErrorKind::UnexpectedEof {
+            debug!("admin: connection failed: {e}");
+        }
         AdminStep::Done(Step::Close)
     }
 

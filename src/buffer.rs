@@ -196,6 +196,7 @@ pub(crate) mod tests {
         pub reads: VecDeque<Op>,
         pub writes: VecDeque<Op>,
         pub written: Vec<u8>,
+        pub shutdowns: std::cell::Cell<u32>,
     }
 
     impl Read for Script {

@@ -96,12 +96,14 @@ pub struct BackendConfig {
 }
 
 /// Balancing algorithm: `"RR"` or `"LC"` in JSON; the Go shuttle's `""` means RR.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Balance {
     /// Weighted round robin.
     #[default]
+    #[serde(rename = "RR", alias = "")]
     RoundRobin,
     /// Least connected.
+    #[serde(rename = "LC")]
     LeastConn,
 }
 
@@ -149,7 +151,12 @@ impl fmt::Display for ConfigError {
         };
         match self {
             ConfigError::Json { line, column, message } => write!(f, "line {line}, column {column}: {message}"),
-            ConfigError::Invalid { service, backend, field, problem } => {
+            ConfigError::Invalid {
+                service,
+                backend,
+                field,
+                problem,
+            } => {
                 label(f, "service", service)?;
                 if let Some(backend) = backend {
                     label(f, "backend", backend)?;
@@ -170,36 +177,17 @@ impl std::error::Error for ConfigError {
     }
 }
 
-impl Balance {
-    /// The JSON spelling: `"RR"` or `"LC"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Balance::RoundRobin => "RR",
-            Balance::LeastConn => "LC",
-        }
-    }
-}
-
 impl FromStr for Balance {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "RR" | "" => Ok(Balance::RoundRobin),
             "LC" => Ok(Balance::LeastConn),
-            other => Err(format!(r#"must be "RR" (round robin) or "LC" (least connected), got {:?}"#, clip(other))),
+            other => Err(format!(
+                r#"must be "RR" (round robin) or "LC" (least connected), got {:?}"#,
+                clip(other)
+            )),
         }
-    }
-}
-
-impl Serialize for Balance {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> Deserialize<'de> for Balance {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -225,7 +213,10 @@ impl ServiceConfig {
     /// True when every field but `backends` is equal (SPEC §5, backends-only update).
     pub fn settings_equal(&self, other: &ServiceConfig) -> bool {
         // Struct update syntax, so that a field added later is compared too.
-        let strip = |s: &ServiceConfig| ServiceConfig { backends: Vec::new(), ..s.clone() };
+        let strip = |s: &ServiceConfig| ServiceConfig {
+            backends: Vec::new(),
+            ..s.clone()
+        };
         strip(self) == strip(other)
     }
 }
@@ -277,18 +268,13 @@ pub fn seconds(value: f64) -> Option<Duration> {
 /// Deserializes `T` from a JSON object only: serde's derive would also take a positional list.
 struct Object<T>(T);
 
-/// Names what an `Object` holds, for "expected ..." messages.
-trait Expected {
-    const WHAT: &'static str;
-}
-
-impl<'de, T: Deserialize<'de> + Expected> Deserialize<'de> for Object<T> {
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Only<T>(PhantomData<T>);
-        impl<'de, T: Deserialize<'de> + Expected> Visitor<'de> for Only<T> {
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Only<T> {
             type Value = T;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(T::WHAT)
+                f.write_str("a JSON object")
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
                 T::deserialize(MapAccessDeserializer::new(map))
@@ -296,14 +282,6 @@ impl<'de, T: Deserialize<'de> + Expected> Deserialize<'de> for Object<T> {
         }
         d.deserialize_map(Only(PhantomData)).map(Object)
     }
-}
-
-impl Expected for RawService {
-    const WHAT: &'static str = "a service object";
-}
-
-impl Expected for RawBackend {
-    const WHAT: &'static str = "a backend object";
 }
 
 #[derive(Deserialize)]
@@ -383,7 +361,10 @@ pub fn parse_backend(body: &[u8], service: &str, url_name: &str) -> Result<Backe
 
 /// Reads and parses a config or state file.
 pub fn load(path: &Path) -> Result<Vec<ServiceConfig>, ConfigError> {
-    let text = fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+    let text = fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     parse_services(&text)
 }
 
@@ -393,7 +374,11 @@ fn json_error(e: serde_json::Error) -> ConfigError {
     let message = full.strip_suffix(&suffix).unwrap_or(&full);
     // serde quotes names and values with backticks; the rest of our messages use double quotes.
     let message = message.replace('`', "\"");
-    ConfigError::Json { line: e.line(), column: e.column(), message }
+    ConfigError::Json {
+        line: e.line(),
+        column: e.column(),
+        message,
+    }
 }
 
 fn build_service(raw: RawService, index: usize, url_name: Option<&str>) -> Result<ServiceConfig, ConfigError> {
@@ -448,9 +433,10 @@ fn build_backend(
 
 fn pick_name(given: Option<String>, url_name: Option<&str>, at: &At<'_>) -> Result<String, ConfigError> {
     match (given, url_name) {
-        (Some(body), Some(url)) if body != url => {
-            Err(at.err("name", format!("{:?} in the body differs from {:?} in the URL", clip(&body), clip(url))))
-        }
+        (Some(body), Some(url)) if body != url => Err(at.err(
+            "name",
+            format!("{:?} in the body differs from {url:?} in the URL", clip(&body)),
+        )),
         (Some(name), _) => Ok(name),
         (None, Some(url)) => Ok(url.to_string()),
         (None, None) => Err(at.err("name", format!("is required, expected {NAME_RULE}"))),
@@ -473,7 +459,9 @@ fn text(value: Option<Value>, at: &At<'_>, field: &str) -> Result<Option<String>
 /// A number of seconds; the range is checked by `validate_service`.
 fn number(value: Option<Value>, at: &At<'_>, field: &str, default: f64) -> Result<f64, ConfigError> {
     let Some(value) = value else { return Ok(default) };
-    value.as_f64().ok_or_else(|| at.err(field, seconds_problem(shown(&value))))
+    value
+        .as_f64()
+        .ok_or_else(|| at.err(field, seconds_problem(shown(&value))))
 }
 
 /// A whole number in `min..=u32::MAX`; `2.0` is accepted as 2.
@@ -483,10 +471,11 @@ fn integer(value: Option<Value>, at: &At<'_>, field: &str, min: u32, default: u3
         let float = value.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 1e19)?;
         Some(float as u64)
     });
+    let (got, max) = (shown(&value), u32::MAX);
     match whole.map(u32::try_from) {
         Some(Ok(n)) if n >= min => Ok(n),
-        Some(Err(_)) => Err(at.err(field, format!("must be an integer ≤ {}, got {}", u32::MAX, shown(&value)))),
-        _ => Err(at.err(field, format!("must be an integer ≥ {min}, got {}", shown(&value)))),
+        Some(Err(_)) => Err(at.err(field, format!("must be an integer ≤ {max}, got {got}"))),
+        _ => Err(at.err(field, format!("must be an integer ≥ {min}, got {got}"))),
     }
 }
 
@@ -500,7 +489,7 @@ fn show_seconds(value: f64) -> String {
 }
 
 fn seconds_problem(got: impl fmt::Display) -> String {
-    format!("must be a number of seconds ≥ 0 (fractions allowed, at most {MAX_SECONDS}), got {got}")
+    format!("must be a number of seconds from 0 to {MAX_SECONDS:e}, fractions allowed, got {got}")
 }
 
 /// A JSON value for a message: compact, one line, at most ~60 characters.
@@ -521,7 +510,10 @@ pub fn validate_name(name: &str) -> Result<(), String> {
         return Err(format!("must not be empty; expected {NAME_RULE}"));
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(format!("must be at most {MAX_NAME_LEN} bytes, got {} bytes", name.len()));
+        return Err(format!(
+            "must be at most {MAX_NAME_LEN} bytes, got {} bytes",
+            name.len()
+        ));
     }
     if name.starts_with('_') {
         return Err(format!(r#"names starting with "_" are reserved, got {:?}"#, clip(name)));
@@ -553,16 +545,18 @@ pub fn validate_service(service: &ServiceConfig) -> Result<(), ConfigError> {
             return Err(at.err(field, format!("must be an integer ≥ 1, got {value}")));
         }
     }
-    if service.check_expect.len() > MAX_CHECK_EXPECT {
-        let problem = format!("must be at most {MAX_CHECK_EXPECT} bytes (a check reads the first 4 KiB of the reply)");
-        return Err(at.err("check_expect", format!("{problem}, got {} bytes", service.check_expect.len())));
+    let expect = service.check_expect.len();
+    if expect > MAX_CHECK_EXPECT {
+        let problem =
+            format!("must be at most {MAX_CHECK_EXPECT} bytes (checks read 4 KiB of reply), got {expect} bytes");
+        return Err(at.err("check_expect", problem));
     }
     let mut names = HashSet::new();
     for backend in &service.backends {
         validate_backend(&service.name, backend)?;
         if !names.insert(backend.name.as_str()) {
-            let at = At(&service.name, Some(&backend.name));
-            return Err(at.err("name", "is used by more than one backend; backend names must be unique in a service"));
+            let problem = "is used by more than one backend of the service";
+            return Err(At(&service.name, Some(&backend.name)).err("name", problem));
         }
     }
     Ok(())
@@ -585,11 +579,14 @@ pub fn validate_all(services: &[ServiceConfig]) -> Result<(), ConfigError> {
     for service in services {
         let at = At(&service.name, None);
         if seen.iter().any(|(name, _)| *name == service.name) {
-            return Err(at.err("name", "is used by more than one service; service names must be unique"));
+            return Err(at.err("name", "is used by more than one service"));
         }
         let addr = listen_address(&service.address).map_err(|p| at.err("address", p))?;
-        if let Some((other, _)) = seen.iter().find(|(_, other)| overlaps(*other, addr)) {
-            let problem = format!("{:?} is already the listen address of service {other:?}", clip(&service.address));
+        if let Some((other, taken)) = seen.iter().find(|(_, taken)| overlaps(*taken, addr)) {
+            let problem = format!(
+                "{:?} conflicts with {taken}, where service {other:?} listens",
+                service.address
+            );
             return Err(at.err("address", problem));
         }
         seen.push((&service.name, addr));
@@ -610,8 +607,7 @@ pub fn check_loops(services: &[ServiceConfig]) -> Result<(), ConfigError> {
             let addr = resolve(&backend.address).map_err(|p| at.err("address", p))?;
             if let Some((owner, listener)) = listeners.iter().find(|(_, listener)| loops_to(addr, *listener)) {
                 let address = clip(&backend.address);
-                let problem =
-                    format!("{address:?} reaches {listener}, the listener of service {owner:?}; it would loop");
+                let problem = format!("{address:?} reaches {listener}, where service {owner:?} listens; it would loop");
                 return Err(at.err("address", problem));
             }
         }
@@ -662,7 +658,10 @@ pub fn resolve(address: &str) -> Result<SocketAddr, String> {
         return Err(format!("{ADDRESS_FORM}, got {:?} (no port)", clip(address)));
     };
     let Ok(port) = port.parse::<u16>() else {
-        return Err(format!("port must be a number from 0 to 65535, got {:?} in {:?}", clip(port), clip(address)));
+        return Err(format!(
+            "port must be a number from 0 to 65535, got {:?} in {address:?}",
+            clip(port)
+        ));
     };
     if host.contains(':') || host.starts_with('[') {
         return Err(format!("{ADDRESS_FORM} (IPv6 needs brackets), got {:?}", clip(address)));
@@ -675,7 +674,8 @@ pub fn resolve(address: &str) -> Result<SocketAddr, String> {
         Err(e) => return Err(format!("host {:?} does not resolve: {e}", clip(host))),
     };
     let best = found.iter().find(|a| a.is_ipv4()).or_else(|| found.first());
-    best.copied().ok_or_else(|| format!("host {:?} resolves to no address", clip(host)))
+    best.copied()
+        .ok_or_else(|| format!("host {host:?} resolves to no address"))
 }
 
 /// The config list as written to the state file and `GET /_config`: pretty JSON, sorted by name, trailing newline.
@@ -695,7 +695,7 @@ fn render(services: &[ServiceConfig]) -> serde_json::Result<String> {
     Ok(text)
 }
 
-/// Writes `to_json(services)` to `path` atomically: temp file in the same directory, fsync, rename, fsync the directory.
+/// Writes `to_json(services)` to `path` atomically: temp file in the same directory, fsync, rename, fsync the dir.
 pub fn save_atomic(path: &Path, services: &[ServiceConfig]) -> io::Result<()> {
     let text = render(services).map_err(io::Error::other)?;
     let dir = match path.parent() {
@@ -703,20 +703,24 @@ pub fn save_atomic(path: &Path, services: &[ServiceConfig]) -> io::Result<()> {
         _ => Path::new("."),
     };
     let Some(file_name) = path.file_name() else {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a file path", path.display())));
+        let message = format!("{} is not a file path", path.display());
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, message));
     };
     let tmp = dir.join(format!(".{}.tmp.{}", file_name.to_string_lossy(), std::process::id()));
     let written = write_synced(&tmp, path, text.as_bytes()).and_then(|()| fs::rename(&tmp, path));
     if let Err(e) = written {
         // Best effort: the temp file may not exist, and the original error is what matters.
         let _ = fs::remove_file(&tmp);
-        return Err(io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display())));
+        return Err(io::Error::new(
+            e.kind(),
+            format!("cannot write {}: {e}", path.display()),
+        ));
     }
     // The new file is in place, so the change counts as saved; a failed directory fsync
     // only weakens durability across a crash, and reporting failure now would make the
     // running config and the file disagree (SPEC §5).
     if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
-        log::warn!("state file {}: cannot fsync directory {}: {e}", path.display(), dir.display());
+        log::warn!("state file {}: cannot fsync its directory: {e}", path.display());
     }
     Ok(())
 }
@@ -741,39 +745,53 @@ mod tests {
         };
     }
 
-    fn service(body: &str) -> ServiceConfig {
-        parse_service(body.as_bytes(), "web").unwrap()
-    }
-
-    #[track_caller]
-    fn service_err(body: &str) -> String {
-        parse_service(body.as_bytes(), "web").unwrap_err().to_string()
-    }
-
-    #[track_caller]
-    fn list_err(text: &str) -> String {
-        parse_services(text).unwrap_err().to_string()
-    }
-
-    /// A service body on 127.0.0.1:8080 with `extra` fields and one backend with `backend` fields.
-    fn with(extra: &str, backend: &str) -> String {
+    /// A `PUT /web` body on 127.0.0.1:8080 with `extra` fields and one backend "b1" with `backend` fields.
+    fn body(extra: &str, backend: &str) -> String {
         let backend = format!(r#"{{"name": "b1", "address": "127.0.0.1:9001"{backend}}}"#);
         format!(r#"{{"address": "127.0.0.1:8080"{extra}, "backends": [{backend}]}}"#)
     }
 
+    fn put(extra: &str, backend: &str) -> Result<ServiceConfig, ConfigError> {
+        parse_service(body(extra, backend).as_bytes(), "web")
+    }
+
+    #[track_caller]
+    fn err<T: fmt::Debug>(result: Result<T, impl fmt::Display>) -> String {
+        match result {
+            Ok(value) => panic!("expected an error, got {value:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
     #[test]
     fn minimal_service_gets_every_default() {
-        let parsed = service(&with("", ""));
+        let parsed = put("", "").unwrap();
         let mut expected = ServiceConfig::new("web", "127.0.0.1:8080");
         expected.backends.push(BackendConfig::new("b1", "127.0.0.1:9001"));
         assert_eq!(parsed, expected);
-        let s = &parsed;
-        assert_eq!((s.check_interval, s.fall, s.rise), (2.0, 2, 2));
+        let (s, b) = (&parsed, &parsed.backends[0]);
+        assert_eq!(
+            (s.check_interval, s.fall, s.rise, s.balance),
+            (2.0, 2, 2, Balance::RoundRobin)
+        );
         assert_eq!((s.client_timeout, s.server_timeout, s.connect_timeout), (0.0, 0.0, 5.0));
-        assert_eq!((s.balance, s.check_send.as_str(), s.check_expect.as_str()), (Balance::RoundRobin, "", ""));
-        assert_eq!((s.backends[0].check_address.as_str(), s.backends[0].weight), ("", 1));
-        assert!(service(r#"{"address": "127.0.0.1:8080"}"#).backends.is_empty());
-        assert_eq!(service(&with(r#", "fall": 2.0, "check_interval": 0.25"#, "")).fall, 2);
+        assert_eq!(
+            (
+                s.check_send.as_str(),
+                s.check_expect.as_str(),
+                b.check_address.as_str(),
+                b.weight
+            ),
+            ("", "", "", 1)
+        );
+        assert!(parse_service(br#"{"address": "127.0.0.1:8080"}"#, "web")
+            .unwrap()
+            .backends
+            .is_empty());
+        assert_eq!(
+            put(r#", "fall": 2.0, "balance": "LC""#, "").unwrap().balance,
+            Balance::LeastConn
+        );
     }
 
     #[test]
@@ -782,13 +800,19 @@ mod tests {
         assert_eq!((example[0].name.as_str(), example[0].backends.len()), ("web", 2));
         let rr = parse_services(fixture!("round_robin.json")).unwrap();
         assert_eq!(rr[0].backends.iter().map(|b| b.weight).collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(parse_services(fixture!("least_conn.json")).unwrap()[0].balance, Balance::LeastConn);
+        assert_eq!(
+            parse_services(fixture!("least_conn.json")).unwrap()[0].balance,
+            Balance::LeastConn
+        );
     }
 
     #[test]
     fn go_state_file_with_empty_balance_and_null_backends_loads() {
         let services = parse_services(fixture!("go_shuttle_state.json")).unwrap();
-        assert_eq!((services[0].balance, services[0].backends[1].weight), (Balance::RoundRobin, 3));
+        assert_eq!(
+            (services[0].balance, services[0].backends[1].weight),
+            (Balance::RoundRobin, 3)
+        );
         assert_eq!((services[1].name.as_str(), services[1].backends.len()), ("spare", 0));
         assert_eq!(parse_services("null\n").unwrap(), []); // Go's empty registry
         let derived: Vec<ServiceConfig> = serde_json::from_str(fixture!("go_shuttle_state.json")).unwrap();
@@ -796,138 +820,209 @@ mod tests {
     }
 
     #[test]
-    fn bad_fixtures_give_one_line_messages() {
-        let expected_fields = r#""name", "address", "backends", "balance", "check_interval", "fall", "rise", "client_timeout", "server_timeout", "connect_timeout", "check_send", "check_expect""#;
-        assert_eq!(
-            list_err(fixture!("bad/unknown_field.json")),
-            format!(r#"line 4, column 12: unknown field "adress", expected one of {expected_fields}"#)
+    fn json_errors_carry_position_and_name_unknown_fields() {
+        let fields = r#""name", "address", "backends", "balance", "check_interval", "fall", "rise", "client_timeout""#;
+        let unknown = err(parse_services(fixture!("bad/unknown_field.json")));
+        assert!(unknown.starts_with(&format!(
+            r#"line 4, column 12: unknown field "adress", expected one of {fields}"#
+        )));
+        let colour = err(put("", r#", "colour": "red""#));
+        assert!(
+            colour.starts_with(r#"line 1, column 95: unknown field "colour", expected one of "name""#),
+            "{colour}"
         );
-        assert_eq!(
-            list_err(fixture!("bad/balance.json")),
-            r#"service "web": balance: must be "RR" (round robin) or "LC" (least connected), got "random""#
-        );
-        assert_eq!(
-            list_err(fixture!("bad/duplicate_backend.json")),
-            r#"service "web": backend "web1": name: is used by more than one backend; backend names must be unique in a service"#
-        );
-        assert_eq!(list_err(fixture!("bad/truncated.json")), "line 6, column 48: EOF while parsing a string");
-        assert_eq!(
-            list_err(fixture!("bad/negative_weight.json")),
-            r#"service "web": backend "web1": weight: must be an integer ≥ 0, got -1"#
-        );
-    }
-
-    #[test]
-    fn unknown_backend_field_is_named() {
-        let err = service_err(&with("", r#", "colour": "red""#));
-        assert!(err.starts_with(r#"line 1, column 95: unknown field "colour", expected one of "name""#), "{err}");
-    }
-
-    #[test]
-    fn not_an_object_or_not_json_is_a_json_error_with_position() {
-        assert_eq!(service_err(""), "line 1, column 0: EOF while parsing a value");
-        assert_eq!(service_err("[]"), "line 1, column 0: invalid type: sequence, expected a service object");
-        assert_eq!(service_err(r#"{"address": "127.0.0.1:8080"} x"#), "line 1, column 31: trailing characters");
         let positional = r#"[{"name": "web", "address": "127.0.0.1:80", "backends": [["b", "127.0.0.1:1"]]}]"#;
-        assert_eq!(list_err(positional), "line 1, column 57: invalid type: sequence, expected a backend object");
-        assert_eq!(list_err("{\"services\": []}"), "line 1, column 0: expected a JSON list of services, got an object");
-        let err = parse_backend(b"42", "web", "b1").unwrap_err();
-        assert!(matches!(err, ConfigError::Json { line: 1, .. }), "{err}");
-    }
-
-    #[test]
-    fn numbers_are_checked_with_field_and_value() {
         let cases = [
-            (r#", "fall": 1.5"#, r#"fall: must be an integer ≥ 1, got 1.5"#),
-            (r#", "rise": 0"#, r#"rise: must be an integer ≥ 1, got 0"#),
-            (r#", "rise": "2""#, r#"rise: must be an integer ≥ 1, got "2""#),
             (
-                r#", "check_interval": -1"#,
-                "check_interval: must be a number of seconds ≥ 0 (fractions allowed, at most 1000000000), got -1",
+                err(parse_services(fixture!("bad/truncated.json"))),
+                "line 6, column 48: EOF while parsing a string",
             ),
             (
-                r#", "connect_timeout": "5s""#,
-                r#"connect_timeout: must be a number of seconds ≥ 0 (fractions allowed, at most 1000000000), got "5s""#,
+                err(parse_service(b"", "web")),
+                "line 1, column 0: EOF while parsing a value",
             ),
             (
-                r#", "server_timeout": 1e300"#,
-                "server_timeout: must be a number of seconds ≥ 0 (fractions allowed, at most 1000000000), got 1e300",
+                err(parse_service(b"[]", "web")),
+                "line 1, column 0: invalid type: sequence, expected a JSON object",
             ),
-            (r#", "check_send": 1"#, "check_send: must be a string, got 1"),
+            (
+                err(parse_backend(b"42", "web", "b1")),
+                r#"line 1, column 2: invalid type: integer "42", expected a JSON object"#,
+            ),
+            (
+                err(parse_service(b"{} x", "web")),
+                "line 1, column 4: trailing characters",
+            ),
+            (
+                err(parse_services(positional)),
+                "line 1, column 57: invalid type: sequence, expected a JSON object",
+            ),
+            (
+                err(parse_services(r#"{"services": []}"#)),
+                "line 1, column 0: expected a JSON list of services, got an object",
+            ),
         ];
-        for (extra, problem) in cases {
-            assert_eq!(service_err(&with(extra, "")), format!(r#"service "web": {problem}"#));
+        for (actual, expected) in cases {
+            assert_eq!(actual, expected);
         }
-        let weight = service_err(&with("", r#", "weight": 5000000000"#));
-        assert_eq!(weight, r#"service "web": backend "b1": weight: must be an integer ≤ 4294967295, got 5000000000"#);
-        assert_eq!(service(&with("", r#", "weight": 0"#)).backends[0].weight, 0);
-        let long = format!(r#", "check_expect": "{}""#, "x".repeat(MAX_CHECK_EXPECT + 1));
-        assert!(service_err(&with(&long, "")).contains("check_expect: must be at most 4096 bytes"));
     }
 
     #[test]
-    fn balance_accepts_rr_lc_and_go_empty() {
-        assert_eq!(service(&with(r#", "balance": """#, "")).balance, Balance::RoundRobin);
-        assert_eq!(service(&with(r#", "balance": "RR""#, "")).balance, Balance::RoundRobin);
-        assert_eq!(service(&with(r#", "balance": "LC""#, "")).balance, Balance::LeastConn);
-        assert!(service_err(&with(r#", "balance": "rr""#, "")).ends_with(r#"least connected), got "rr""#));
+    fn each_field_rule_names_service_backend_field_and_value() {
+        let seconds = "must be a number of seconds from 0 to 1e9, fractions allowed, got";
+        let balance = r#"must be "RR" (round robin) or "LC" (least connected), got"#;
+        let weight = r#"backend "web1": weight: must be an integer ≥ 0, got -1"#;
+        let duplicate = r#"backend "web1": name: is used by more than one backend of the service"#;
+        let cases = [
+            (
+                err(parse_services(fixture!("bad/negative_weight.json"))),
+                weight.to_string(),
+            ),
+            (
+                err(parse_services(fixture!("bad/balance.json"))),
+                format!(r#"balance: {balance} "random""#),
+            ),
+            (
+                err(parse_services(fixture!("bad/duplicate_backend.json"))),
+                duplicate.to_string(),
+            ),
+            (
+                err(put("", r#", "weight": 4294967296"#)),
+                r#"backend "b1": weight: must be an integer ≤ 4294967295, got 4294967296"#.into(),
+            ),
+            (
+                err(parse_backend(br#"{"address": ":0"}"#, "web", "b1")),
+                r#"backend "b1": address: port 0 cannot be connected to, got ":0""#.into(),
+            ),
+            (
+                err(put(r#", "fall": 1.5"#, "")),
+                "fall: must be an integer ≥ 1, got 1.5".into(),
+            ),
+            (
+                err(put(r#", "rise": 0"#, "")),
+                "rise: must be an integer ≥ 1, got 0".into(),
+            ),
+            (
+                err(put(r#", "rise": "2""#, "")),
+                r#"rise: must be an integer ≥ 1, got "2""#.into(),
+            ),
+            (
+                err(put(r#", "check_interval": -1"#, "")),
+                format!("check_interval: {seconds} -1"),
+            ),
+            (
+                err(put(r#", "connect_timeout": "5s""#, "")),
+                format!(r#"connect_timeout: {seconds} "5s""#),
+            ),
+            (
+                err(put(r#", "server_timeout": 1e300"#, "")),
+                format!("server_timeout: {seconds} 1e300"),
+            ),
+            (
+                err(put(r#", "check_send": 1"#, "")),
+                "check_send: must be a string, got 1".into(),
+            ),
+            (
+                err(put(r#", "balance": "rr""#, "")),
+                format!(r#"balance: {balance} "rr""#),
+            ),
+            (
+                err(parse_service(b"{}", "web")),
+                r#"address: is required, expected "host:port", "v4:port" or "[v6]:port""#.into(),
+            ),
+        ];
+        for (actual, expected) in cases {
+            assert_eq!(actual, format!(r#"service "web": {expected}"#));
+        }
+        let reserved = err(parse_service(br#"{"address": ":1"}"#, "_x"));
+        assert_eq!(
+            reserved,
+            r#"service "_x": name: names starting with "_" are reserved, got "_x""#
+        );
+        let unnamed = err(parse_services(r#"[{"address": ":1"}]"#));
+        assert!(unnamed.starts_with(r#"service #1: name: is required, expected letters, digits, ".", "_" and "-""#));
+        let expect = format!(r#", "check_expect": "{}""#, "x".repeat(MAX_CHECK_EXPECT + 1));
+        assert!(err(put(&expect, "")).contains("check_expect: must be at most 4096 bytes"));
+        let check = err(put("", r#", "check_address": "nothing.invalid:1""#));
+        assert!(check.starts_with(r#"service "web": backend "b1": check_address: host "nothing.invalid" does not"#));
+        let drained = put("", r#", "weight": 0, "check_address": "localhost:1""#).unwrap();
+        assert_eq!(drained.backends[0].weight, 0);
+        assert_eq!(put(r#", "balance": """#, "").unwrap().balance, Balance::RoundRobin);
     }
 
     #[test]
     fn names_follow_the_rule() {
-        assert_eq!(validate_name("ok.name-1_x"), Ok(()));
-        assert_eq!(validate_name(&"a".repeat(128)), Ok(()));
-        assert_eq!(validate_name(&"a".repeat(129)).unwrap_err(), "must be at most 128 bytes, got 129 bytes");
-        assert_eq!(validate_name("_stats").unwrap_err(), r#"names starting with "_" are reserved, got "_stats""#);
         let rule = r#"must be letters, digits, ".", "_" and "-", starting with a letter or digit"#;
-        assert_eq!(validate_name("a b").unwrap_err(), format!(r#"{rule}, got "a b""#));
-        assert_eq!(validate_name("-a").unwrap_err(), format!(r#"{rule}, got "-a""#));
-        assert!(validate_name("").unwrap_err().starts_with("must not be empty"));
-        let err = parse_service(br#"{"address": "127.0.0.1:8080"}"#, "_x").unwrap_err().to_string();
-        assert_eq!(err, r#"service "_x": name: names starting with "_" are reserved, got "_x""#);
-        let err = list_err(r#"[{"address": "127.0.0.1:8080"}]"#);
-        assert!(err.starts_with("service #1: name: is required, expected letters"), "{err}");
-        let err = service_err(r#"{"address": "127.0.0.1:8080", "backends": [{"address": "127.0.0.1:1"}]}"#);
-        assert!(err.starts_with(r#"service "web": backend #1: name: is required"#), "{err}");
+        assert_eq!(validate_name("ok.Name-1_x"), Ok(()));
+        assert_eq!(validate_name(&"a".repeat(128)), Ok(()));
+        assert_eq!(
+            err(validate_name(&"a".repeat(129))),
+            "must be at most 128 bytes, got 129 bytes"
+        );
+        assert_eq!(
+            err(validate_name("_stats")),
+            r#"names starting with "_" are reserved, got "_stats""#
+        );
+        assert_eq!(err(validate_name("a b")), format!(r#"{rule}, got "a b""#));
+        assert_eq!(err(validate_name("-a")), format!(r#"{rule}, got "-a""#));
+        assert!(err(validate_name("")).starts_with("must not be empty"));
+        let unnamed = br#"{"address": ":1", "backends": [{"address": "127.0.0.1:1"}]}"#;
+        assert!(err(parse_service(unnamed, "web")).starts_with(r#"service "web": backend #1: name: is required"#));
     }
 
     #[test]
     fn name_comes_from_the_url_and_must_match_it() {
-        assert_eq!(service(r#"{"address": "127.0.0.1:8080"}"#).name, "web");
-        assert_eq!(service(r#"{"name": "web", "address": "127.0.0.1:8080"}"#).name, "web");
-        let err = service_err(r#"{"name": "api", "address": "127.0.0.1:8080"}"#);
-        assert_eq!(err, r#"service "web": name: "api" in the body differs from "web" in the URL"#);
-        let backend = parse_backend(br#"{"address": "127.0.0.1:9001", "weight": 2}"#, "web", "b1").unwrap();
-        assert_eq!(backend, BackendConfig { weight: 2, ..BackendConfig::new("b1", "127.0.0.1:9001") });
-        let err = parse_backend(br#"{"name": "b2", "address": "127.0.0.1:1"}"#, "web", "b1").unwrap_err();
+        assert_eq!(parse_service(br#"{"address": ":1"}"#, "web").unwrap().name, "web");
         assert_eq!(
-            err.to_string(),
-            r#"service "web": backend "b1": name: "b2" in the body differs from "b1" in the URL"#
+            parse_service(br#"{"name": "web", "address": ":1"}"#, "web")
+                .unwrap()
+                .name,
+            "web"
         );
-        let err = parse_backend(br#"{"address": "127.0.0.1:0"}"#, "web", "b1").unwrap_err();
+        let mismatch = err(parse_service(br#"{"name": "api", "address": ":1"}"#, "web"));
         assert_eq!(
-            err.to_string(),
-            r#"service "web": backend "b1": address: port 0 cannot be connected to, got "127.0.0.1:0""#
+            mismatch,
+            r#"service "web": name: "api" in the body differs from "web" in the URL"#
+        );
+        let backend = parse_backend(br#"{"address": "127.0.0.1:9001", "weight": 2}"#, "web", "b1").unwrap();
+        assert_eq!(
+            backend,
+            BackendConfig {
+                weight: 2,
+                ..BackendConfig::new("b1", "127.0.0.1:9001")
+            }
+        );
+        let mismatch = err(parse_backend(
+            br#"{"name": "b2", "address": "127.0.0.1:1"}"#,
+            "web",
+            "b1",
+        ));
+        assert_eq!(
+            mismatch,
+            r#"service "web": backend "b1": name: "b2" in the body differs from "b1" in the URL"#
         );
     }
 
     #[test]
-    fn addresses_must_resolve() {
+    fn resolve_takes_the_three_forms_and_says_which_is_expected() {
+        let form = r#"expected "host:port", "v4:port" or "[v6]:port""#;
         assert_eq!(resolve("127.0.0.1:80"), Ok(SocketAddr::from(([127, 0, 0, 1], 80))));
         assert_eq!(resolve("[::1]:80").map(|a| a.is_ipv6()), Ok(true));
         assert_eq!(resolve("localhost:80").map(|a| a.ip().is_loopback()), Ok(true));
         assert_eq!(resolve(":80"), Ok(SocketAddr::from(([0, 0, 0, 0], 80))));
-        let form = r#"expected "host:port", "v4:port" or "[v6]:port""#;
-        assert_eq!(resolve("localhost").unwrap_err(), format!(r#"{form}, got "localhost" (no port)"#));
-        assert_eq!(resolve("::1:80").unwrap_err(), format!(r#"{form} (IPv6 needs brackets), got "::1:80""#));
         assert_eq!(
-            resolve("h:99999").unwrap_err(),
+            err(resolve("localhost")),
+            format!(r#"{form}, got "localhost" (no port)"#)
+        );
+        assert_eq!(
+            err(resolve("::1:80")),
+            format!(r#"{form} (IPv6 needs brackets), got "::1:80""#)
+        );
+        assert_eq!(
+            err(resolve("h:99999")),
             r#"port must be a number from 0 to 65535, got "99999" in "h:99999""#
         );
-        assert!(resolve("nothing.invalid:80").unwrap_err().starts_with(r#"host "nothing.invalid" does not resolve"#));
-        assert_eq!(service_err("{}"), format!(r#"service "web": address: is required, {form}"#));
-        let err = service_err(&with("", r#", "check_address": "nothing.invalid:1""#));
-        assert!(err.starts_with(r#"service "web": backend "b1": check_address: host "nothing.invalid""#), "{err}");
+        assert!(err(resolve("nothing.invalid:80")).starts_with(r#"host "nothing.invalid" does not resolve: "#));
     }
 
     #[test]
@@ -935,58 +1030,81 @@ mod tests {
         let two = |a: &str, b: &str| {
             format!(r#"[{{"name": "a", "address": "{a}"}}, {{"name": "{b}", "address": "127.0.0.1:81"}}]"#)
         };
-        let err = list_err(&two("127.0.0.1:80", "a"));
-        assert_eq!(err, r#"service "a": name: is used by more than one service; service names must be unique"#);
-        let err = list_err(&two("0.0.0.0:81", "b"));
-        assert_eq!(err, r#"service "b": address: "127.0.0.1:81" is already the listen address of service "a""#);
+        let name = err(parse_services(&two("127.0.0.1:80", "a")));
+        assert_eq!(name, r#"service "a": name: is used by more than one service"#);
+        let address = err(parse_services(&two("0.0.0.0:81", "b")));
+        assert_eq!(
+            address,
+            r#"service "b": address: "127.0.0.1:81" conflicts with 0.0.0.0:81, where service "a" listens"#
+        );
         assert_eq!(parse_services(&two("127.0.0.1:0", "b")).unwrap().len(), 2);
-        let ports_zero = r#"[{"name": "a", "address": "127.0.0.1:0"}, {"name": "b", "address": "127.0.0.1:0"}]"#;
-        assert_eq!(parse_services(ports_zero).unwrap().len(), 2);
+        assert_eq!(parse_services(&two("127.0.0.2:81", "b")).unwrap().len(), 2);
     }
 
     #[test]
-    fn backends_pointing_at_a_listener_are_loops() {
+    fn backends_that_reach_a_listener_are_loops() {
         let svc = |name: &str, address: &str, backend: &str| ServiceConfig {
             backends: vec![BackendConfig::new("b", backend)],
             ..ServiceConfig::new(name, address)
         };
-        let err = check_loops(&[svc("a", "127.0.0.1:8080", "127.0.0.1:8080")]).unwrap_err().to_string();
-        assert_eq!(
-            err,
-            r#"service "a": backend "b": address: "127.0.0.1:8080" reaches 127.0.0.1:8080, the listener of service "a"; it would loop"#
-        );
-        assert!(check_loops(&[svc("a", "0.0.0.0:8080", "127.0.0.1:1"), svc("c", "0.0.0.0:8081", "localhost:8080")])
-            .is_err());
+        let same = err(check_loops(&[svc("a", "127.0.0.1:8080", "127.0.0.1:8080")]));
+        let expected = r#"address: "127.0.0.1:8080" reaches 127.0.0.1:8080, where service "a" listens; it would loop"#;
+        assert_eq!(same, format!(r#"service "a": backend "b": {expected}"#));
+        let other = [
+            svc("a", "0.0.0.0:8080", "127.0.0.1:1"),
+            svc("c", "0.0.0.0:8081", "localhost:8080"),
+        ];
+        assert!(err(check_loops(&other))
+            .starts_with(r#"service "c": backend "b": address: "localhost:8080" reaches 0.0.0.0:8080"#));
         assert!(check_loops(&[svc("a", "127.0.0.1:8080", "0.0.0.0:8080")]).is_err());
         assert!(check_loops(&[svc("a", "127.0.0.1:8080", "127.0.0.1:8081")]).is_ok());
         assert!(check_loops(&[svc("a", "127.0.0.1:8080", "127.0.0.2:8080")]).is_ok());
-        assert!(check_loops(&[svc("a", "0.0.0.0:8080", "192.0.2.1:8080")]).is_ok()); // TEST-NET: not local
+        assert!(check_loops(&[svc("a", "0.0.0.0:8080", "192.0.2.1:8080")]).is_ok()); // TEST-NET-1: not local
         assert!(check_loops(&[svc("a", "127.0.0.1:0", "127.0.0.1:0")]).is_ok());
-        let text =
+        let file =
             r#"[{"name": "a", "address": "0.0.0.0:80", "backends": [{"name": "b", "address": "127.0.0.1:80"}]}]"#;
-        assert!(list_err(text).ends_with("it would loop"));
+        assert!(err(parse_services(file)).ends_with("it would loop"));
     }
 
     #[test]
     fn a_failed_parse_never_yields_a_partial_list() {
         let text = r#"[{"name": "a", "address": "127.0.0.1:80"}, {"name": "b", "address": "127.0.0.1:81", "fall": 0}]"#;
-        assert_eq!(list_err(text), r#"service "b": fall: must be an integer ≥ 1, got 0"#);
+        assert_eq!(
+            err(parse_services(text)),
+            r#"service "b": fall: must be an integer ≥ 1, got 0"#
+        );
     }
 
     #[test]
     fn to_json_is_sorted_complete_and_round_trips() {
         let mut web = ServiceConfig::new("web", "127.0.0.1:8080");
-        web.backends = vec![BackendConfig::new("z", "127.0.0.1:9002"), BackendConfig::new("a", "127.0.0.1:9001")];
-        let api = ServiceConfig { balance: Balance::LeastConn, ..ServiceConfig::new("api", "127.0.0.1:8081") };
+        web.backends = vec![
+            BackendConfig::new("z", "127.0.0.1:9002"),
+            BackendConfig::new("a", "127.0.0.1:9001"),
+        ];
+        let api = ServiceConfig {
+            balance: Balance::LeastConn,
+            ..ServiceConfig::new("api", "127.0.0.1:8081")
+        };
         let text = to_json(&[web.clone(), api.clone()]);
-        assert!(text.starts_with("[\n  {\n    \"name\": \"api\",") && text.ends_with("]\n"), "{text}");
-        let parsed = parse_services(&text).unwrap();
-        assert_eq!(parsed, [api, web]);
-        assert_eq!(parsed[1].backends[0].name, "z");
-        assert_eq!(to_json(&parsed), text);
-        for field in ["\"check_send\": \"\"", "\"weight\": 1", "\"balance\": \"LC\"", "\"client_timeout\": 0,"] {
+        assert!(
+            text.starts_with("[\n  {\n    \"name\": \"api\",") && text.ends_with("}\n]\n"),
+            "{text}"
+        );
+        for field in [
+            r#""check_send": """#,
+            r#""weight": 1"#,
+            r#""balance": "LC""#,
+            r#""check_interval": 2,"#,
+        ] {
             assert!(text.contains(field), "{field} missing from {text}");
         }
+        let parsed = parse_services(&text).unwrap();
+        assert_eq!(
+            (&parsed[0], &parsed[1], parsed[1].backends[0].name.as_str()),
+            (&api, &web, "z")
+        );
+        assert_eq!(to_json(&parsed), text);
         assert_eq!(to_json(&[]), "[]\n");
         let go = parse_services(fixture!("go_shuttle_state.json")).unwrap();
         assert_eq!(parse_services(&to_json(&go)).unwrap(), [go[1].clone(), go[0].clone()]);
@@ -994,30 +1112,44 @@ mod tests {
 
     #[test]
     fn seconds_print_whole_as_integers_and_fractions_exactly() {
+        let (check_interval, client_timeout, connect_timeout) = (0.25, 30.0, 1e-7);
         let s = ServiceConfig {
-            check_interval: 0.25,
-            client_timeout: 30.0,
-            connect_timeout: 1e-7,
-            ..ServiceConfig::new("w", "127.0.0.1:1")
+            check_interval,
+            client_timeout,
+            connect_timeout,
+            ..ServiceConfig::new("w", ":1")
         };
         let text = to_json(std::slice::from_ref(&s));
-        assert!(text.contains("\"check_interval\": 0.25,") && text.contains("\"client_timeout\": 30,"), "{text}");
-        assert!(text.contains("\"server_timeout\": 0,") && text.contains("\"connect_timeout\": 1e-7,"), "{text}");
+        for field in [
+            "\"check_interval\": 0.25,",
+            "\"client_timeout\": 30,",
+            "\"server_timeout\": 0,",
+            "\"connect_timeout\": 1e-7,",
+        ] {
+            assert!(text.contains(field), "{field} missing from {text}");
+        }
         assert_eq!(parse_services(&text).unwrap(), [s]);
-        assert_eq!(seconds(0.0), None);
-        assert_eq!(seconds(0.25), Some(Duration::from_millis(250)));
-        assert_eq!(seconds(2.0), Some(Duration::from_secs(2)));
+        assert_eq!((seconds(0.0), seconds(f64::NAN)), (None, None));
+        assert_eq!(
+            (seconds(0.25), seconds(2.0)),
+            (Some(Duration::from_millis(250)), Some(Duration::from_secs(2)))
+        );
         assert_eq!(seconds(f64::INFINITY), Some(Duration::from_secs(1_000_000_000)));
-        assert_eq!(seconds(f64::NAN), None);
     }
 
     #[test]
     fn settings_equal_ignores_backends_only() {
         let a = ServiceConfig::new("web", "127.0.0.1:8080");
-        let b = ServiceConfig { backends: vec![BackendConfig::new("b", "127.0.0.1:1")], ..a.clone() };
+        let b = ServiceConfig {
+            backends: vec![BackendConfig::new("b", "127.0.0.1:1")],
+            ..a.clone()
+        };
         assert!(a.settings_equal(&b));
         assert!(!a.settings_equal(&ServiceConfig { rise: 3, ..b.clone() }));
-        assert!(!a.settings_equal(&ServiceConfig { check_expect: "ok".into(), ..b }));
+        assert!(!a.settings_equal(&ServiceConfig {
+            check_expect: "ok".into(),
+            ..b
+        }));
     }
 
     #[test]
@@ -1027,12 +1159,18 @@ mod tests {
         fs::write(&path, "old").unwrap();
         let services = parse_services(fixture!("example.json")).unwrap();
         save_atomic(&path, &services).unwrap();
-        assert_eq!(fs::read_to_string(&path).unwrap(), to_json(&services));
-        assert_eq!(load(&path).unwrap(), services);
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(
+            (fs::read_to_string(&path).unwrap(), load(&path).unwrap()),
+            (to_json(&services), services.clone())
+        );
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, ["state.json"]);
         assert!(save_atomic(&dir.path().join("missing/state.json"), &services).is_err());
-        let err = load(&dir.path().join("nope.json")).unwrap_err();
-        assert!(matches!(err, ConfigError::Io { .. }) && err.to_string().starts_with("cannot read "), "{err}");
+        let missing = load(&dir.path().join("nope.json"));
+        assert!(matches!(missing, Err(ConfigError::Io { .. })));
+        assert!(err(missing).starts_with("cannot read "));
     }
 }

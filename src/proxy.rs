@@ -84,11 +84,13 @@ struct Half {
     state: HalfState,
     /// Bytes written to the destination and not yet added to the counters.
     unreported: u64,
+    /// Bytes written to the destination in all.
+    total: u64,
 }
 
 impl Half {
     fn new() -> Self {
-        Half { buf: None, state: HalfState::Open, unreported: 0 }
+        Half { buf: None, state: HalfState::Open, unreported: 0, total: 0 }
     }
 
     fn has_data(&self) -> bool {
@@ -117,6 +119,7 @@ impl Half {
                         Transfer::Moved(n) => {
                             dst.last_progress = now;
                             self.unreported += n as u64;
+                            self.total += n as u64;
                         }
                         Transfer::WouldBlock => dst.ready.writable = false,
                         Transfer::Eof => return Err(HalfError::Destination(io::ErrorKind::WriteZero.into())),
@@ -230,6 +233,10 @@ pub struct Pair {
     down: Half,
     service: Key,
     limits: Limits,
+    /// The backend whose `active` count includes this pair, released on close or failover.
+    holds: Option<Key>,
+    /// When the client was accepted, for the close log.
+    accepted: Instant,
     /// The armed timer and its deadline: at most one, at the earliest deadline.
     timer: Option<(TimerKey, Instant)>,
 }
@@ -309,6 +316,8 @@ impl Pair {
             down: Half::new(),
             service,
             limits,
+            holds: Some(attempt.target),
+            accepted: now,
             timer: None,
         };
         pair.rearm(key, cx);
@@ -359,11 +368,19 @@ impl Pair {
         }
         self.up.release(cx.pool);
         self.down.release(cx.pool);
+        let (sent, received) = (self.up.total, self.down.total);
         self.report(cx);
-        let target = match &self.phase {
-            Phase::Connecting { target, .. } | Phase::Relaying { target, .. } => *target,
-        };
-        if let Some(b) = cx.services.backend_mut(target) {
+        self.release_backend(cx);
+        let service = cx.services.service(self.service).map_or("?", |s| s.settings.name.as_str());
+        debug!(
+            "{service}: closed after {} ms, {sent} bytes sent, {received} bytes received",
+            cx.now.saturating_duration_since(self.accepted).as_millis()
+        );
+    }
+
+    /// Takes this pair off its backend's `active` count.
+    fn release_backend(&mut self, cx: &mut Cx<'_>) {
+        if let Some(b) = self.holds.take().and_then(|k| cx.services.backend_mut(k)) {
             b.counters.active = b.counters.active.saturating_sub(1);
         }
     }
@@ -400,9 +417,7 @@ impl Pair {
 
     /// The connect to `target` failed: count it and fail over to the next candidate.
     fn attempt_failed(&mut self, target: Key, error: io::Error, key: Key, cx: &mut Cx<'_>) -> Step {
-        if let Some(b) = cx.services.backend_mut(target) {
-            b.counters.active = b.counters.active.saturating_sub(1);
-        }
+        self.release_backend(cx);
         backend_failed(target, &error, cx);
         let Phase::Connecting { plan, .. } = &mut self.phase else { return Step::Close };
         match connect_next(plan, key.token(Side::Backend), cx) {
@@ -410,19 +425,14 @@ impl Pair {
                 let now = cx.now;
                 // The old stream is dropped here, which closes it and removes it from epoll.
                 self.backend = Peer::new(attempt.stream, now);
+                self.holds = Some(attempt.target);
                 if let Phase::Connecting { target, deadline, .. } = &mut self.phase {
                     *target = attempt.target;
                     *deadline = self.limits.connect.map(|d| now + d);
                 }
                 Step::Wait
             }
-            Err(fault) => {
-                // The failed attempt was already taken off `active`; don't let close() do it again.
-                if let Phase::Connecting { target, .. } = &mut self.phase {
-                    *target = self.service;
-                }
-                self.fail(fault, cx)
-            }
+            Err(fault) => self.fail(fault, cx),
         }
     }
 
@@ -542,5 +552,108 @@ fn half_fault(error: HalfError, source: Side) -> Fault {
     match failed {
         (Side::Client, e) => Fault::Client(e),
         (Side::Backend, e) => Fault::Backend(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::tests::{Op, Script};
+
+    impl Stream for Script {
+        fn shutdown_write(&self) -> io::Result<()> {
+            self.shutdowns.set(self.shutdowns.get() + 1);
+            Ok(())
+        }
+    }
+
+    fn peer(reads: Vec<Op>, writes: Vec<Op>) -> Peer<Script> {
+        let script = Script { reads: reads.into(), writes: writes.into(), ..Script::default() };
+        let mut peer = Peer::new(script, Instant::now());
+        peer.ready = Ready { readable: true, writable: true };
+        peer
+    }
+
+    #[track_caller]
+    fn pump(half: &mut Half, src: &mut Peer<Script>, dst: Option<&mut Peer<Script>>) -> usize {
+        let mut pool = BufferPool::new(4);
+        let mut budget = BUDGET;
+        half.pump(src, dst, &mut pool, &mut budget, Instant::now()).expect("pump failed");
+        BUDGET - budget
+    }
+
+    #[test]
+    fn relaying_full_buffer_stops_reads_and_resumes_without_an_event() {
+        let mut half = Half::new();
+        let mut src = peer(vec![Op::Data(vec![1; 3 * BUF_SIZE])], vec![]);
+        let mut dst = peer(vec![], vec![Op::Block]);
+        assert_eq!(pump(&mut half, &mut src, Some(&mut dst)), BUF_SIZE, "reads stop at capacity");
+        assert!(src.ready.readable, "the source was never drained, so its readiness is kept");
+        assert!(!dst.ready.writable);
+        dst.ready.writable = true;
+        dst.stream.writes.extend((0..4).map(|_| Op::Accept(BUF_SIZE)));
+        pump(&mut half, &mut src, Some(&mut dst));
+        assert_eq!(dst.stream.written.len(), 3 * BUF_SIZE);
+    }
+
+    #[test]
+    fn relaying_source_eof_shuts_destination_once_after_flush() {
+        let mut half = Half::new();
+        let mut src = peer(vec![Op::Data(b"abc".to_vec()), Op::Eof], vec![]);
+        let mut dst = peer(vec![], vec![Op::Accept(1), Op::Block]);
+        pump(&mut half, &mut src, Some(&mut dst));
+        assert_eq!(half.state, HalfState::Draining);
+        assert_eq!(dst.stream.shutdowns.get(), 0, "bytes are still buffered");
+        dst.ready.writable = true;
+        dst.stream.writes.push_back(Op::Accept(10));
+        pump(&mut half, &mut src, Some(&mut dst));
+        assert_eq!(dst.stream.written, b"abc");
+        assert_eq!(half.state, HalfState::Shut);
+        pump(&mut half, &mut src, Some(&mut dst));
+        assert_eq!(dst.stream.shutdowns.get(), 1);
+        assert!(half.buf.is_none(), "an idle half holds no buffer");
+    }
+
+    #[test]
+    fn connecting_reads_ahead_and_keeps_eof_for_later() {
+        let mut half = Half::new();
+        let mut src = peer(vec![Op::Data(b"early".to_vec()), Op::Eof], vec![]);
+        pump(&mut half, &mut src, None);
+        assert_eq!(half.state, HalfState::Draining);
+        assert_eq!(half.buf.as_ref().map(|b| b.data().to_vec()), Some(b"early".to_vec()));
+        let mut dst = peer(vec![], vec![Op::Accept(100)]);
+        pump(&mut half, &mut src, Some(&mut dst));
+        assert_eq!(dst.stream.written, b"early");
+        assert_eq!(half.state, HalfState::Shut);
+    }
+
+    #[test]
+    fn relaying_budget_spent_leaves_work() {
+        let mut half = Half::new();
+        let mut src = peer(vec![Op::Data(vec![0; 10 * BUF_SIZE])], vec![]);
+        let mut dst = peer(vec![], (0..40).map(|_| Op::Accept(BUF_SIZE)).collect());
+        assert!(pump(&mut half, &mut src, Some(&mut dst)) >= BUDGET);
+        assert!(half.has_work(&src, &dst));
+    }
+
+    #[test]
+    fn relaying_source_reset_is_an_error_not_eof() {
+        let mut half = Half::new();
+        let mut src = peer(vec![Op::Reset], vec![]);
+        let mut dst = peer(vec![], vec![]);
+        let mut pool = BufferPool::new(1);
+        let result = half.pump(&mut src, Some(&mut dst), &mut pool, &mut { BUDGET }, Instant::now());
+        assert!(matches!(result, Err(HalfError::Source(_))));
+        assert_eq!(dst.stream.shutdowns.get(), 0);
+    }
+
+    #[test]
+    fn relaying_destination_failure_is_reported_as_such() {
+        let mut half = Half::new();
+        let mut src = peer(vec![Op::Data(b"x".to_vec())], vec![]);
+        let mut dst = peer(vec![], vec![Op::Reset]);
+        let mut pool = BufferPool::new(1);
+        let result = half.pump(&mut src, Some(&mut dst), &mut pool, &mut { BUDGET }, Instant::now());
+        assert!(matches!(result, Err(HalfError::Destination(_))));
     }
 }

@@ -409,7 +409,7 @@ mod tests {
     fn service(backends: &[(&str, u16)]) -> Prepared {
         let mut config = ServiceConfig::new("web", "127.0.0.1:0");
         for &(name, port) in backends {
-            let mut b = BackendConfig::new(name, &format!("127.0.0.1:{port}"));
+            let mut b = BackendConfig::new(name, format!("127.0.0.1:{port}"));
             b.weight = 1;
             config.backends.push(b);
         }

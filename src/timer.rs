@@ -289,7 +289,7 @@ mod tests {
             assert!(wakeups < 10_000, "the wheel spins");
             let before = fired.len();
             fired.extend(std::iter::from_fn(|| wheel.poll(at)).map(|value| (at, value)));
-            let progressed = fired.len() > before || wheel.next_deadline().map_or(true, |next| next > at);
+            let progressed = fired.len() > before || wheel.next_deadline().is_none_or(|next| next > at);
             assert!(progressed, "poll(next_deadline()) changed nothing at {at:?}");
             check(wheel);
         }

@@ -80,33 +80,61 @@ impl Sha256 {
     }
 }
 
+// Written for speed in unoptimised test builds: one round per macro
+// expansion with the working variables renamed instead of shuffled, and the
+// message schedule kept in a 16-word ring.
+macro_rules! round {
+    ($w:ident, $i:expr, $a:ident, $b:ident, $c:ident, $d:ident, $e:ident, $f:ident, $g:ident, $h:ident) => {
+        if $i >= 16 {
+            let w15 = $w[($i + 1) & 15];
+            let w2 = $w[($i + 14) & 15];
+            let s0 = w15.rotate_right(7) ^ w15.rotate_right(18) ^ (w15 >> 3);
+            let s1 = w2.rotate_right(17) ^ w2.rotate_right(19) ^ (w2 >> 10);
+            $w[$i & 15] = $w[$i & 15].wrapping_add(s0).wrapping_add($w[($i + 9) & 15]).wrapping_add(s1);
+        }
+        let t1 = $h
+            .wrapping_add($e.rotate_right(6) ^ $e.rotate_right(11) ^ $e.rotate_right(25))
+            .wrapping_add(($e & $f) ^ (!$e & $g))
+            .wrapping_add(K[$i])
+            .wrapping_add($w[$i & 15]);
+        let t2 = ($a.rotate_right(2) ^ $a.rotate_right(13) ^ $a.rotate_right(22))
+            .wrapping_add(($a & $b) ^ ($a & $c) ^ ($b & $c));
+        $d = $d.wrapping_add(t1);
+        $h = t1.wrapping_add(t2);
+    };
+}
+
+macro_rules! eight_rounds {
+    ($w:ident, $i:expr, $a:ident, $b:ident, $c:ident, $d:ident, $e:ident, $f:ident, $g:ident, $h:ident) => {
+        round!($w, $i, $a, $b, $c, $d, $e, $f, $g, $h);
+        round!($w, $i + 1, $h, $a, $b, $c, $d, $e, $f, $g);
+        round!($w, $i + 2, $g, $h, $a, $b, $c, $d, $e, $f);
+        round!($w, $i + 3, $f, $g, $h, $a, $b, $c, $d, $e);
+        round!($w, $i + 4, $e, $f, $g, $h, $a, $b, $c, $d);
+        round!($w, $i + 5, $d, $e, $f, $g, $h, $a, $b, $c);
+        round!($w, $i + 6, $c, $d, $e, $f, $g, $h, $a, $b);
+        round!($w, $i + 7, $b, $c, $d, $e, $f, $g, $h, $a);
+    };
+}
+
 fn compress(state: &mut [u32; 8], block: &[u8]) {
-    let mut w = [0u32; 64];
-    for (word, bytes) in w.iter_mut().zip(block.chunks_exact(4)) {
-        *word = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-    }
-    for i in 16..64 {
-        let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-        let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-        w[i] = w[i - 16].wrapping_add(s0).wrapping_add(w[i - 7]).wrapping_add(s1);
+    let mut w = [0u32; 16];
+    for (j, word) in w.iter_mut().enumerate() {
+        let at = 4 * j;
+        *word = u32::from(block[at]) << 24
+            | u32::from(block[at + 1]) << 16
+            | u32::from(block[at + 2]) << 8
+            | u32::from(block[at + 3]);
     }
     let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = *state;
-    for i in 0..64 {
-        let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
-        let ch = (e & f) ^ (!e & g);
-        let t1 = h.wrapping_add(s1).wrapping_add(ch).wrapping_add(K[i]).wrapping_add(w[i]);
-        let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
-        let maj = (a & b) ^ (a & c) ^ (b & c);
-        let t2 = s0.wrapping_add(maj);
-        h = g;
-        g = f;
-        f = e;
-        e = d.wrapping_add(t1);
-        d = c;
-        c = b;
-        b = a;
-        a = t1.wrapping_add(t2);
-    }
+    eight_rounds!(w, 0, a, b, c, d, e, f, g, h);
+    eight_rounds!(w, 8, a, b, c, d, e, f, g, h);
+    eight_rounds!(w, 16, a, b, c, d, e, f, g, h);
+    eight_rounds!(w, 24, a, b, c, d, e, f, g, h);
+    eight_rounds!(w, 32, a, b, c, d, e, f, g, h);
+    eight_rounds!(w, 40, a, b, c, d, e, f, g, h);
+    eight_rounds!(w, 48, a, b, c, d, e, f, g, h);
+    eight_rounds!(w, 56, a, b, c, d, e, f, g, h);
     for (s, v) in state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
         *s = s.wrapping_add(v);
     }
