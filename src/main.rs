@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use shuttle::config;
-use shuttle::server::{Options, Server};
+use shuttle::server::{Options, Server, StartupError};
 
 const USAGE: &str = "\
 shuttle: a TCP proxy and load balancer, reconfigured live over HTTP/JSON
@@ -123,7 +123,13 @@ fn main() -> ExitCode {
     let mut server = match Server::new(options, services) {
         Ok(server) => server,
         Err(e) => {
-            eprintln!("shuttle: {e}");
+            // A service that cannot start is named with the file it came from.
+            match (source, &e) {
+                (Some(path), StartupError::Listen { .. } | StartupError::Service(_)) => {
+                    eprintln!("shuttle: {}: {e}", path.display())
+                }
+                _ => eprintln!("shuttle: {e}"),
+            }
             return ExitCode::FAILURE;
         }
     };
