@@ -104,14 +104,14 @@ fn main() -> ExitCode {
 
     // The state file wins when it exists (SPEC §1); a corrupt one stops start-up and is never overwritten.
     let source = match (&flags.state, &flags.config) {
-        (Some(state), _) if state.exists() => Some(state),
-        (_, config) => config.as_ref(),
+        (Some(state), _) if state.exists() => Some(state.clone()),
+        (_, config) => config.clone(),
     };
-    let services = match source.map(|path| config::load(path)) {
+    let services = match source.as_deref().map(config::load) {
         None => Vec::new(),
         Some(Ok(services)) => services,
         Some(Err(e)) => {
-            eprintln!("shuttle: {}: {e}", source.map_or_else(String::new, |p| p.display().to_string()));
+            eprintln!("shuttle: {}: {e}", source.as_deref().map_or_else(String::new, |p| p.display().to_string()));
             return ExitCode::FAILURE;
         }
     };
@@ -124,7 +124,7 @@ fn main() -> ExitCode {
         Ok(server) => server,
         Err(e) => {
             // A service that cannot start is named with the file it came from.
-            match (source, &e) {
+            match (&source, &e) {
                 (Some(path), StartupError::Listen { .. } | StartupError::Service(_)) => {
                     eprintln!("shuttle: {}: {e}", path.display())
                 }
