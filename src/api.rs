@@ -7,6 +7,7 @@
 //! the change is applied, which cannot fail. So what runs and what is on disk
 //! never disagree, and a bad request changes nothing.
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use log::info;
@@ -161,6 +162,7 @@ fn put_service(
     all.push(config.clone());
     config::check_loops(&all)?;
     let prepared = service::prepare(config).map_err(ApiError::BadRequest)?;
+    check_own_listeners(server, &prepared)?;
     let running_addr = existing.and_then(|k| server.services.service(k)).map(|s| s.addr);
     // Bind a new address before anything changes; a failure leaves the old service running (409).
     let socket = if running_addr == Some(prepared.addr) {
@@ -250,7 +252,9 @@ fn update_backends(
     let mut all = others(server, &config.name);
     all.push(config.clone());
     config::check_loops(&all)?;
-    let Prepared { config, backend_addrs, .. } = service::prepare(config).map_err(ApiError::BadRequest)?;
+    let prepared = service::prepare(config).map_err(ApiError::BadRequest)?;
+    check_own_listeners(server, &prepared)?;
+    let Prepared { config, backend_addrs, .. } = prepared;
     persist(server, &all)?;
     let changes = server.services.set_backends(key, config.backends, backend_addrs);
     for removed in changes.removed {
@@ -261,6 +265,26 @@ fn update_backends(
     reconcile_probes(server, key, now);
     info!("service {} backends updated", config.name);
     Ok(config::to_json(&sorted(all)).into_bytes())
+}
+
+/// Rejects a backend that points at one of our own listeners, including those
+/// bound to port 0 (whose real port the config does not show): it would loop.
+fn check_own_listeners(server: &Server, prepared: &Prepared) -> Result<(), ApiError> {
+    for (_, entry) in server.entries.iter() {
+        let Entry::Listener(listener) = entry else { continue };
+        let Ok(local) = listener.socket.local_addr() else { continue };
+        let own =
+            |addr: &SocketAddr| addr.port() == local.port() && (addr.ip() == local.ip() || local.ip().is_unspecified());
+        for (backend, (addr, _)) in prepared.config.backends.iter().zip(&prepared.backend_addrs) {
+            if own(addr) {
+                return Err(ApiError::BadRequest(format!(
+                    "service {:?}: backend {:?}: address: {addr} is shuttle's own listener (it would loop)",
+                    prepared.config.name, backend.name
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Starts or stops probes so that exactly the checked backends of a checking service have one.

@@ -151,12 +151,7 @@ impl fmt::Display for ConfigError {
         };
         match self {
             ConfigError::Json { line, column, message } => write!(f, "line {line}, column {column}: {message}"),
-            ConfigError::Invalid {
-                service,
-                backend,
-                field,
-                problem,
-            } => {
+            ConfigError::Invalid { service, backend, field, problem } => {
                 label(f, "service", service)?;
                 if let Some(backend) = backend {
                     label(f, "backend", backend)?;
@@ -183,10 +178,7 @@ impl FromStr for Balance {
         match s {
             "RR" | "" => Ok(Balance::RoundRobin),
             "LC" => Ok(Balance::LeastConn),
-            other => Err(format!(
-                r#"must be "RR" (round robin) or "LC" (least connected), got {:?}"#,
-                clip(other)
-            )),
+            other => Err(format!(r#"must be "RR" (round robin) or "LC" (least connected), got {:?}"#, clip(other))),
         }
     }
 }
@@ -213,10 +205,7 @@ impl ServiceConfig {
     /// True when every field but `backends` is equal (SPEC §5, backends-only update).
     pub fn settings_equal(&self, other: &ServiceConfig) -> bool {
         // Struct update syntax, so that a field added later is compared too.
-        let strip = |s: &ServiceConfig| ServiceConfig {
-            backends: Vec::new(),
-            ..s.clone()
-        };
+        let strip = |s: &ServiceConfig| ServiceConfig { backends: Vec::new(), ..s.clone() };
         strip(self) == strip(other)
     }
 }
@@ -361,10 +350,7 @@ pub fn parse_backend(body: &[u8], service: &str, url_name: &str) -> Result<Backe
 
 /// Reads and parses a config or state file.
 pub fn load(path: &Path) -> Result<Vec<ServiceConfig>, ConfigError> {
-    let text = fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
     parse_services(&text)
 }
 
@@ -374,11 +360,7 @@ fn json_error(e: serde_json::Error) -> ConfigError {
     let message = full.strip_suffix(&suffix).unwrap_or(&full);
     // serde quotes names and values with backticks; the rest of our messages use double quotes.
     let message = message.replace('`', "\"");
-    ConfigError::Json {
-        line: e.line(),
-        column: e.column(),
-        message,
-    }
+    ConfigError::Json { line: e.line(), column: e.column(), message }
 }
 
 fn build_service(raw: RawService, index: usize, url_name: Option<&str>) -> Result<ServiceConfig, ConfigError> {
@@ -433,10 +415,9 @@ fn build_backend(
 
 fn pick_name(given: Option<String>, url_name: Option<&str>, at: &At<'_>) -> Result<String, ConfigError> {
     match (given, url_name) {
-        (Some(body), Some(url)) if body != url => Err(at.err(
-            "name",
-            format!("{:?} in the body differs from {url:?} in the URL", clip(&body)),
-        )),
+        (Some(body), Some(url)) if body != url => {
+            Err(at.err("name", format!("{:?} in the body differs from {url:?} in the URL", clip(&body))))
+        }
         (Some(name), _) => Ok(name),
         (None, Some(url)) => Ok(url.to_string()),
         (None, None) => Err(at.err("name", format!("is required, expected {NAME_RULE}"))),
@@ -459,9 +440,7 @@ fn text(value: Option<Value>, at: &At<'_>, field: &str) -> Result<Option<String>
 /// A number of seconds; the range is checked by `validate_service`.
 fn number(value: Option<Value>, at: &At<'_>, field: &str, default: f64) -> Result<f64, ConfigError> {
     let Some(value) = value else { return Ok(default) };
-    value
-        .as_f64()
-        .ok_or_else(|| at.err(field, seconds_problem(shown(&value))))
+    value.as_f64().ok_or_else(|| at.err(field, seconds_problem(shown(&value))))
 }
 
 /// A whole number in `min..=u32::MAX`; `2.0` is accepted as 2.
@@ -510,10 +489,7 @@ pub fn validate_name(name: &str) -> Result<(), String> {
         return Err(format!("must not be empty; expected {NAME_RULE}"));
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(format!(
-            "must be at most {MAX_NAME_LEN} bytes, got {} bytes",
-            name.len()
-        ));
+        return Err(format!("must be at most {MAX_NAME_LEN} bytes, got {} bytes", name.len()));
     }
     if name.starts_with('_') {
         return Err(format!(r#"names starting with "_" are reserved, got {:?}"#, clip(name)));
@@ -583,10 +559,7 @@ pub fn validate_all(services: &[ServiceConfig]) -> Result<(), ConfigError> {
         }
         let addr = listen_address(&service.address).map_err(|p| at.err("address", p))?;
         if let Some((other, taken)) = seen.iter().find(|(_, taken)| overlaps(*taken, addr)) {
-            let problem = format!(
-                "{:?} conflicts with {taken}, where service {other:?} listens",
-                service.address
-            );
+            let problem = format!("{:?} conflicts with {taken}, where service {other:?} listens", service.address);
             return Err(at.err("address", problem));
         }
         seen.push((&service.name, addr));
@@ -658,10 +631,7 @@ pub fn resolve(address: &str) -> Result<SocketAddr, String> {
         return Err(format!("{ADDRESS_FORM}, got {:?} (no port)", clip(address)));
     };
     let Ok(port) = port.parse::<u16>() else {
-        return Err(format!(
-            "port must be a number from 0 to 65535, got {:?} in {address:?}",
-            clip(port)
-        ));
+        return Err(format!("port must be a number from 0 to 65535, got {:?} in {address:?}", clip(port)));
     };
     if host.contains(':') || host.starts_with('[') {
         return Err(format!("{ADDRESS_FORM} (IPv6 needs brackets), got {:?}", clip(address)));
@@ -674,8 +644,7 @@ pub fn resolve(address: &str) -> Result<SocketAddr, String> {
         Err(e) => return Err(format!("host {:?} does not resolve: {e}", clip(host))),
     };
     let best = found.iter().find(|a| a.is_ipv4()).or_else(|| found.first());
-    best.copied()
-        .ok_or_else(|| format!("host {host:?} resolves to no address"))
+    best.copied().ok_or_else(|| format!("host {host:?} resolves to no address"))
 }
 
 /// The config list as written to the state file and `GET /_config`: pretty JSON, sorted by name, trailing newline.
@@ -711,10 +680,7 @@ pub fn save_atomic(path: &Path, services: &[ServiceConfig]) -> io::Result<()> {
     if let Err(e) = written {
         // Best effort: the temp file may not exist, and the original error is what matters.
         let _ = fs::remove_file(&tmp);
-        return Err(io::Error::new(
-            e.kind(),
-            format!("cannot write {}: {e}", path.display()),
-        ));
+        return Err(io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display())));
     }
     // The new file is in place, so the change counts as saved; a failed directory fsync
     // only weakens durability across a crash, and reporting failure now would make the
@@ -770,28 +736,14 @@ mod tests {
         expected.backends.push(BackendConfig::new("b1", "127.0.0.1:9001"));
         assert_eq!(parsed, expected);
         let (s, b) = (&parsed, &parsed.backends[0]);
-        assert_eq!(
-            (s.check_interval, s.fall, s.rise, s.balance),
-            (2.0, 2, 2, Balance::RoundRobin)
-        );
+        assert_eq!((s.check_interval, s.fall, s.rise, s.balance), (2.0, 2, 2, Balance::RoundRobin));
         assert_eq!((s.client_timeout, s.server_timeout, s.connect_timeout), (0.0, 0.0, 5.0));
         assert_eq!(
-            (
-                s.check_send.as_str(),
-                s.check_expect.as_str(),
-                b.check_address.as_str(),
-                b.weight
-            ),
+            (s.check_send.as_str(), s.check_expect.as_str(), b.check_address.as_str(), b.weight),
             ("", "", "", 1)
         );
-        assert!(parse_service(br#"{"address": "127.0.0.1:8080"}"#, "web")
-            .unwrap()
-            .backends
-            .is_empty());
-        assert_eq!(
-            put(r#", "fall": 2.0, "balance": "LC""#, "").unwrap().balance,
-            Balance::LeastConn
-        );
+        assert!(parse_service(br#"{"address": "127.0.0.1:8080"}"#, "web").unwrap().backends.is_empty());
+        assert_eq!(put(r#", "fall": 2.0, "balance": "LC""#, "").unwrap().balance, Balance::LeastConn);
     }
 
     #[test]
@@ -800,19 +752,13 @@ mod tests {
         assert_eq!((example[0].name.as_str(), example[0].backends.len()), ("web", 2));
         let rr = parse_services(fixture!("round_robin.json")).unwrap();
         assert_eq!(rr[0].backends.iter().map(|b| b.weight).collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(
-            parse_services(fixture!("least_conn.json")).unwrap()[0].balance,
-            Balance::LeastConn
-        );
+        assert_eq!(parse_services(fixture!("least_conn.json")).unwrap()[0].balance, Balance::LeastConn);
     }
 
     #[test]
     fn go_state_file_with_empty_balance_and_null_backends_loads() {
         let services = parse_services(fixture!("go_shuttle_state.json")).unwrap();
-        assert_eq!(
-            (services[0].balance, services[0].backends[1].weight),
-            (Balance::RoundRobin, 3)
-        );
+        assert_eq!((services[0].balance, services[0].backends[1].weight), (Balance::RoundRobin, 3));
         assert_eq!((services[1].name.as_str(), services[1].backends.len()), ("spare", 0));
         assert_eq!(parse_services("null\n").unwrap(), []); // Go's empty registry
         let derived: Vec<ServiceConfig> = serde_json::from_str(fixture!("go_shuttle_state.json")).unwrap();
@@ -823,40 +769,20 @@ mod tests {
     fn json_errors_carry_position_and_name_unknown_fields() {
         let fields = r#""name", "address", "backends", "balance", "check_interval", "fall", "rise", "client_timeout""#;
         let unknown = err(parse_services(fixture!("bad/unknown_field.json")));
-        assert!(unknown.starts_with(&format!(
-            r#"line 4, column 12: unknown field "adress", expected one of {fields}"#
-        )));
+        assert!(unknown.starts_with(&format!(r#"line 4, column 12: unknown field "adress", expected one of {fields}"#)));
         let colour = err(put("", r#", "colour": "red""#));
-        assert!(
-            colour.starts_with(r#"line 1, column 95: unknown field "colour", expected one of "name""#),
-            "{colour}"
-        );
+        assert!(colour.starts_with(r#"line 1, column 95: unknown field "colour", expected one of "name""#), "{colour}");
         let positional = r#"[{"name": "web", "address": "127.0.0.1:80", "backends": [["b", "127.0.0.1:1"]]}]"#;
         let cases = [
-            (
-                err(parse_services(fixture!("bad/truncated.json"))),
-                "line 6, column 48: EOF while parsing a string",
-            ),
-            (
-                err(parse_service(b"", "web")),
-                "line 1, column 0: EOF while parsing a value",
-            ),
-            (
-                err(parse_service(b"[]", "web")),
-                "line 1, column 0: invalid type: sequence, expected a JSON object",
-            ),
+            (err(parse_services(fixture!("bad/truncated.json"))), "line 6, column 48: EOF while parsing a string"),
+            (err(parse_service(b"", "web")), "line 1, column 0: EOF while parsing a value"),
+            (err(parse_service(b"[]", "web")), "line 1, column 0: invalid type: sequence, expected a JSON object"),
             (
                 err(parse_backend(b"42", "web", "b1")),
                 r#"line 1, column 2: invalid type: integer "42", expected a JSON object"#,
             ),
-            (
-                err(parse_service(b"{} x", "web")),
-                "line 1, column 4: trailing characters",
-            ),
-            (
-                err(parse_services(positional)),
-                "line 1, column 57: invalid type: sequence, expected a JSON object",
-            ),
+            (err(parse_service(b"{} x", "web")), "line 1, column 4: trailing characters"),
+            (err(parse_services(positional)), "line 1, column 57: invalid type: sequence, expected a JSON object"),
             (
                 err(parse_services(r#"{"services": []}"#)),
                 "line 1, column 0: expected a JSON list of services, got an object",
@@ -874,18 +800,9 @@ mod tests {
         let weight = r#"backend "web1": weight: must be an integer ≥ 0, got -1"#;
         let duplicate = r#"backend "web1": name: is used by more than one backend of the service"#;
         let cases = [
-            (
-                err(parse_services(fixture!("bad/negative_weight.json"))),
-                weight.to_string(),
-            ),
-            (
-                err(parse_services(fixture!("bad/balance.json"))),
-                format!(r#"balance: {balance} "random""#),
-            ),
-            (
-                err(parse_services(fixture!("bad/duplicate_backend.json"))),
-                duplicate.to_string(),
-            ),
+            (err(parse_services(fixture!("bad/negative_weight.json"))), weight.to_string()),
+            (err(parse_services(fixture!("bad/balance.json"))), format!(r#"balance: {balance} "random""#)),
+            (err(parse_services(fixture!("bad/duplicate_backend.json"))), duplicate.to_string()),
             (
                 err(put("", r#", "weight": 4294967296"#)),
                 r#"backend "b1": weight: must be an integer ≤ 4294967295, got 4294967296"#.into(),
@@ -894,38 +811,14 @@ mod tests {
                 err(parse_backend(br#"{"address": ":0"}"#, "web", "b1")),
                 r#"backend "b1": address: port 0 cannot be connected to, got ":0""#.into(),
             ),
-            (
-                err(put(r#", "fall": 1.5"#, "")),
-                "fall: must be an integer ≥ 1, got 1.5".into(),
-            ),
-            (
-                err(put(r#", "rise": 0"#, "")),
-                "rise: must be an integer ≥ 1, got 0".into(),
-            ),
-            (
-                err(put(r#", "rise": "2""#, "")),
-                r#"rise: must be an integer ≥ 1, got "2""#.into(),
-            ),
-            (
-                err(put(r#", "check_interval": -1"#, "")),
-                format!("check_interval: {seconds} -1"),
-            ),
-            (
-                err(put(r#", "connect_timeout": "5s""#, "")),
-                format!(r#"connect_timeout: {seconds} "5s""#),
-            ),
-            (
-                err(put(r#", "server_timeout": 1e300"#, "")),
-                format!("server_timeout: {seconds} 1e300"),
-            ),
-            (
-                err(put(r#", "check_send": 1"#, "")),
-                "check_send: must be a string, got 1".into(),
-            ),
-            (
-                err(put(r#", "balance": "rr""#, "")),
-                format!(r#"balance: {balance} "rr""#),
-            ),
+            (err(put(r#", "fall": 1.5"#, "")), "fall: must be an integer ≥ 1, got 1.5".into()),
+            (err(put(r#", "rise": 0"#, "")), "rise: must be an integer ≥ 1, got 0".into()),
+            (err(put(r#", "rise": "2""#, "")), r#"rise: must be an integer ≥ 1, got "2""#.into()),
+            (err(put(r#", "check_interval": -1"#, "")), format!("check_interval: {seconds} -1")),
+            (err(put(r#", "connect_timeout": "5s""#, "")), format!(r#"connect_timeout: {seconds} "5s""#)),
+            (err(put(r#", "server_timeout": 1e300"#, "")), format!("server_timeout: {seconds} 1e300")),
+            (err(put(r#", "check_send": 1"#, "")), "check_send: must be a string, got 1".into()),
+            (err(put(r#", "balance": "rr""#, "")), format!(r#"balance: {balance} "rr""#)),
             (
                 err(parse_service(b"{}", "web")),
                 r#"address: is required, expected "host:port", "v4:port" or "[v6]:port""#.into(),
@@ -935,10 +828,7 @@ mod tests {
             assert_eq!(actual, format!(r#"service "web": {expected}"#));
         }
         let reserved = err(parse_service(br#"{"address": ":1"}"#, "_x"));
-        assert_eq!(
-            reserved,
-            r#"service "_x": name: names starting with "_" are reserved, got "_x""#
-        );
+        assert_eq!(reserved, r#"service "_x": name: names starting with "_" are reserved, got "_x""#);
         let unnamed = err(parse_services(r#"[{"address": ":1"}]"#));
         assert!(unnamed.starts_with(r#"service #1: name: is required, expected letters, digits, ".", "_" and "-""#));
         let expect = format!(r#", "check_expect": "{}""#, "x".repeat(MAX_CHECK_EXPECT + 1));
@@ -955,14 +845,8 @@ mod tests {
         let rule = r#"must be letters, digits, ".", "_" and "-", starting with a letter or digit"#;
         assert_eq!(validate_name("ok.Name-1_x"), Ok(()));
         assert_eq!(validate_name(&"a".repeat(128)), Ok(()));
-        assert_eq!(
-            err(validate_name(&"a".repeat(129))),
-            "must be at most 128 bytes, got 129 bytes"
-        );
-        assert_eq!(
-            err(validate_name("_stats")),
-            r#"names starting with "_" are reserved, got "_stats""#
-        );
+        assert_eq!(err(validate_name(&"a".repeat(129))), "must be at most 128 bytes, got 129 bytes");
+        assert_eq!(err(validate_name("_stats")), r#"names starting with "_" are reserved, got "_stats""#);
         assert_eq!(err(validate_name("a b")), format!(r#"{rule}, got "a b""#));
         assert_eq!(err(validate_name("-a")), format!(r#"{rule}, got "-a""#));
         assert!(err(validate_name("")).starts_with("must not be empty"));
@@ -973,34 +857,13 @@ mod tests {
     #[test]
     fn name_comes_from_the_url_and_must_match_it() {
         assert_eq!(parse_service(br#"{"address": ":1"}"#, "web").unwrap().name, "web");
-        assert_eq!(
-            parse_service(br#"{"name": "web", "address": ":1"}"#, "web")
-                .unwrap()
-                .name,
-            "web"
-        );
+        assert_eq!(parse_service(br#"{"name": "web", "address": ":1"}"#, "web").unwrap().name, "web");
         let mismatch = err(parse_service(br#"{"name": "api", "address": ":1"}"#, "web"));
-        assert_eq!(
-            mismatch,
-            r#"service "web": name: "api" in the body differs from "web" in the URL"#
-        );
+        assert_eq!(mismatch, r#"service "web": name: "api" in the body differs from "web" in the URL"#);
         let backend = parse_backend(br#"{"address": "127.0.0.1:9001", "weight": 2}"#, "web", "b1").unwrap();
-        assert_eq!(
-            backend,
-            BackendConfig {
-                weight: 2,
-                ..BackendConfig::new("b1", "127.0.0.1:9001")
-            }
-        );
-        let mismatch = err(parse_backend(
-            br#"{"name": "b2", "address": "127.0.0.1:1"}"#,
-            "web",
-            "b1",
-        ));
-        assert_eq!(
-            mismatch,
-            r#"service "web": backend "b1": name: "b2" in the body differs from "b1" in the URL"#
-        );
+        assert_eq!(backend, BackendConfig { weight: 2, ..BackendConfig::new("b1", "127.0.0.1:9001") });
+        let mismatch = err(parse_backend(br#"{"name": "b2", "address": "127.0.0.1:1"}"#, "web", "b1"));
+        assert_eq!(mismatch, r#"service "web": backend "b1": name: "b2" in the body differs from "b1" in the URL"#);
     }
 
     #[test]
@@ -1010,18 +873,9 @@ mod tests {
         assert_eq!(resolve("[::1]:80").map(|a| a.is_ipv6()), Ok(true));
         assert_eq!(resolve("localhost:80").map(|a| a.ip().is_loopback()), Ok(true));
         assert_eq!(resolve(":80"), Ok(SocketAddr::from(([0, 0, 0, 0], 80))));
-        assert_eq!(
-            err(resolve("localhost")),
-            format!(r#"{form}, got "localhost" (no port)"#)
-        );
-        assert_eq!(
-            err(resolve("::1:80")),
-            format!(r#"{form} (IPv6 needs brackets), got "::1:80""#)
-        );
-        assert_eq!(
-            err(resolve("h:99999")),
-            r#"port must be a number from 0 to 65535, got "99999" in "h:99999""#
-        );
+        assert_eq!(err(resolve("localhost")), format!(r#"{form}, got "localhost" (no port)"#));
+        assert_eq!(err(resolve("::1:80")), format!(r#"{form} (IPv6 needs brackets), got "::1:80""#));
+        assert_eq!(err(resolve("h:99999")), r#"port must be a number from 0 to 65535, got "99999" in "h:99999""#);
         assert!(err(resolve("nothing.invalid:80")).starts_with(r#"host "nothing.invalid" does not resolve: "#));
     }
 
@@ -1050,10 +904,7 @@ mod tests {
         let same = err(check_loops(&[svc("a", "127.0.0.1:8080", "127.0.0.1:8080")]));
         let expected = r#"address: "127.0.0.1:8080" reaches 127.0.0.1:8080, where service "a" listens; it would loop"#;
         assert_eq!(same, format!(r#"service "a": backend "b": {expected}"#));
-        let other = [
-            svc("a", "0.0.0.0:8080", "127.0.0.1:1"),
-            svc("c", "0.0.0.0:8081", "localhost:8080"),
-        ];
+        let other = [svc("a", "0.0.0.0:8080", "127.0.0.1:1"), svc("c", "0.0.0.0:8081", "localhost:8080")];
         assert!(err(check_loops(&other))
             .starts_with(r#"service "c": backend "b": address: "localhost:8080" reaches 0.0.0.0:8080"#));
         assert!(check_loops(&[svc("a", "127.0.0.1:8080", "0.0.0.0:8080")]).is_err());
@@ -1069,41 +920,21 @@ mod tests {
     #[test]
     fn a_failed_parse_never_yields_a_partial_list() {
         let text = r#"[{"name": "a", "address": "127.0.0.1:80"}, {"name": "b", "address": "127.0.0.1:81", "fall": 0}]"#;
-        assert_eq!(
-            err(parse_services(text)),
-            r#"service "b": fall: must be an integer ≥ 1, got 0"#
-        );
+        assert_eq!(err(parse_services(text)), r#"service "b": fall: must be an integer ≥ 1, got 0"#);
     }
 
     #[test]
     fn to_json_is_sorted_complete_and_round_trips() {
         let mut web = ServiceConfig::new("web", "127.0.0.1:8080");
-        web.backends = vec![
-            BackendConfig::new("z", "127.0.0.1:9002"),
-            BackendConfig::new("a", "127.0.0.1:9001"),
-        ];
-        let api = ServiceConfig {
-            balance: Balance::LeastConn,
-            ..ServiceConfig::new("api", "127.0.0.1:8081")
-        };
+        web.backends = vec![BackendConfig::new("z", "127.0.0.1:9002"), BackendConfig::new("a", "127.0.0.1:9001")];
+        let api = ServiceConfig { balance: Balance::LeastConn, ..ServiceConfig::new("api", "127.0.0.1:8081") };
         let text = to_json(&[web.clone(), api.clone()]);
-        assert!(
-            text.starts_with("[\n  {\n    \"name\": \"api\",") && text.ends_with("}\n]\n"),
-            "{text}"
-        );
-        for field in [
-            r#""check_send": """#,
-            r#""weight": 1"#,
-            r#""balance": "LC""#,
-            r#""check_interval": 2,"#,
-        ] {
+        assert!(text.starts_with("[\n  {\n    \"name\": \"api\",") && text.ends_with("}\n]\n"), "{text}");
+        for field in [r#""check_send": """#, r#""weight": 1"#, r#""balance": "LC""#, r#""check_interval": 2,"#] {
             assert!(text.contains(field), "{field} missing from {text}");
         }
         let parsed = parse_services(&text).unwrap();
-        assert_eq!(
-            (&parsed[0], &parsed[1], parsed[1].backends[0].name.as_str()),
-            (&api, &web, "z")
-        );
+        assert_eq!((&parsed[0], &parsed[1], parsed[1].backends[0].name.as_str()), (&api, &web, "z"));
         assert_eq!(to_json(&parsed), text);
         assert_eq!(to_json(&[]), "[]\n");
         let go = parse_services(fixture!("go_shuttle_state.json")).unwrap();
@@ -1113,12 +944,7 @@ mod tests {
     #[test]
     fn seconds_print_whole_as_integers_and_fractions_exactly() {
         let (check_interval, client_timeout, connect_timeout) = (0.25, 30.0, 1e-7);
-        let s = ServiceConfig {
-            check_interval,
-            client_timeout,
-            connect_timeout,
-            ..ServiceConfig::new("w", ":1")
-        };
+        let s = ServiceConfig { check_interval, client_timeout, connect_timeout, ..ServiceConfig::new("w", ":1") };
         let text = to_json(std::slice::from_ref(&s));
         for field in [
             "\"check_interval\": 0.25,",
@@ -1130,26 +956,17 @@ mod tests {
         }
         assert_eq!(parse_services(&text).unwrap(), [s]);
         assert_eq!((seconds(0.0), seconds(f64::NAN)), (None, None));
-        assert_eq!(
-            (seconds(0.25), seconds(2.0)),
-            (Some(Duration::from_millis(250)), Some(Duration::from_secs(2)))
-        );
+        assert_eq!((seconds(0.25), seconds(2.0)), (Some(Duration::from_millis(250)), Some(Duration::from_secs(2))));
         assert_eq!(seconds(f64::INFINITY), Some(Duration::from_secs(1_000_000_000)));
     }
 
     #[test]
     fn settings_equal_ignores_backends_only() {
         let a = ServiceConfig::new("web", "127.0.0.1:8080");
-        let b = ServiceConfig {
-            backends: vec![BackendConfig::new("b", "127.0.0.1:1")],
-            ..a.clone()
-        };
+        let b = ServiceConfig { backends: vec![BackendConfig::new("b", "127.0.0.1:1")], ..a.clone() };
         assert!(a.settings_equal(&b));
         assert!(!a.settings_equal(&ServiceConfig { rise: 3, ..b.clone() }));
-        assert!(!a.settings_equal(&ServiceConfig {
-            check_expect: "ok".into(),
-            ..b
-        }));
+        assert!(!a.settings_equal(&ServiceConfig { check_expect: "ok".into(), ..b }));
     }
 
     #[test]
@@ -1159,14 +976,8 @@ mod tests {
         fs::write(&path, "old").unwrap();
         let services = parse_services(fixture!("example.json")).unwrap();
         save_atomic(&path, &services).unwrap();
-        assert_eq!(
-            (fs::read_to_string(&path).unwrap(), load(&path).unwrap()),
-            (to_json(&services), services.clone())
-        );
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        assert_eq!((fs::read_to_string(&path).unwrap(), load(&path).unwrap()), (to_json(&services), services.clone()));
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["state.json"]);
         assert!(save_atomic(&dir.path().join("missing/state.json"), &services).is_err());
         let missing = load(&dir.path().join("nope.json"));

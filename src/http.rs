@@ -72,10 +72,9 @@ impl HttpError {
 impl fmt::Display for HttpError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            HttpError::HeadTooLarge => write!(
-                f,
-                "request head larger than {MAX_HEAD} bytes or over {MAX_HEADERS} fields"
-            ),
+            HttpError::HeadTooLarge => {
+                write!(f, "request head larger than {MAX_HEAD} bytes or over {MAX_HEADERS} fields")
+            }
             HttpError::BodyTooLarge => write!(f, "request body larger than {MAX_BODY} bytes"),
             HttpError::Malformed(why) => write!(f, "malformed request: {why}"),
             HttpError::UnsupportedExpect(v) => write!(f, "unsupported expect value {v:?} (only 100-continue is)"),
@@ -173,11 +172,7 @@ impl Decoder {
         // Only while the body is incomplete: curl would otherwise wait 1 s before sending it (pitfall 18).
         let send = std::mem::take(&mut pending.expect_continue);
         self.phase = Phase::Body(pending);
-        Ok(if send {
-            Progress::SendContinue
-        } else {
-            Progress::NeedMore
-        })
+        Ok(if send { Progress::SendContinue } else { Progress::NeedMore })
     }
 }
 
@@ -223,21 +218,9 @@ fn decode_head(input: &[u8], start: &mut usize, scanned: &mut usize) -> Result<O
     };
     // HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 closes unless told to keep it.
     let keep_alive = !fields.close && (version >= 1 || fields.keep_alive);
-    let request = Request {
-        method: method.to_owned(),
-        path,
-        query,
-        body: Vec::new(),
-        keep_alive,
-    };
+    let request = Request { method: method.to_owned(), path, query, body: Vec::new(), keep_alive };
     let expect_continue = fields.expect_continue;
-    Ok(Some(Pending {
-        request,
-        pos: end,
-        step,
-        ext_budget: MAX_HEAD,
-        expect_continue,
-    }))
+    Ok(Some(Pending { request, pos: end, step, ext_budget: MAX_HEAD, expect_continue }))
 }
 
 /// The framing and connection fields of a head; the others are ignored.
@@ -274,9 +257,7 @@ impl Fields {
                 f.keep_alive |= list(value).any(|t| t.eq_ignore_ascii_case(b"keep-alive"));
             } else if name.eq_ignore_ascii_case("expect") {
                 if !value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
-                    return Err(HttpError::UnsupportedExpect(
-                        String::from_utf8_lossy(value.trim_ascii()).into(),
-                    ));
+                    return Err(HttpError::UnsupportedExpect(String::from_utf8_lossy(value.trim_ascii()).into()));
                 }
                 // RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request is ignored.
                 f.expect_continue = version >= 1;
@@ -311,11 +292,7 @@ impl Pending {
                     let left = self.size_line(&input[self.pos..=nl])?;
                     self.pos = nl + 1;
                     // The blank line ending the trailers may begin with this line's LF.
-                    self.step = if left == 0 {
-                        Step::Trailers { scanned: nl }
-                    } else {
-                        Step::Data { left }
-                    };
+                    self.step = if left == 0 { Step::Trailers { scanned: nl } } else { Step::Data { left } };
                 }
                 Step::Data { left } => {
                     let arrived = input.get(self.pos..).unwrap_or_default();
@@ -361,10 +338,8 @@ impl Pending {
         };
         // Extensions are ignored, but a client must not be able to stream them forever.
         let extensions = line.len().saturating_sub(digits + 2);
-        self.ext_budget = self
-            .ext_budget
-            .checked_sub(extensions)
-            .ok_or_else(|| malformed("chunk extensions too long"))?;
+        self.ext_budget =
+            self.ext_budget.checked_sub(extensions).ok_or_else(|| malformed("chunk extensions too long"))?;
         // Refused as soon as the size is known, before its data is read.
         match usize::try_from(size) {
             Ok(size) if size <= MAX_BODY - self.request.body.len() => Ok(size),
@@ -380,11 +355,7 @@ impl Pending {
 fn section_end(input: &[u8], base: usize, scanned: &mut usize) -> Result<Option<usize>, HttpError> {
     let window = &input[..input.len().min(base + MAX_HEAD)];
     let mut i = *scanned;
-    while let Some(nl) = window
-        .get(i..)
-        .and_then(|w| w.iter().position(|&b| b == b'\n'))
-        .map(|o| i + o)
-    {
+    while let Some(nl) = window.get(i..).and_then(|w| w.iter().position(|&b| b == b'\n')).map(|o| i + o) {
         match window.get(nl + 1..) {
             Some([b'\n', ..]) => return Ok(Some(nl + 2)),
             Some([b'\r', b'\n', ..]) => return Ok(Some(nl + 3)),
@@ -442,10 +413,7 @@ fn split_target(target: &str) -> Result<(String, Option<String>), HttpError> {
 
 /// The non-empty, trimmed elements of a comma-separated field value.
 fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty())
 }
 
 fn parse_length(value: &[u8]) -> Result<u64, HttpError> {
@@ -454,10 +422,7 @@ fn parse_length(value: &[u8]) -> Result<u64, HttpError> {
         return Err(malformed("invalid or conflicting content-length"));
     }
     // All digits, so failing to parse can only mean too large for u64: far beyond MAX_BODY anyway.
-    Ok(std::str::from_utf8(value)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(u64::MAX))
+    Ok(std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX))
 }
 
 fn malformed(why: &str) -> HttpError {
@@ -495,10 +460,7 @@ pub fn response(status: u16, body: &[u8], keep_alive: bool, extra: &[(&str, &str
          Content-Length: {len}\r\nConnection: {connection}\r\n"
     );
     // A CR or LF in a field would split the response: such a field is dropped, never sent.
-    for (name, value) in extra
-        .iter()
-        .filter(|(n, v)| !n.contains(['\r', '\n']) && !v.contains(['\r', '\n']))
-    {
+    for (name, value) in extra.iter().filter(|(n, v)| !n.contains(['\r', '\n']) && !v.contains(['\r', '\n'])) {
         head.extend([*name, ": ", value, "\r\n"]);
     }
     head.push_str("\r\n");
@@ -608,24 +570,15 @@ mod tests {
         for b in &bytes[..bytes.len() - 1] {
             assert_eq!(push(&mut d, &mut input, &[*b]), Ok(Progress::NeedMore));
         }
-        let Ok(Progress::Request(r)) = push(&mut d, &mut input, b"\n") else {
-            panic!("no request")
-        };
-        assert_eq!(
-            (r.method.as_str(), r.path.as_str(), r.keep_alive),
-            ("GET", "/svc", true)
-        );
+        let Ok(Progress::Request(r)) = push(&mut d, &mut input, b"\n") else { panic!("no request") };
+        assert_eq!((r.method.as_str(), r.path.as_str(), r.keep_alive), ("GET", "/svc", true));
         assert!(input.is_empty());
     }
 
     #[test]
     fn idle_two_pipelined() {
         let (mut d, mut input) = (Decoder::new(), Vec::new());
-        let first = push(
-            &mut d,
-            &mut input,
-            b"PUT /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nhiGET /b HTTP/1.1\r\n\r\n",
-        );
+        let first = push(&mut d, &mut input, b"PUT /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nhiGET /b HTTP/1.1\r\n\r\n");
         assert!(matches!(first, Ok(Progress::Request(r)) if r.path == "/a" && r.body == b"hi"));
         assert_eq!(input, b"GET /b HTTP/1.1\r\n\r\n");
         assert!(matches!(d.decode(&mut input), Ok(Progress::Request(r)) if r.path == "/b"));
@@ -650,38 +603,23 @@ mod tests {
     #[test]
     fn head_length_at_limit_accepted() {
         let head = format!("PUT /s HTTP/1.1\r\nContent-Length: {MAX_BODY}\r\n\r\n");
-        assert_eq!(
-            request(&[head.as_bytes(), &vec![b'x'; MAX_BODY]].concat()).body.len(),
-            MAX_BODY
-        );
+        assert_eq!(request(&[head.as_bytes(), &vec![b'x'; MAX_BODY]].concat()).body.len(), MAX_BODY);
         // Identical repeats are one length (RFC 9110 §8.6).
-        assert_eq!(
-            request(b"PUT / HTTP/1.1\r\nContent-Length: 2, 2\r\nContent-Length: 2\r\n\r\nok").body,
-            b"ok"
-        );
+        assert_eq!(request(b"PUT / HTTP/1.1\r\nContent-Length: 2, 2\r\nContent-Length: 2\r\n\r\nok").body, b"ok");
     }
 
     #[test]
     fn chunked_split_everywhere() {
         for split in 0..CHUNKED.len() {
             let (mut d, mut input) = (Decoder::new(), Vec::new());
-            assert_eq!(
-                push(&mut d, &mut input, &CHUNKED[..split]),
-                Ok(Progress::NeedMore),
-                "split {split}"
-            );
+            assert_eq!(push(&mut d, &mut input, &CHUNKED[..split]), Ok(Progress::NeedMore), "split {split}");
             let done = push(&mut d, &mut input, &CHUNKED[split..]);
-            assert!(
-                matches!(done, Ok(Progress::Request(r)) if r.body == b"hello world!"),
-                "split {split}"
-            );
+            assert!(matches!(done, Ok(Progress::Request(r)) if r.body == b"hello world!"), "split {split}");
         }
         // Every byte in its own read, then the next request pipelined behind it in one read.
         let (mut d, mut input) = (Decoder::new(), Vec::new());
         let results: Vec<_> = CHUNKED.iter().map(|b| push(&mut d, &mut input, &[*b])).collect();
-        assert!(results[..results.len() - 1]
-            .iter()
-            .all(|r| *r == Ok(Progress::NeedMore)));
+        assert!(results[..results.len() - 1].iter().all(|r| *r == Ok(Progress::NeedMore)));
         assert!(matches!(results.last(), Some(Ok(Progress::Request(_)))));
         let both = push(&mut d, &mut input, &[CHUNKED, b"GET /next HTTP/1.1\r\n\r\n"].concat());
         assert!(matches!(both, Ok(Progress::Request(r)) if r.body == b"hello world!"));
@@ -690,12 +628,7 @@ mod tests {
 
     #[test]
     fn chunked_at_limit_accepted() {
-        assert_eq!(
-            request(&chunked(&[&full_chunk(), &b"0\r\n\r\n"[..]].concat()))
-                .body
-                .len(),
-            MAX_BODY
-        );
+        assert_eq!(request(&chunked(&[&full_chunk(), &b"0\r\n\r\n"[..]].concat())).body.len(), MAX_BODY);
     }
 
     #[test]
@@ -714,16 +647,10 @@ mod tests {
     #[test]
     fn head_expect_continue_not_needed() {
         // Body already here, or none to wait for: no interim response.
-        assert_eq!(
-            request(b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx").body,
-            b"x"
-        );
+        assert_eq!(request(b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx").body, b"x");
         assert_eq!(request(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").body, b"");
         // RFC 9110 §10.1.1: ignored in HTTP/1.0.
-        assert_eq!(
-            one(b"PUT / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n"),
-            Ok(Progress::NeedMore)
-        );
+        assert_eq!(one(b"PUT / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n"), Ok(Progress::NeedMore));
     }
 
     #[test]
@@ -739,10 +666,7 @@ mod tests {
     #[test]
     fn head_path_decoded_query_raw() {
         let r = request(b"GET /a%20b/caf%C3%a9?x=%20&y?z HTTP/1.1\r\n\r\n");
-        assert_eq!(
-            (r.path.as_str(), r.query.as_deref()),
-            ("/a b/caf\u{e9}", Some("x=%20&y?z"))
-        );
+        assert_eq!((r.path.as_str(), r.query.as_deref()), ("/a b/caf\u{e9}", Some("x=%20&y?z")));
         assert_eq!(request(b"GET /s HTTP/1.1\r\n\r\n").query, None);
         let r = request(b"GET HTTP://host:9/svc?q HTTP/1.1\r\n\r\n");
         assert_eq!((r.path.as_str(), r.query.as_deref()), ("/svc", Some("q")));
@@ -755,9 +679,6 @@ mod tests {
         let want = "HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/json\r\nContent-Length: 3\r\n\
             Connection: close\r\nAllow: GET, PUT\r\n\r\n{}\n";
         assert_eq!(String::from_utf8_lossy(&bytes), want);
-        assert_eq!(
-            HttpError::BodyTooLarge.to_string(),
-            "request body larger than 1048576 bytes"
-        );
+        assert_eq!(HttpError::BodyTooLarge.to_string(), "request body larger than 1048576 bytes");
     }
 }

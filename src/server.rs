@@ -557,3 +557,14 @@ impl Server {
         self.draining = Some(now + self.options.grace);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_pair_costs_one_small_slab_slot() {
+        // Idle pairs hold no buffer; the slot itself is their whole user-space cost.
+        assert!(std::mem::size_of::<Entry>() <= 512, "Entry grew to {} bytes", std::mem::size_of::<Entry>());
+    }
+}
