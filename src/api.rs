@@ -160,7 +160,7 @@ fn put_service(
     }
     let mut all = others(server, name);
     all.push(config.clone());
-    config::check_loops(&all)?;
+    config::validate_all(&all)?;
     let prepared = service::prepare(config).map_err(ApiError::BadRequest)?;
     check_own_listeners(server, &prepared)?;
     let running_addr = existing.and_then(|k| server.services.service(k)).map(|s| s.addr);
@@ -251,7 +251,7 @@ fn update_backends(
     config::validate_service(&config)?;
     let mut all = others(server, &config.name);
     all.push(config.clone());
-    config::check_loops(&all)?;
+    config::validate_all(&all)?;
     let prepared = service::prepare(config).map_err(ApiError::BadRequest)?;
     check_own_listeners(server, &prepared)?;
     let Prepared { config, backend_addrs, .. } = prepared;
