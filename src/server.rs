@@ -406,7 +406,15 @@ impl Server {
 
     fn resume(&mut self, key: Key, now: Instant) {
         match self.entries.get(key) {
-            Some(Entry::Listener(l)) if l.paused.is_none() => self.accept(key, now),
+            Some(Entry::Listener(_)) => {
+                // Queued after its batch ran out, or woken early from a pause because a pair closed.
+                if let Some(Entry::Listener(listener)) = self.entries.get_mut(key) {
+                    if let Some(timer) = listener.paused.take() {
+                        self.timers.cancel(timer);
+                    }
+                }
+                self.accept(key, now);
+            }
             Some(Entry::Pair(_)) => self.drive(key, now, |entry, cx| match entry {
                 Entry::Pair(pair) => pair.resume(key, cx),
                 _ => Step::Wait,
@@ -482,8 +490,12 @@ impl Server {
                             listener.short_since = Some(now);
                             warn!("cannot accept: {e}; pausing accepts until connections close");
                         }
-                        listener.paused = Some(self.timers.insert(now + ACCEPT_PAUSE, key));
-                        self.paused.push(key);
+                        if let Some(timer) = listener.paused.replace(self.timers.insert(now + ACCEPT_PAUSE, key)) {
+                            self.timers.cancel(timer);
+                        }
+                        if !self.paused.contains(&key) {
+                            self.paused.push(key);
+                        }
                         return;
                     }
                 },

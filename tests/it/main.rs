@@ -10,9 +10,11 @@
 #[allow(dead_code, unused_imports)]
 mod support;
 
+mod admin;
 mod balance;
 mod failover;
 mod proxy;
 mod shutdown;
 mod startup;
+mod state;
 mod timeouts;

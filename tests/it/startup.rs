@@ -75,6 +75,33 @@ fn startup_rejects_a_duplicate_backend_name() {
 }
 
 #[test]
+fn startup_rejects_every_bad_fixture() {
+    // fixtures/bad/ holds the project's catalogue of broken configs; each must
+    // fail the same way. Known ones must also name their problem.
+    let keywords = [
+        ("balance.json", "balance"),
+        ("duplicate_backend.json", "web1"),
+        ("negative_weight.json", "weight"),
+        ("truncated.json", "line"),
+        ("unknown_field.json", "adress"),
+    ];
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/bad");
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+        .collect();
+    paths.sort();
+    assert!(!paths.is_empty(), "no fixtures in {}", dir.display());
+    for path in &paths {
+        let name = path.file_name().and_then(|n| n.to_str()).expect("utf-8 fixture name");
+        let mut words = vec![path_str(path)];
+        words.extend(keywords.iter().filter(|(file, _)| *file == name).map(|(_, word)| *word));
+        expect_startup_error(&["-config", path_str(path)], &words);
+    }
+}
+
+#[test]
 fn startup_rejects_a_service_address_in_use() {
     let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a port to take");
     let address = taken.local_addr().expect("taken address").to_string();
