@@ -8,7 +8,7 @@
 //! Work left over when a budget ran out waits in the ready queue, which makes
 //! the next poll non-blocking, so one busy socket cannot starve the others.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -188,6 +188,8 @@ pub struct Server {
     pub(crate) pool: BufferPool,
     pub(crate) options: Options,
     ready: VecDeque<Key>,
+    /// The keys in `ready`, so an entry is queued at most once.
+    queued: HashSet<Key>,
     signals: Signals,
     pairs: usize,
     paused: Vec<Key>,
@@ -220,6 +222,7 @@ impl Server {
             pool: BufferPool::new(POOL_FREE),
             options,
             ready: VecDeque::new(),
+            queued: HashSet::new(),
             signals,
             pairs: 0,
             paused: Vec::new(),
@@ -302,7 +305,9 @@ impl Server {
                 pair.close(&mut cx);
                 self.pairs -= 1;
                 // A closed pair frees an fd: let listeners paused for lack of fds try again.
-                self.ready.extend(self.paused.drain(..));
+                for listener in std::mem::take(&mut self.paused) {
+                    self.enqueue(listener);
+                }
             }
             Entry::Listener(listener) => {
                 if let Some(timer) = listener.paused.take() {
@@ -343,6 +348,7 @@ impl Server {
             }
             for _ in 0..self.ready.len() {
                 let Some(key) = self.ready.pop_front() else { break };
+                self.queued.remove(&key);
                 self.resume(key, now);
             }
             if let Some(deadline) = self.draining {
@@ -439,8 +445,15 @@ impl Server {
     fn apply(&mut self, key: Key, step: Step) {
         match step {
             Step::Wait => {}
-            Step::Again => self.ready.push_back(key),
+            Step::Again => self.enqueue(key),
             Step::Close => self.remove_entry(key),
+        }
+    }
+
+    /// Puts `key` on the ready queue unless it is there already.
+    fn enqueue(&mut self, key: Key) {
+        if self.queued.insert(key) {
+            self.ready.push_back(key);
         }
     }
 
@@ -502,7 +515,7 @@ impl Server {
             }
         }
         // Batch spent with connections possibly still queued: come back after others had a turn.
-        self.ready.push_back(key);
+        self.enqueue(key);
     }
 
     fn start_pair(&mut self, service: Key, stream: mio::net::TcpStream, peer: SocketAddr, now: Instant) {
@@ -552,7 +565,7 @@ impl Server {
                 },
             }
         }
-        self.ready.push_back(key);
+        self.enqueue(key);
     }
 
     /// SIGTERM/SIGINT: stop accepting and let open pairs finish within the grace period.

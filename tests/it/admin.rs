@@ -493,7 +493,8 @@ fn admin_get_config_shows_every_field_with_effective_values() {
     let echo = echo();
     let config = json!([
         { "name": "web", "address": "127.0.0.1:0",
-          "backends": [{ "name": "zz", "address": echo.address() }, { "name": "aa", "address": echo.address(), "weight": 3 }] },
+          "backends": [{ "name": "zz", "address": echo.address() },
+                       { "name": "aa", "address": echo.address(), "weight": 3 }] },
         { "name": "api", "address": "127.0.0.1:0", "balance": "LC", "client_timeout": 0.25 },
     ]);
     let shuttle = Shuttle::start_with_config(&config, &[]);
@@ -615,7 +616,11 @@ fn admin_put_service_bad_requests_get_400_and_change_nothing() {
             "duplicate backend names",
             "/web",
             format!(
-                r#"{{"address": "127.0.0.1:0", "backends": [{{"name": "b", "address": "{ok}"}}, {{"name": "b", "address": "{ok}"}}]}}"#
+                concat!(
+                    r#"{{"address": "127.0.0.1:0", "backends": [{{"name": "b", "address": "{ok}"}}, "#,
+                    r#"{{"name": "b", "address": "{ok}"}}]}}"#
+                ),
+                ok = ok
             ),
         ),
         (
@@ -833,7 +838,8 @@ fn admin_backends_only_update_keeps_unchanged_backends_counters() {
 
     // 2. ?backends_only=1 among other parameters; b2 removed.
     let body = json!({ "address": taken, "balance": "LC",
-        "backends": [{ "name": "b0", "address": one.address() }, { "name": "b1", "address": two.address(), "weight": 2 }] });
+        "backends": [{ "name": "b0", "address": one.address() },
+                     { "name": "b1", "address": two.address(), "weight": 2 }] });
     let response = put(admin, "/web?x=1&backends_only=1", &body).expect(200);
     assert_eq!(response.body, config_bytes(admin));
     assert_eq!(response.json()[0]["balance"], "RR");
@@ -850,7 +856,8 @@ fn admin_backends_only_update_keeps_unchanged_backends_counters() {
     assert_eq!(counters(&stats(admin, "/web/b0")), b0, "unchanged backend keeps its counters");
     get(admin, "/web/b1").expect(404);
     let body = json!({ "address": "127.0.0.1:0",
-        "backends": [{ "name": "b0", "address": one.address(), "weight": 1 }, { "name": "b3", "address": three.address() }] });
+        "backends": [{ "name": "b0", "address": one.address(), "weight": 1 },
+                     { "name": "b3", "address": three.address() }] });
     put(admin, "/web", &body).expect(200);
     assert_eq!(counters(&stats(admin, "/web/b0")), b0, "unchanged backend keeps its counters");
     assert_eq!(shuttle.service_addr("web"), web);

@@ -13,6 +13,7 @@ mod support;
 mod admin;
 mod balance;
 mod failover;
+mod health;
 mod proxy;
 mod shutdown;
 mod startup;
