@@ -42,8 +42,7 @@ fn balance(c: &mut Criterion) {
         let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
         let equal: Vec<Candidate> = (0..n).map(|_| Candidate { weight: 1, up: true, active: 0 }).collect();
         // Least connected sees uneven counts, as a busy service would have.
-        let busy: Vec<Candidate> =
-            (0..n).map(|_| Candidate { weight: 1, up: true, active: rng.below(64) }).collect();
+        let busy: Vec<Candidate> = (0..n).map(|_| Candidate { weight: 1, up: true, active: rng.below(64) }).collect();
         group.throughput(Throughput::Elements(1));
         group.bench_with_input(BenchmarkId::new("round_robin", n), &equal, |b, backends| {
             let mut cursor = Cursor::default();
