@@ -66,6 +66,18 @@ fn full_wheel(origin: Instant) -> Wheel<u64> {
     wheel
 }
 
+/// Runs `round(n)` with `n` ≤ `LIVE_TIMERS` until `iters` operations are timed; sums the times.
+fn rounds(iters: u64, mut round: impl FnMut(u64) -> Duration) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut done = 0;
+    while done < iters {
+        let n = (iters - done).min(LIVE_TIMERS);
+        total += round(n);
+        done += n;
+    }
+    total
+}
+
 fn wheel(c: &mut Criterion) {
     let mut group = c.benchmark_group("wheel_100k_live");
     group.throughput(Throughput::Elements(1));
@@ -81,18 +93,37 @@ fn wheel(c: &mut Criterion) {
         });
     });
 
-    // Arming alone (the wheel grows by the batch, then is thrown away).
+    // Arming alone, and disarming alone: timed in rounds of at most 100k on a
+    // fresh full wheel each, so the wheel holds 100k to 200k timers.
     group.bench_function("insert", |b| {
         let mut rng = XorShift(11);
-        b.iter_batched_ref(
-            || full_wheel(origin),
-            |wheel| {
-                for i in 0..1_000 {
-                    wheel.insert(origin + Duration::from_millis(1 + rng.below(60_000)), i);
+        b.iter_custom(|iters| {
+            rounds(iters, |n| {
+                let mut wheel = full_wheel(origin);
+                let deadlines: Vec<Instant> =
+                    (0..n).map(|_| origin + Duration::from_millis(1 + rng.below(60_000))).collect();
+                let start = Instant::now();
+                for (i, at) in deadlines.into_iter().enumerate() {
+                    wheel.insert(at, i as u64);
                 }
-            },
-            BatchSize::LargeInput,
-        );
+                start.elapsed()
+            })
+        });
+    });
+    group.bench_function("cancel", |b| {
+        let mut rng = XorShift(13);
+        b.iter_custom(|iters| {
+            rounds(iters, |n| {
+                let mut wheel = full_wheel(origin);
+                let keys: Vec<_> =
+                    (0..n).map(|i| wheel.insert(origin + Duration::from_millis(1 + rng.below(60_000)), i)).collect();
+                let start = Instant::now();
+                for key in keys {
+                    black_box(wheel.cancel(key));
+                }
+                start.elapsed()
+            })
+        });
     });
 
     // Expiry in steady state: one timer per millisecond tick, 100k ms apart,

@@ -107,14 +107,14 @@ pub struct Decoder {
 #[derive(Debug)]
 enum Phase {
     /// Looking for the blank line: `start` is past any leading empty lines, `scanned` is where to resume.
-    Head { start: usize, scanned: usize },
+    Head { start: usize, scanned: usize, line_checked: bool },
     /// The head is parsed; the body is arriving.
     Body(Pending),
 }
 
 impl Default for Phase {
     fn default() -> Self {
-        Phase::Head { start: 0, scanned: 0 }
+        Phase::Head { start: 0, scanned: 0, line_checked: false }
     }
 }
 
@@ -156,13 +156,16 @@ impl Decoder {
     pub fn decode(&mut self, input: &mut Vec<u8>) -> Result<Progress, HttpError> {
         // Taken out so each phase moves instead of being cloned; after an error the caller closes anyway.
         let mut pending = match std::mem::take(&mut self.phase) {
-            Phase::Head { mut start, mut scanned } => match decode_head(input, &mut start, &mut scanned)? {
-                Some(pending) => pending,
-                None => {
-                    self.phase = Phase::Head { start, scanned };
-                    return Ok(Progress::NeedMore);
+            Phase::Head { mut start, mut scanned, mut line_checked } => {
+                match decode_head(input, &mut start, &mut scanned)? {
+                    Some(pending) => pending,
+                    None => {
+                        check_early(input, start, &mut line_checked)?;
+                        self.phase = Phase::Head { start, scanned, line_checked };
+                        return Ok(Progress::NeedMore);
+                    }
                 }
-            },
+            }
             Phase::Body(pending) => pending,
         };
         if let Some(end) = pending.advance(input)? {
@@ -346,6 +349,37 @@ impl Pending {
             _ => Err(HttpError::BodyTooLarge),
         }
     }
+}
+
+/// Rejects a head that is already wrong before its blank line arrives, so a
+/// client speaking another protocol (a TLS hello, say) gets its 400 at once
+/// instead of waiting out the request timer: the method must be a token, and
+/// once the request line is complete httparse must accept it.
+fn check_early(input: &[u8], start: usize, line_checked: &mut bool) -> Result<(), HttpError> {
+    // The longest standard method is 7 bytes; 32 leaves room for extensions.
+    const METHOD_LIMIT: usize = 32;
+    let head = input.get(start..).unwrap_or_default();
+    let method = head.iter().take(METHOD_LIMIT + 1).take_while(|&&b| b != b' ');
+    if method.clone().any(|&b| !is_tchar(b)) || method.count() > METHOD_LIMIT {
+        return Err(malformed("the request does not start with an HTTP method"));
+    }
+    if *line_checked {
+        return Ok(());
+    }
+    // Checked once, when the first line end shows up: no re-parse as more arrives.
+    if let Some(nl) = head.iter().take(MAX_HEAD).position(|&b| b == b'\n') {
+        *line_checked = true;
+        let mut headers = [httparse::EMPTY_HEADER; 1];
+        if let Err(e) = httparse::Request::new(&mut headers).parse(&head[..=nl]) {
+            return Err(malformed(&e.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// RFC 9110 §5.6.2 token characters.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// Finds the end of the field section starting at `base`: the index just past its blank line.

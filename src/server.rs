@@ -28,7 +28,7 @@ use crate::config::ServiceConfig;
 use crate::key::{Key, Side, Slots};
 use crate::net::{self, AcceptError};
 use crate::probe::Probe;
-use crate::proxy::Pair;
+use crate::proxy::{Fault, Pair};
 use crate::service::{self, Services};
 use crate::timer::{TimerKey, Wheel};
 
@@ -36,7 +36,7 @@ use crate::timer::{TimerKey, Wheel};
 const SIGNALS: Token = Token(0);
 /// Connections accepted per listener wakeup before other sockets get a turn.
 const ACCEPT_BATCH: usize = 64;
-/// How long a listener rests after running out of fds (pitfall 5).
+/// How long a listener rests after running short of system resources (pitfall 5).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Free relay buffers kept for reuse.
 const POOL_FREE: usize = 256;
@@ -488,29 +488,19 @@ impl Server {
             match listener.socket.accept() {
                 Ok((stream, peer)) => {
                     let service = listener.service;
-                    if let Some(since) = listener.short_since.take() {
-                        info!("accepting again after {} ms short of file descriptors", since.elapsed().as_millis());
+                    if let Err(shortage) = self.start_pair(service, stream, peer, now) {
+                        return self.pause(key, &shortage, now);
                     }
-                    self.start_pair(service, stream, peer, now);
+                    if let Some(Entry::Listener(listener)) = self.entries.get_mut(key) {
+                        if let Some(since) = listener.short_since.take() {
+                            info!("accepting again after {} ms short of resources", since.elapsed().as_millis());
+                        }
+                    }
                 }
                 Err(e) => match net::classify_accept(&e) {
                     AcceptError::Drained => return,
                     AcceptError::Skip => debug!("accept failed: {e}"),
-                    AcceptError::Exhausted => {
-                        // Edge-triggered: the queued connection would stall the listener
-                        // until a new client came. Rest, then retry (pitfall 5).
-                        if listener.short_since.is_none() {
-                            listener.short_since = Some(now);
-                            warn!("cannot accept: {e}; pausing accepts until connections close");
-                        }
-                        if let Some(timer) = listener.paused.replace(self.timers.insert(now + ACCEPT_PAUSE, key)) {
-                            self.timers.cancel(timer);
-                        }
-                        if !self.paused.contains(&key) {
-                            self.paused.push(key);
-                        }
-                        return;
-                    }
+                    AcceptError::Exhausted => return self.pause(key, &e, now),
                 },
             }
         }
@@ -518,27 +508,67 @@ impl Server {
         self.enqueue(key);
     }
 
-    fn start_pair(&mut self, service: Key, stream: mio::net::TcpStream, peer: SocketAddr, now: Instant) {
+    /// Rests a listener that ran short of fds (or memory, or ports). Edge-triggered,
+    /// its queued connections would stall it until a new client came, so it is
+    /// retried after a pause, or sooner when a pair closes (pitfall 5).
+    fn pause(&mut self, key: Key, why: &io::Error, now: Instant) {
+        let Some(Entry::Listener(listener)) = self.entries.get_mut(key) else { return };
+        if listener.short_since.is_none() {
+            listener.short_since = Some(now);
+            let name = self.services.service(listener.service).map_or("?", |s| s.settings.name.as_str());
+            warn!("{name}: cannot accept: {why}; pausing accepts until connections close");
+        }
+        // Our own fds come back when our pairs close, which wakes the listener at
+        // once; other shortages (system-wide fds, memory, ports) are retried soon.
+        let rest = if why.raw_os_error() == Some(libc::EMFILE) { ACCEPT_PAUSE * 10 } else { ACCEPT_PAUSE };
+        if let Some(timer) = listener.paused.replace(self.timers.insert(now + rest, key)) {
+            self.timers.cancel(timer);
+        }
+        if !self.paused.contains(&key) {
+            self.paused.push(key);
+        }
+    }
+
+    /// Starts proxying an accepted client; an error is a local shortage that should pause accepting.
+    fn start_pair(
+        &mut self,
+        service: Key,
+        stream: mio::net::TcpStream,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Result<(), io::Error> {
         if let Err(e) = stream.set_nodelay(true) {
             debug!("{peer}: cannot set TCP_NODELAY: {e}");
         }
         let plan = self.services.plan(service);
-        let name = self.services.service(service).map_or("?", |s| s.settings.name.as_str()).to_owned();
         if plan.is_empty() {
-            debug!("{name}: no backend available for {peer}; closing");
             if let Some(s) = self.services.service_mut(service) {
                 s.errors += 1;
+                debug!("{}: no backend available for {peer}; closing", s.settings.name);
             }
-            return; // dropping the stream closes it with a FIN
+            return Ok(()); // dropping the stream closes it with a FIN
         }
         let Server { poll, entries, timers, services, pool, .. } = self;
         let mut cx = Cx { now, registry: poll.registry(), timers, services, pool };
-        match entries.try_insert_with(|key| Pair::open(key, stream, service, plan, &mut cx).map(Entry::Pair)) {
+        let opened = entries.try_insert_with(|key| Pair::open(key, stream, service, plan, &mut cx).map(Entry::Pair));
+        let name = self.services.service(service).map_or("?", |s| s.settings.name.as_str());
+        match opened {
             Ok(key) => {
                 self.pairs += 1;
                 debug!("{name}: {key} accepted {peer}");
+                Ok(())
             }
-            Err(fault) => debug!("{name}: {peer}: {fault}"),
+            Err(Fault::Local(e)) => {
+                debug!("{name}: {peer}: closing: {e}");
+                if let Some(s) = self.services.service_mut(service) {
+                    s.errors += 1;
+                }
+                Err(e)
+            }
+            Err(fault) => {
+                debug!("{name}: {peer}: {fault}");
+                Ok(())
+            }
         }
     }
 

@@ -125,7 +125,9 @@ fn head_at_limit_accepted() {
     let (mut d, mut input, head) = (Decoder::new(), Vec::new(), head_of_len(MAX_HEAD));
     let last = head.iter().map(|b| push(&mut d, &mut input, &[*b])).last();
     assert!(matches!(last, Some(Ok(Progress::Request(_)))));
-    assert_eq!(one(&[b'a'; MAX_HEAD - 1]), Ok(Progress::NeedMore));
+    let mut unfinished = b"GET / HTTP/1.1\r\nX: ".to_vec();
+    unfinished.resize(MAX_HEAD - 1, b'a');
+    assert_eq!(one(&unfinished), Ok(Progress::NeedMore));
 }
 
 #[test]
@@ -208,4 +210,29 @@ fn response_bytes_exact() {
         Connection: close\r\nAllow: GET, PUT\r\n\r\n{}\n";
     assert_eq!(String::from_utf8_lossy(&bytes), want);
     assert_eq!(HttpError::BodyTooLarge.to_string(), "request body larger than 1048576 bytes");
+}
+
+#[test]
+fn head_garbage_is_rejected_before_any_line_end() {
+    let mut decoder = Decoder::new();
+    let mut input = b"\x16\x03\x01\x02\x00\x01".to_vec();
+    assert_eq!(decoder.decode(&mut input).map_err(|e| e.status()), Err(400));
+}
+
+#[test]
+fn head_bad_request_line_is_rejected_before_the_blank_line() {
+    let mut decoder = Decoder::new();
+    let mut input = b"GET /x HTTP/9\x01\r\nHost: a".to_vec();
+    assert_eq!(decoder.decode(&mut input).map_err(|e| e.status()), Err(400));
+}
+
+#[test]
+fn head_partial_method_and_line_are_waited_for() {
+    let mut decoder = Decoder::new();
+    let mut input = b"PU".to_vec();
+    assert_eq!(decoder.decode(&mut input), Ok(Progress::NeedMore));
+    input.extend_from_slice(b"T /web HTTP/1.1\r\nHost: x\r\n");
+    assert_eq!(decoder.decode(&mut input), Ok(Progress::NeedMore));
+    input.extend_from_slice(b"\r\n");
+    assert!(matches!(decoder.decode(&mut input), Ok(Progress::Request(_))));
 }

@@ -14,6 +14,7 @@ mod admin;
 mod balance;
 mod failover;
 mod health;
+mod limits;
 mod proxy;
 mod shutdown;
 mod startup;

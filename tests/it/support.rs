@@ -89,7 +89,24 @@ impl Shuttle {
         (status, shuttle.stderr_lines())
     }
 
+    /// Like [`Shuttle::start_with_config`], with the process's open-file limit
+    /// (soft and hard) set to `fd_limit`, so tests can run it out of descriptors.
+    pub fn start_with_fd_limit(config: &Value, args: &[&str], fd_limit: u64) -> Shuttle {
+        let dir = tempdir();
+        let path = write_config(dir.path(), config);
+        let mut all = vec!["-config", path.to_str().expect("utf-8 temp path")];
+        all.extend_from_slice(args);
+        let mut shuttle = Shuttle::spawn_with(&all, Some(fd_limit));
+        shuttle.wait_for_line(" listening on ");
+        shuttle.dir = Some(dir);
+        shuttle
+    }
+
     fn spawn(args: &[&str]) -> Shuttle {
+        Shuttle::spawn_with(args, None)
+    }
+
+    fn spawn_with(args: &[&str], fd_limit: Option<u64>) -> Shuttle {
         let mut command = Command::new(env!("CARGO_BIN_EXE_shuttle"));
         command.args(args);
         let sets_http = args.iter().any(|a| {
@@ -105,13 +122,19 @@ impl Shuttle {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // SAFETY: only prctl, which is async-signal-safe, runs between fork and
-        // exec. If the test process dies, the kernel kills the child too, so no
-        // shuttle outlives a killed `cargo test`.
+        // SAFETY: only prctl and setrlimit, which are async-signal-safe, run
+        // between fork and exec. If the test process dies, the kernel kills the
+        // child too, so no shuttle outlives a killed `cargo test`.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
                     return Err(io::Error::last_os_error());
+                }
+                if let Some(limit) = fd_limit {
+                    let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == -1 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
