@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use log::info;
-use serde_json::Value;
 
 use crate::config::{self, BackendConfig, ServiceConfig};
 use crate::http::Request;
@@ -70,7 +69,7 @@ pub fn error_body(message: &str) -> Vec<u8> {
     pretty(&serde_json::json!({ "error": message }))
 }
 
-fn pretty(value: &Value) -> Vec<u8> {
+fn pretty<T: serde::Serialize>(value: &T) -> Vec<u8> {
     let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
     body.push(b'\n');
     body
@@ -94,20 +93,29 @@ fn route(server: &mut Server, request: &Request, now: Instant) -> Result<Vec<u8>
     let backends_only = has_param(request.query.as_deref(), "backends_only");
     match (method, segments.as_slice()) {
         ("GET", [""]) => {
-            Ok(pretty(&Value::Array(server.services.keys().filter_map(|k| server.services.service_stats(k)).collect())))
+            let all: Vec<_> = server.services.keys().filter_map(|k| server.services.service_stats(k)).collect();
+            Ok(pretty(&all))
         }
         (_, [""]) | (_, ["_config"]) if method != "GET" => Err(ApiError::MethodNotAllowed(READ_ONLY)),
         ("GET", ["_config"]) => Ok(config::to_json(&server.services.configs()).into_bytes()),
         ("GET", [name]) => {
             let key = find_service(server, name)?;
-            Ok(pretty(&server.services.service_stats(key).unwrap_or_default()))
+            server
+                .services
+                .service_stats(key)
+                .map(|stats| pretty(&stats))
+                .ok_or_else(|| ApiError::NotFound(name.to_string()))
         }
         ("PUT" | "POST", [name]) => put_service(server, name, &request.body, backends_only, now),
         ("DELETE", [name]) => delete_service(server, name),
         ("GET", [name, backend]) => {
             let service = find_service(server, name)?;
             let key = find_backend(server, service, name, backend)?;
-            Ok(pretty(&server.services.backend_stats(key).unwrap_or_default()))
+            server
+                .services
+                .backend_stats(key)
+                .map(|stats| pretty(&stats))
+                .ok_or_else(|| ApiError::NotFound(backend.to_string()))
         }
         ("PUT" | "POST", [name, backend]) => put_backend(server, name, backend, &request.body, now),
         ("DELETE", [name, backend]) => delete_backend(server, name, backend, now),

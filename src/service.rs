@@ -345,13 +345,13 @@ impl Services {
         self.keys().filter_map(|k| self.config(k)).collect()
     }
 
-    /// A backend's stats object (SPEC §5).
-    pub fn backend_stats(&self, key: Key) -> Option<Value> {
+    /// A backend's stats object (SPEC §5): its config, then its state and counters.
+    pub fn backend_stats(&self, key: Key) -> Option<Stats> {
         let b = self.backends.get(key)?;
-        let mut obj = to_object(&b.config);
         let c = &b.counters;
-        obj.insert("up".into(), json!(b.health.is_up()));
-        for (name, value) in [
+        let mut fields = config_fields(&b.config, BACKEND_FIELDS);
+        fields.push(("up".into(), Stats::Field(json!(b.health.is_up()))));
+        fields.extend(counter_fields(&[
             ("sent", c.sent),
             ("received", c.received),
             ("errors", c.errors),
@@ -359,40 +359,98 @@ impl Services {
             ("active", c.active),
             ("check_success", c.check_success),
             ("check_fail", c.check_fail),
-        ] {
-            obj.insert(name.into(), json!(value));
-        }
-        Some(Value::Object(obj))
+        ]));
+        Some(Stats::Object(fields))
     }
 
-    /// A service's stats object: its config, summed counters and its backends' stats (SPEC §5).
-    pub fn service_stats(&self, key: Key) -> Option<Value> {
+    /// A service's stats object: its settings, summed counters and its backends' stats (SPEC §5).
+    pub fn service_stats(&self, key: Key) -> Option<Stats> {
         let s = self.services.get(key)?;
-        let mut obj = to_object(&s.settings);
         let mut sum = Counters { errors: s.errors, ..Counters::default() };
-        let mut backends = Vec::with_capacity(s.backends.len());
-        for &k in &s.backends {
-            if let Some(b) = self.backends.get(k) {
-                sum.sent += b.counters.sent;
-                sum.received += b.counters.received;
-                sum.errors += b.counters.errors;
-                sum.connections += b.counters.connections;
-                sum.active += b.counters.active;
-            }
-            backends.extend(self.backend_stats(k));
+        for b in s.backends.iter().filter_map(|&k| self.backends.get(k)) {
+            sum.sent += b.counters.sent;
+            sum.received += b.counters.received;
+            sum.errors += b.counters.errors;
+            sum.connections += b.counters.connections;
+            sum.active += b.counters.active;
         }
-        for (name, value) in [
+        let mut fields = config_fields(&s.settings, SERVICE_FIELDS);
+        fields.extend(counter_fields(&[
             ("sent", sum.sent),
             ("received", sum.received),
             ("errors", sum.errors),
             ("connections", sum.connections),
             ("active", sum.active),
-        ] {
-            obj.insert(name.into(), json!(value));
-        }
-        obj.insert("backends".into(), Value::Array(backends));
-        Some(Value::Object(obj))
+        ]));
+        let backends = s.backends.iter().filter_map(|&k| self.backend_stats(k)).collect();
+        fields.push(("backends".into(), Stats::List(backends)));
+        Some(Stats::Object(fields))
     }
+}
+
+/// Config fields in the order the config file shows them (stats lead with them).
+const SERVICE_FIELDS: &[&str] = &[
+    "name",
+    "address",
+    "balance",
+    "check_interval",
+    "fall",
+    "rise",
+    "client_timeout",
+    "server_timeout",
+    "connect_timeout",
+    "check_send",
+    "check_expect",
+];
+const BACKEND_FIELDS: &[&str] = &["name", "address", "check_address", "weight"];
+
+/// A stats document whose objects keep their keys in a reading order (serde_json's
+/// own objects are sorted), so config fields come first and counters after.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stats {
+    /// A plain JSON value.
+    Field(Value),
+    /// An object, keys in order.
+    Object(Vec<(String, Stats)>),
+    /// A list.
+    List(Vec<Stats>),
+}
+
+impl serde::Serialize for Stats {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self {
+            Stats::Field(value) => value.serialize(serializer),
+            Stats::Object(fields) => {
+                let mut map = serializer.serialize_map(Some(fields.len()))?;
+                for (key, value) in fields {
+                    map.serialize_entry(key, value)?;
+                }
+                map.end()
+            }
+            Stats::List(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+        }
+    }
+}
+
+/// The config's fields in `order`, then any the order list does not know (never dropped).
+fn config_fields<T: serde::Serialize>(config: &T, order: &[&str]) -> Vec<(String, Stats)> {
+    let mut map = to_object(config);
+    map.remove("backends");
+    let mut fields: Vec<(String, Stats)> =
+        order.iter().filter_map(|&k| map.remove(k).map(|v| (k.to_owned(), Stats::Field(v)))).collect();
+    fields.extend(map.into_iter().map(|(k, v)| (k, Stats::Field(v))));
+    fields
+}
+
+fn counter_fields(counters: &[(&str, u64)]) -> Vec<(String, Stats)> {
+    counters.iter().map(|&(name, value)| (name.to_owned(), Stats::Field(json!(value)))).collect()
 }
 
 fn to_object<T: serde::Serialize>(value: &T) -> Map<String, Value> {
@@ -460,11 +518,30 @@ mod tests {
         services.backend_mut(added[1]).unwrap().counters.sent = 7;
         services.service_mut(key).unwrap().errors = 3;
         services.connect_failed(added[1]);
-        let stats = services.service_stats(key).unwrap();
+        let stats = serde_json::to_value(services.service_stats(key).unwrap()).unwrap();
         assert_eq!(stats["sent"], 12);
         assert_eq!(stats["errors"], 4);
         assert_eq!(stats["backends"][1]["errors"], 1);
         assert_eq!(stats["backends"][0]["up"], true);
         assert_eq!(stats["address"], "127.0.0.1:0");
+    }
+
+    #[test]
+    fn stats_lead_with_every_config_field_in_file_order() {
+        let mut services = Services::default();
+        let (key, _) = services.insert(service(&[("a", 1)]));
+        let text = serde_json::to_string(&services.service_stats(key).unwrap()).unwrap();
+        assert!(text.starts_with(r#"{"name":"web","address":"127.0.0.1:0","balance":"RR""#), "{text}");
+        assert!(
+            text.contains(r#""backends":[{"name":"a","address":"127.0.0.1:1","check_address":"","weight":1,"up":true"#)
+        );
+        let config = serde_json::to_value(services.config(key).unwrap()).unwrap();
+        let known: Vec<&str> = SERVICE_FIELDS.iter().chain(["backends"].iter()).copied().collect();
+        for field in config.as_object().unwrap().keys() {
+            assert!(known.contains(&field.as_str()), "SERVICE_FIELDS lacks {field}");
+        }
+        for field in config["backends"][0].as_object().unwrap().keys() {
+            assert!(BACKEND_FIELDS.contains(&field.as_str()), "BACKEND_FIELDS lacks {field}");
+        }
     }
 }

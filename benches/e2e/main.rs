@@ -271,7 +271,10 @@ fn run(args: Args) -> io::Result<()> {
     results.header.push(format!("shuttle: {}", launch.shuttle));
     results.header.push(match &haproxy {
         Some(path) => {
-            format!("HAProxy: {path} ({}), nbthread 1, maxconn {haproxy_maxconn}, mode tcp", proxy::haproxy_version(path))
+            format!(
+                "HAProxy: {path} ({}), nbthread 1, maxconn {haproxy_maxconn}, mode tcp",
+                proxy::haproxy_version(path)
+            )
         }
         None => "HAProxy: not on the PATH (`apt-get install haproxy`); its columns are left out".into(),
     });

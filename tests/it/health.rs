@@ -23,8 +23,8 @@ use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
 
 use crate::support::{
-    backend, blackhole, connect, echo, named, read_line, read_to_eof, refusing, service, wait_closed, wait_until,
-    Backend, Shuttle, DEADLINE, IO_TIMEOUT,
+    backend, blackhole, connect, echo, named, read_line, read_to_eof, service, wait_closed, wait_until, Backend,
+    Shuttle, DEADLINE, IO_TIMEOUT,
 };
 
 /// How long a backend may take to reach an expected health state.
@@ -156,6 +156,23 @@ fn reuse_socket() -> Socket {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("create a socket");
     socket.set_reuse_address(true).expect("set SO_REUSEADDR");
     socket
+}
+
+/// An address whose connects are refused: a bound socket that does not
+/// listen. Unlike a port bound and closed again, it cannot be handed to another
+/// socket while the test runs.
+struct Refusing {
+    addr: SocketAddr,
+    _socket: Socket,
+}
+
+impl Refusing {
+    fn new() -> Refusing {
+        let socket = reuse_socket();
+        socket.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into()).expect("bind a refusing address");
+        let addr = socket.local_addr().expect("refusing address").as_socket().expect("an inet address");
+        Refusing { addr, _socket: socket }
+    }
 }
 
 /// A `TAG\n`-then-echo server on a fixed port that can stop and come back,
@@ -468,16 +485,16 @@ fn removing_check_address_by_put_stops_checks() {
 #[test]
 fn check_interval_zero_disables_checks() {
     let live = echo();
-    let dead = refusing();
+    let dead = Refusing::new();
     // "off" never checks; "on" checks until a PUT sets its interval to 0; the
     // checks of "ctl" (which fail) time the waits.
     let off = with(
-        service("off", vec![checked("b0", live.address(), dead)]),
+        service("off", vec![checked("b0", live.address(), dead.addr)]),
         &[("check_interval", json!(0)), ("fall", json!(1))],
     );
     let on =
         with(service("on", vec![checked("b0", live.address(), live.address())]), &[("check_interval", json!(0.1))]);
-    let ctl = with(service("ctl", vec![checked("b0", live.address(), dead)]), &[("check_interval", json!(0.1))]);
+    let ctl = with(service("ctl", vec![checked("b0", live.address(), dead.addr)]), &[("check_interval", json!(0.1))]);
     let shuttle = Shuttle::start_with_config(&json!([off, on, ctl]), &[]);
     let admin = shuttle.admin_addr();
 
@@ -656,6 +673,7 @@ fn expect_check_fails_at_connect_timeout_when_no_reply_comes() {
 fn failed_client_connects_mark_a_checked_backend_down_after_fall() {
     const FALL: u64 = 3;
     let live = named("b1");
+    let (dead_checked, dead_unchecked) = (Refusing::new(), Refusing::new());
     // A check would pass (and so could only delay the marking), but none runs
     // during the test: the interval is 60 s.
     let check_target = echo();
@@ -663,9 +681,9 @@ fn failed_client_connects_mark_a_checked_backend_down_after_fall() {
         service(
             "web",
             vec![
-                checked("b0", refusing(), check_target.address()),
+                checked("b0", dead_checked.addr, check_target.address()),
                 backend("b1", live.address()),
-                backend("b2", refusing()),
+                backend("b2", dead_unchecked.addr),
             ],
         ),
         &[("check_interval", json!(60)), ("fall", json!(FALL))],
@@ -849,7 +867,6 @@ fn five_hundred_checked_backends_keep_client_latency_low() {
     });
     assert!(every_backend_checked, "some of the {BACKENDS} backends had only {fewest} checks after 30 s");
 
-    thread::sleep(Duration::from_secs(30));
     let (success_before, fail_before, _) = check_totals(admin, "many");
     let (started, cpu_before) = (Instant::now(), cpu_time(shuttle.pid()));
     let loaded = measure(addr, echo_server.addr(), ROUND_TRIPS);
