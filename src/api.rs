@@ -13,6 +13,7 @@ use std::time::Instant;
 use log::info;
 
 use crate::config::{self, BackendConfig, ServiceConfig};
+use crate::health::Health;
 use crate::http::Request;
 use crate::key::Key;
 use crate::net;
@@ -295,23 +296,28 @@ fn check_own_listeners(server: &Server, prepared: &Prepared) -> Result<(), ApiEr
     Ok(())
 }
 
-/// Starts or stops probes so that exactly the checked backends of a checking service have one.
+/// Starts or stops probes so that exactly the checked backends of a checking
+/// service have one. A backend left without checks is up: nothing could ever
+/// bring it back otherwise.
 fn reconcile_probes(server: &mut Server, service: Key, now: Instant) {
     let Some(s) = server.services.service(service) else { return };
     let checks = config::seconds(s.settings.check_interval).is_some();
+    let name = s.settings.name.clone();
     for backend in s.backends.clone() {
         let Some(b) = server.services.backend(backend) else { continue };
         let want = checks && b.check_addr.is_some();
         let have = b.probe.filter(|&p| matches!(server.entries.get(p), Some(Entry::Probe(_))));
         match (want, have) {
             (true, None) => server.start_probe(backend, now),
-            (false, Some(probe)) => {
-                server.remove_entry(probe);
-                if let Some(b) = server.services.backend_mut(backend) {
-                    b.probe = None;
-                }
-            }
+            (false, Some(probe)) => server.remove_entry(probe),
             _ => {}
+        }
+        if let Some(b) = server.services.backend_mut(backend).filter(|_| !want) {
+            b.probe = None;
+            if !b.health.is_up() {
+                b.health = Health::default();
+                info!("{name}/{} is up: health checks are off", b.config.name);
+            }
         }
     }
 }

@@ -29,11 +29,11 @@ enum ProbeState {
     /// Waiting for the next check.
     Idle,
     /// The check's connect is in flight.
-    Connecting { stream: TcpStream, started: Instant },
+    Connecting { stream: TcpStream },
     /// Connected; `check_send` is partly written.
-    Sending { stream: TcpStream, started: Instant, sent: usize },
+    Sending { stream: TcpStream, sent: usize },
     /// Waiting for `check_expect` in the reply.
-    Expecting { stream: TcpStream, started: Instant, seen: Vec<u8> },
+    Expecting { stream: TcpStream, seen: Vec<u8> },
 }
 
 /// One backend's health checker.
@@ -45,6 +45,8 @@ pub struct Probe {
     deadline: Option<Instant>,
     /// The one armed timer: the next check while idle, the deadline while checking.
     timer: Option<TimerKey>,
+    /// When the current (or next) check is due; the schedule's phase.
+    due: Instant,
 }
 
 impl std::fmt::Debug for Probe {
@@ -74,9 +76,9 @@ type CheckResult = Result<(), String>;
 impl Probe {
     /// A probe whose first check comes within one `interval`.
     pub fn new(key: Key, backend: Key, interval: Duration, now: Instant, timers: &mut Wheel<Key>) -> Probe {
-        let spread = first_check_offset(u64::from(key.index()), interval);
-        let timer = Some(timers.insert(now + spread, key));
-        Probe { backend, state: ProbeState::Idle, ready: Ready::default(), deadline: None, timer }
+        let due = now + first_check_offset(u64::from(key.index()), interval);
+        let timer = Some(timers.insert(due, key));
+        Probe { backend, state: ProbeState::Idle, ready: Ready::default(), deadline: None, timer, due }
     }
 
     /// Gives back the probe's timer before it is dropped (its socket closes with it).
@@ -120,7 +122,7 @@ impl Probe {
         });
         match connecting {
             Ok(stream) => {
-                self.state = ProbeState::Connecting { stream, started };
+                self.state = ProbeState::Connecting { stream };
                 self.ready = Ready::default();
                 self.deadline = connect_timeout.map(|d| started + d);
                 self.arm(key, self.deadline, cx);
@@ -129,7 +131,7 @@ impl Probe {
             Err(e) if net::is_local_shortage(&e) => {
                 // Our shortage says nothing about the backend: skip this check (pitfall 15).
                 warn!("health check of {addr} skipped: {e}");
-                self.schedule_next(key, started, cx);
+                self.schedule_next(key, cx);
                 Step::Wait
             }
             Err(e) => self.finish(key, Err(reason(&e)), cx),
@@ -147,32 +149,30 @@ impl Probe {
             let state = std::mem::replace(&mut self.state, ProbeState::Idle);
             let (next, progress) = match state {
                 ProbeState::Idle => return None,
-                ProbeState::Connecting { stream, started } => match net::connect_outcome(&stream) {
+                ProbeState::Connecting { stream } => match net::connect_outcome(&stream) {
                     ConnectOutcome::Pending => {
                         self.ready = Ready::default();
-                        (ProbeState::Connecting { stream, started }, Progress::Wait)
+                        (ProbeState::Connecting { stream }, Progress::Wait)
                     }
-                    ConnectOutcome::Failed(e) => {
-                        (ProbeState::Connecting { stream, started }, Progress::Done(Err(reason(&e))))
-                    }
+                    ConnectOutcome::Failed(e) => (ProbeState::Connecting { stream }, Progress::Done(Err(reason(&e)))),
                     ConnectOutcome::Connected if send.is_empty() && expect.is_empty() => {
-                        (ProbeState::Connecting { stream, started }, Progress::Done(Ok(())))
+                        (ProbeState::Connecting { stream }, Progress::Done(Ok(())))
                     }
-                    ConnectOutcome::Connected => (ProbeState::Sending { stream, started, sent: 0 }, Progress::Next),
+                    ConnectOutcome::Connected => (ProbeState::Sending { stream, sent: 0 }, Progress::Next),
                 },
-                ProbeState::Sending { mut stream, started, mut sent } => {
+                ProbeState::Sending { mut stream, mut sent } => {
                     let progress = write_send(&mut stream, send, &mut sent, &mut self.ready);
                     match progress {
                         Progress::Next if expect.is_empty() => {
-                            (ProbeState::Sending { stream, started, sent }, Progress::Done(Ok(())))
+                            (ProbeState::Sending { stream, sent }, Progress::Done(Ok(())))
                         }
-                        Progress::Next => (ProbeState::Expecting { stream, started, seen: Vec::new() }, Progress::Next),
-                        other => (ProbeState::Sending { stream, started, sent }, other),
+                        Progress::Next => (ProbeState::Expecting { stream, seen: Vec::new() }, Progress::Next),
+                        other => (ProbeState::Sending { stream, sent }, other),
                     }
                 }
-                ProbeState::Expecting { mut stream, started, mut seen } => {
+                ProbeState::Expecting { mut stream, mut seen } => {
                     let progress = read_expect(&mut stream, &mut seen, expect, &mut self.ready);
-                    (ProbeState::Expecting { stream, started, seen }, progress)
+                    (ProbeState::Expecting { stream, seen }, progress)
                 }
             };
             self.state = next;
@@ -185,12 +185,6 @@ impl Probe {
     }
 
     fn finish(&mut self, key: Key, result: CheckResult, cx: &mut Cx<'_>) -> Step {
-        let started = match &self.state {
-            ProbeState::Connecting { started, .. }
-            | ProbeState::Sending { started, .. }
-            | ProbeState::Expecting { started, .. } => *started,
-            ProbeState::Idle => cx.now,
-        };
         self.state = ProbeState::Idle; // drops the socket
         self.deadline = None;
         if let Some(timer) = self.timer.take() {
@@ -212,11 +206,15 @@ impl Probe {
             (_, Err(why)) => debug!("{names}: check failed: {why}"),
             (_, Ok(())) => {}
         }
-        self.schedule_next(key, started, cx);
+        self.schedule_next(key, cx);
         Step::Wait
     }
 
-    fn schedule_next(&mut self, key: Key, started: Instant, cx: &mut Cx<'_>) {
+    /// Arms the next check one interval after the last one was due. Counting
+    /// from the due time, not from when the loop got to it, keeps each probe on
+    /// its own phase: probes that happened to fire in the same pass don't fall
+    /// into lockstep and probe in bursts.
+    fn schedule_next(&mut self, key: Key, cx: &mut Cx<'_>) {
         let interval = cx
             .services
             .backend(self.backend)
@@ -224,7 +222,14 @@ impl Probe {
             .and_then(|s| crate::config::seconds(s.settings.check_interval));
         // Interval 0 turns checks off; the service update removes this probe.
         let Some(interval) = interval else { return };
-        let next = (started + interval).max(cx.now);
+        let mut next = self.due + interval;
+        if next <= cx.now {
+            // Late by more than an interval (a long check, a busy loop): skip the
+            // missed turns but stay on phase.
+            let missed = cx.now.duration_since(self.due).as_secs_f64() / interval.as_secs_f64();
+            next = self.due + interval.mul_f64(missed.floor() + 1.0);
+        }
+        self.due = next;
         self.arm(key, Some(next), cx);
     }
 

@@ -307,9 +307,11 @@ impl Services {
     pub fn connect_failed(&mut self, backend: Key) -> Option<Transition> {
         let b = self.backends.get_mut(backend)?;
         b.counters.errors += 1;
-        let fall = self.services.get(b.service).map_or(1, |s| s.settings.fall);
-        // Only checked backends are marked down by traffic (SPEC §4 passive health).
-        if b.check_addr.is_some() {
+        let settings = self.services.get(b.service).map(|s| &s.settings);
+        let fall = settings.map_or(1, |s| s.fall);
+        let checked = settings.is_some_and(|s| config::seconds(s.check_interval).is_some());
+        // Only backends that checks can bring back are marked down by traffic (SPEC §4 passive health).
+        if checked && b.check_addr.is_some() {
             b.health.record_connect_failure(fall)
         } else {
             None

@@ -33,12 +33,13 @@ usage: cargo bench --bench e2e -- [options]
   --idle N              idle connections held for the memory figure (default 10000)
   --targets LIST        of direct,shuttle,haproxy (default: all available)
   --workloads LIST      of bulk1,bulk8,rr,conn,idle (default: all)
+  --conn-inflight N     connects in flight in the new-connection workload (default 16)
   --perf DIR            record `perf record -e cpu-clock -g` of shuttle during each window into DIR
   --shuttle-wrapper CMD run shuttle under CMD (e.g. \"valgrind --tool=callgrind\")";
 
 /// Persistent connections of the request/response workload.
 const RR_CONNS: usize = 50;
-/// Connects kept in flight by the new-connection workload.
+/// Connects kept in flight by the new-connection workload (default).
 const CONN_CONCURRENCY: usize = 16;
 /// Bytes of every small request (echoed back as the reply).
 const MESSAGE: usize = 64;
@@ -55,6 +56,7 @@ struct Args {
     workloads: Vec<Workload>,
     perf: Option<PathBuf>,
     shuttle_wrapper: Vec<String>,
+    conn_inflight: usize,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
@@ -91,6 +93,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         workloads: Workload::ALL.to_vec(),
         perf: None,
         shuttle_wrapper: Vec::new(),
+        conn_inflight: CONN_CONCURRENCY,
     };
     let mut it = raw.into_iter();
     while let Some(flag) = it.next() {
@@ -118,6 +121,7 @@ fn parse_args() -> Result<Option<Args>, String> {
                     list.split(',').map(|w| Workload::parse(w).ok_or_else(|| format!("unknown workload {w:?}")));
                 args.workloads = parsed.collect::<Result<_, _>>()?;
             }
+            "--conn-inflight" => args.conn_inflight = value()?.parse().map_err(|e| format!("--conn-inflight: {e}"))?,
             "--perf" => args.perf = Some(PathBuf::from(value()?)),
             "--shuttle-wrapper" => args.shuttle_wrapper = value()?.split_whitespace().map(String::from).collect(),
             // Filters and flags meant for other bench harnesses are ignored.
@@ -188,7 +192,7 @@ fn run_workload(target: &Target, workload: Workload, args: &Args, backends: u32)
         Workload::Bulk1 => load::bulk(target.bulk, 1, args.timing, &mut meter),
         Workload::Bulk8 => load::bulk(target.bulk, 8, args.timing, &mut meter),
         Workload::Rr => load::request_response(target.echo, RR_CONNS, MESSAGE, args.timing, &mut meter),
-        Workload::Conn => load::connections(target.echo, CONN_CONCURRENCY, MESSAGE, args.timing, &mut meter),
+        Workload::Conn => load::connections(target.echo, args.conn_inflight, MESSAGE, args.timing, &mut meter),
         Workload::Idle => unreachable!("the idle workload is measured by `memory`"),
     }
 }
