@@ -78,6 +78,11 @@ impl Buffer {
         &mut self.data[self.tail..]
     }
 
+    /// How many bytes the next read may take (compacting first if that frees more).
+    pub fn space_len(&mut self) -> usize {
+        self.space().len()
+    }
+
     /// Appends `bytes` as far as they fit and returns how many did.
     pub fn fill(&mut self, bytes: &[u8]) -> usize {
         let space = self.space();

@@ -115,11 +115,17 @@ impl Half {
         loop {
             if let (Some(dst), Some(buf)) = (dst.as_deref_mut(), self.buf.as_mut()) {
                 if !buf.is_empty() && dst.ready.writable {
+                    let offered = buf.len();
                     match buf.write_to(&mut dst.stream) {
                         Transfer::Moved(n) => {
                             dst.last_progress = now;
                             self.unreported += n as u64;
                             self.total += n as u64;
+                            // epoll(7): a short write on a stream socket means its send
+                            // buffer is full; the next edge says when it has room again.
+                            if n < offered {
+                                dst.ready.writable = false;
+                            }
                         }
                         Transfer::WouldBlock => dst.ready.writable = false,
                         Transfer::Eof => return Err(HalfError::Destination(io::ErrorKind::WriteZero.into())),
@@ -130,10 +136,17 @@ impl Half {
             }
             if self.state == HalfState::Open && src.ready.readable && self.has_room() && *budget > 0 {
                 let buf = self.buf.get_or_insert_with(|| pool.take());
+                let wanted = buf.space_len();
                 match buf.read_from(&mut src.stream) {
                     Transfer::Moved(n) => {
                         src.last_progress = now;
                         *budget = budget.saturating_sub(n);
+                        // epoll(7): a short read on a stream socket means it is drained,
+                        // saving the read that would say WouldBlock. Not after a hang-up
+                        // hint: the FIN's edge has come already, so read on to the EOF.
+                        if n < wanted && !src.ready.closing {
+                            src.ready.readable = false;
+                        }
                     }
                     Transfer::WouldBlock => src.ready.readable = false,
                     Transfer::Eof => {
@@ -570,7 +583,7 @@ mod tests {
     fn peer(reads: Vec<Op>, writes: Vec<Op>) -> Peer<Script> {
         let script = Script { reads: reads.into(), writes: writes.into(), ..Script::default() };
         let mut peer = Peer::new(script, Instant::now());
-        peer.ready = Ready { readable: true, writable: true };
+        peer.ready = Ready { readable: true, writable: true, closing: true };
         peer
     }
 
@@ -600,9 +613,10 @@ mod tests {
     fn relaying_source_eof_shuts_destination_once_after_flush() {
         let mut half = Half::new();
         let mut src = peer(vec![Op::Data(b"abc".to_vec()), Op::Eof], vec![]);
-        let mut dst = peer(vec![], vec![Op::Accept(1), Op::Block]);
+        let mut dst = peer(vec![], vec![Op::Accept(1)]);
         pump(&mut half, &mut src, Some(&mut dst));
         assert_eq!(half.state, HalfState::Draining);
+        assert!(!dst.ready.writable, "a short write means the send buffer is full");
         assert_eq!(dst.stream.shutdowns.get(), 0, "bytes are still buffered");
         dst.ready.writable = true;
         dst.stream.writes.push_back(Op::Accept(10));
@@ -625,6 +639,20 @@ mod tests {
         pump(&mut half, &mut src, Some(&mut dst));
         assert_eq!(dst.stream.written, b"early");
         assert_eq!(half.state, HalfState::Shut);
+    }
+
+    #[test]
+    fn relaying_short_read_means_drained_unless_the_peer_hung_up() {
+        let mut half = Half::new();
+        let mut src = peer(vec![Op::Data(b"ab".to_vec()), Op::Eof], vec![]);
+        src.ready.closing = false;
+        let mut dst = peer(vec![], vec![Op::Accept(10)]);
+        pump(&mut half, &mut src, Some(&mut dst));
+        assert!(!src.ready.readable, "no read is wasted on WouldBlock after a short one");
+        assert_eq!(half.state, HalfState::Open);
+        src.ready = Ready { readable: true, writable: false, closing: true };
+        pump(&mut half, &mut src, Some(&mut dst));
+        assert_eq!(half.state, HalfState::Shut, "after a hang-up hint it reads on to the EOF");
     }
 
     #[test]

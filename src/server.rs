@@ -48,6 +48,8 @@ pub struct Ready {
     pub readable: bool,
     /// A write (or a connect check) may make progress.
     pub writable: bool,
+    /// The peer hung up or the socket has an error: read to EOF, never stop at a short read.
+    pub closing: bool,
 }
 
 impl Ready {
@@ -56,6 +58,7 @@ impl Ready {
         Ready {
             readable: event.is_readable() || event.is_read_closed() || event.is_error(),
             writable: event.is_writable() || event.is_write_closed() || event.is_error(),
+            closing: event.is_read_closed() || event.is_error(),
         }
     }
 
@@ -63,6 +66,7 @@ impl Ready {
     pub fn merge(&mut self, other: Ready) {
         self.readable |= other.readable;
         self.writable |= other.writable;
+        self.closing |= other.closing;
     }
 }
 

@@ -189,10 +189,16 @@ pub fn request_response(
         for event in events.iter() {
             let i = event.token().0;
             let stream = &mut streams[i];
+            // A short read took all there was (see `backend::pump_echo`).
             loop {
                 match stream.read(&mut buf) {
                     Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the proxy closed a connection")),
-                    Ok(n) => got[i] += n,
+                    Ok(n) => {
+                        got[i] += n;
+                        if n < buf.len() {
+                            break;
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),
@@ -346,6 +352,9 @@ impl Dialer {
                                 done.push((stream, elapsed));
                             }
                             break;
+                        }
+                        if n < self.buf.len() {
+                            break; // a short read took all there was
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

@@ -33,14 +33,15 @@ usage: cargo bench --bench e2e -- [options]
   --idle N              idle connections held for the memory figure (default 10000)
   --targets LIST        of direct,shuttle,haproxy (default: all available)
   --workloads LIST      of bulk1,bulk8,rr,conn,idle (default: all)
-  --conn-inflight N     connects in flight in the new-connection workload (default 16)
+  --conn-inflight N     connects in flight in the new-connection workload (default 64)
   --perf DIR            record `perf record -e cpu-clock -g` of shuttle during each window into DIR
   --shuttle-wrapper CMD run shuttle under CMD (e.g. \"valgrind --tool=callgrind\")";
 
 /// Persistent connections of the request/response workload.
 const RR_CONNS: usize = 50;
-/// Connects kept in flight by the new-connection workload (default).
-const CONN_CONCURRENCY: usize = 16;
+/// Connects kept in flight by the new-connection workload (default): enough
+/// to keep a proxy busy; with fewer, both sides idle between wakeups.
+const CONN_CONCURRENCY: usize = 64;
 /// Bytes of every small request (echoed back as the reply).
 const MESSAGE: usize = 64;
 /// Connects kept in flight while opening idle connections.
@@ -289,6 +290,12 @@ fn run(args: Args) -> io::Result<()> {
         args.rounds,
         args.timing.warm.as_secs_f64(),
         args.timing.run.as_secs_f64(),
+    ));
+    results.header.push(format!(
+        "workloads: bulk = download from a backend that writes without pause, read with 256 KiB reads; \
+         request/response = {RR_CONNS} persistent connections, one {MESSAGE} B request in flight on each, echoed; \
+         new connections = {} connects in flight, each sends {MESSAGE} B, reads the echo, closes",
+        args.conn_inflight
     ));
     if !args.shuttle_wrapper.is_empty() {
         results.header.push(format!("shuttle ran under `{}`", args.shuttle_wrapper.join(" ")));
