@@ -186,13 +186,15 @@ fn accept(poll: &Poll, listener: &TcpListener, kind: Kind, conns: &mut Slab<Conn
 /// Drains what the client sent (if `readable`) and writes until the socket is full; false once it is closed.
 fn pump_source(conn: &mut Conn, chunk: &[u8], readable: bool) -> bool {
     let mut sink = [0u8; 4096];
-    while readable {
-        match conn.stream.read(&mut sink) {
-            Ok(0) => return false,
-            Ok(_) => continue,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
+    if readable {
+        loop {
+            match conn.stream.read(&mut sink) {
+                Ok(0) => return false,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
         }
     }
     loop {

@@ -27,13 +27,15 @@ pub struct Timing {
 }
 
 /// Readings at one edge of a measured window.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Snap {
     pub at: Instant,
     /// CPU time of the proxy process; `None` without a proxy.
     pub proxy: Option<Duration>,
     /// CPU time of this process: load generators and backends.
     pub load: Duration,
+    /// Busy and total ticks of every CPU (`sys::cpu_ticks`).
+    pub cores: Vec<(u64, u64)>,
 }
 
 /// Marks the edges of a measured window.
@@ -58,10 +60,12 @@ pub struct Outcome {
     pub latencies: Vec<u32>,
     pub proxy_cpu: Option<Duration>,
     pub load_cpu: Duration,
+    /// Fraction of each CPU's time it was busy (anything but idle), whoever ran.
+    pub core_busy: Vec<f64>,
 }
 
 impl Outcome {
-    fn new(start: Snap, end: Snap) -> Outcome {
+    fn new(start: &Snap, end: &Snap) -> Outcome {
         Outcome {
             secs: end.at.duration_since(start.at).as_secs_f64(),
             bytes: 0,
@@ -71,6 +75,19 @@ impl Outcome {
             latencies: Vec::new(),
             proxy_cpu: end.proxy.zip(start.proxy).map(|(e, s)| e.saturating_sub(s)),
             load_cpu: end.load.saturating_sub(start.load),
+            core_busy: end
+                .cores
+                .iter()
+                .zip(&start.cores)
+                .map(|(e, s)| {
+                    let total = e.1.saturating_sub(s.1);
+                    if total == 0 {
+                        0.0
+                    } else {
+                        e.0.saturating_sub(s.0) as f64 / total as f64
+                    }
+                })
+                .collect(),
         }
     }
 
@@ -130,7 +147,7 @@ pub fn bulk(addr: SocketAddr, streams: usize, timing: Timing, meter: &mut dyn Me
     for t in threads {
         let _ = t.join();
     }
-    let mut outcome = Outcome::new(start, end);
+    let mut outcome = Outcome::new(&start, &end);
     outcome.bytes = after - before;
     outcome.errors = failed.load(Ordering::Relaxed);
     if outcome.errors > 0 {
@@ -216,8 +233,8 @@ pub fn request_response(
             }
         }
     };
-    let start = start.unwrap_or(end);
-    let mut outcome = Outcome::new(start, end);
+    let start = start.unwrap_or_else(|| end.clone());
+    let mut outcome = Outcome::new(&start, &end);
     outcome.ops = ops;
     outcome.bytes = ops * size as u64;
     outcome.latencies = latencies;
@@ -409,8 +426,8 @@ pub fn connections(
             dialer.start(i);
         }
     };
-    let start = start.unwrap_or(end);
-    let mut outcome = Outcome::new(start, end);
+    let start = start.unwrap_or_else(|| end.clone());
+    let mut outcome = Outcome::new(&start, &end);
     outcome.ops = ops;
     outcome.bytes = ops * size as u64;
     outcome.latencies = latencies;

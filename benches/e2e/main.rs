@@ -27,14 +27,14 @@ const USAGE: &str = "\
 usage: cargo bench --bench e2e -- [options]
 
   --quick               one short round (under a minute)
-  --rounds N            rounds of every throughput workload; medians are reported (default 3)
-  --secs S              measured seconds per workload (default 3; --quick 1)
+  --rounds N            rounds of every throughput workload; medians are reported (default 5)
+  --secs S              measured seconds per workload (default 2; --quick 1)
   --warm S              warm-up seconds before each window (default 0.5; --quick 0.25)
   --idle N              idle connections held for the memory figure (default 10000)
   --targets LIST        of direct,shuttle,haproxy (default: all available)
   --workloads LIST      of bulk1,bulk8,rr,conn,idle (default: all)
   --conn-inflight N     connects in flight in the new-connection workload (default 64)
-  --perf DIR            record `perf record -e cpu-clock -g` of shuttle during each window into DIR
+  --perf DIR            record `perf record -e cpu-clock --call-graph dwarf` of shuttle in each window into DIR
   --shuttle-wrapper CMD run shuttle under CMD (e.g. \"valgrind --tool=callgrind\")";
 
 /// Persistent connections of the request/response workload.
@@ -83,11 +83,11 @@ fn parse_args() -> Result<Option<Args>, String> {
     let quick = raw.iter().any(|a| a == "--quick");
     let mut args = Args {
         quick,
-        rounds: if quick { 1 } else { 3 },
+        rounds: if quick { 1 } else { 5 },
         timing: if quick {
             Timing { warm: Duration::from_millis(250), run: Duration::from_secs(1) }
         } else {
-            Timing { warm: Duration::from_millis(500), run: Duration::from_secs(3) }
+            Timing { warm: Duration::from_millis(500), run: Duration::from_secs(2) }
         },
         idle: 10_000,
         targets: None,
@@ -147,6 +147,7 @@ impl ProcMeter {
             at: std::time::Instant::now(),
             proxy: self.pid.and_then(|pid| sys::process_cpu(pid).ok()),
             load: sys::self_cpu() + sys::process_cpu(self.backends).unwrap_or_default(),
+            cores: sys::cpu_ticks(),
         }
     }
 }
@@ -155,7 +156,18 @@ impl Meter for ProcMeter {
     fn begin(&mut self) -> Snap {
         if let (Some(pid), Some(out)) = (self.pid, self.perf_out.as_ref()) {
             let recorder = Command::new("perf")
-                .args(["record", "-e", "cpu-clock", "-F", "2999", "-g", "-p", &pid.to_string(), "-o"])
+                .args([
+                    "record",
+                    "-e",
+                    "cpu-clock",
+                    "-F",
+                    "1999",
+                    "--call-graph",
+                    "dwarf,16384",
+                    "-p",
+                    &pid.to_string(),
+                    "-o",
+                ])
                 .arg(out)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -264,7 +276,7 @@ fn run(args: Args) -> io::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
 
-    let mut results = Results::new(kinds.clone());
+    let mut results = Results::new(kinds.clone(), load_cpu, proxy_cpu);
     results.header.push(format!("machine: {machine}"));
     results.header.push(match (load_cpu, proxy_cpu) {
         (Some(l), Some(p)) => format!(
@@ -334,7 +346,7 @@ fn run(args: Args) -> io::Result<()> {
                         target.kind.name()
                     );
                     match run_workload(target, workload, &args, backends.pid) {
-                        Ok(outcome) => results.record(target.kind, workload, outcome),
+                        Ok(outcome) => results.record(target.kind, workload, round, outcome),
                         Err(e) => {
                             eprintln!("e2e: {} via {} failed: {e}", workload.label(), target.kind.name());
                             for line in target.log().iter().rev().take(5) {

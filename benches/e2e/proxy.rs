@@ -58,7 +58,9 @@ pub struct Target {
     pub bulk: SocketAddr,
     pub echo: SocketAddr,
     child: Option<Child>,
-    lines: Arc<Mutex<Vec<String>>>,
+    /// How long the process may take to exit after SIGTERM.
+    stop_within: Duration,
+    lines: Lines,
     _dir: Option<TempDir>,
 }
 
@@ -70,6 +72,7 @@ impl Target {
                 bulk: backends.source,
                 echo: backends.echo,
                 child: None,
+                stop_within: Duration::ZERO,
                 lines: Arc::default(),
                 _dir: None,
             }),
@@ -90,11 +93,20 @@ impl Target {
 }
 
 impl Drop for Target {
+    /// SIGTERM first, so a wrapper such as valgrind can write its output; SIGKILL if it lingers.
     fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
+        let Some(child) = self.child.as_mut() else { return };
+        // SAFETY: kill only sends a signal to the child we spawned and have not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + self.stop_within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
         }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -118,8 +130,11 @@ fn command(program: &str, args: &[String], cpu: Option<usize>) -> Command {
     command
 }
 
+/// Every stderr line of a child so far.
+type Lines = Arc<Mutex<Vec<String>>>;
+
 /// Spawns `command` and collects its stderr lines; each line is also sent on the returned channel.
-fn spawn(mut command: Command) -> io::Result<(Child, Arc<Mutex<Vec<String>>>, mpsc::Receiver<String>)> {
+fn spawn(mut command: Command) -> io::Result<(Child, Lines, mpsc::Receiver<String>)> {
     let mut child = command.spawn()?;
     let stderr = child.stderr.take().expect("piped stderr");
     let lines = Arc::new(Mutex::new(Vec::new()));
@@ -181,7 +196,8 @@ fn start_shuttle(backends: Backends, launch: &Launch) -> io::Result<Target> {
         }
     }
     let (Some(bulk), Some(echo)) = (bulk, echo) else { unreachable!("loop ends when both are known") };
-    Ok(Target { kind: Kind::Shuttle, bulk, echo, child: Some(child), lines, _dir: Some(dir) })
+    let stop_within = Duration::from_secs(if launch.shuttle_wrapper.is_empty() { 5 } else { 60 });
+    Ok(Target { kind: Kind::Shuttle, bulk, echo, child: Some(child), stop_within, lines, _dir: Some(dir) })
 }
 
 /// A loopback port nobody listens on right now.
@@ -240,7 +256,8 @@ fn start_haproxy(backends: Backends, launch: &Launch) -> io::Result<Target> {
         }
         thread::sleep(Duration::from_millis(20));
     }
-    Ok(Target { kind: Kind::Haproxy, bulk, echo, child: Some(child), lines, _dir: Some(dir) })
+    let stop_within = Duration::from_secs(5);
+    Ok(Target { kind: Kind::Haproxy, bulk, echo, child: Some(child), stop_within, lines, _dir: Some(dir) })
 }
 
 fn listening(addr: SocketAddr) -> bool {

@@ -54,10 +54,14 @@ pub struct Memory {
     pub last_error: Option<String>,
 }
 
+/// Takes one figure out of a run.
+type Extract = fn(&Run) -> Option<f64>;
+
 /// One workload run, summarised.
 #[derive(Debug)]
 struct Run {
     kind: Kind,
+    round: usize,
     workload: Workload,
     secs: f64,
     bytes: u64,
@@ -66,12 +70,17 @@ struct Run {
     p99_us: Option<f64>,
     proxy_cpu: Option<f64>,
     load_cpu: f64,
+    /// Busy fraction of the load generator's and the proxy's CPU.
+    load_core: Option<f64>,
+    proxy_core: Option<f64>,
 }
 
 #[derive(Debug)]
 pub struct Results {
     pub header: Vec<String>,
     kinds: Vec<Kind>,
+    load_cpu: Option<usize>,
+    proxy_cpu: Option<usize>,
     runs: Vec<Run>,
     memory: Vec<(Kind, Memory)>,
     notes: Vec<String>,
@@ -139,11 +148,19 @@ fn ratio_cell(r: Option<f64>) -> String {
 }
 
 impl Results {
-    pub fn new(kinds: Vec<Kind>) -> Results {
-        Results { header: Vec::new(), kinds, runs: Vec::new(), memory: Vec::new(), notes: Vec::new() }
+    pub fn new(kinds: Vec<Kind>, load_cpu: Option<usize>, proxy_cpu: Option<usize>) -> Results {
+        Results {
+            header: Vec::new(),
+            kinds,
+            load_cpu,
+            proxy_cpu,
+            runs: Vec::new(),
+            memory: Vec::new(),
+            notes: Vec::new(),
+        }
     }
 
-    pub fn record(&mut self, kind: Kind, workload: Workload, mut outcome: Outcome) {
+    pub fn record(&mut self, kind: Kind, workload: Workload, round: usize, mut outcome: Outcome) {
         if outcome.errors > 0 {
             self.notes.push(format!(
                 "{} via {}: {} failed connection(s) in the window (last: {})",
@@ -157,6 +174,7 @@ impl Results {
         let p99_us = outcome.quantile_us(0.99);
         self.runs.push(Run {
             kind,
+            round,
             workload,
             secs: outcome.secs,
             bytes: outcome.bytes,
@@ -165,6 +183,8 @@ impl Results {
             p99_us,
             proxy_cpu: outcome.proxy_cpu.map(|d| d.as_secs_f64()),
             load_cpu: outcome.load_cpu.as_secs_f64(),
+            load_core: self.load_cpu.and_then(|c| outcome.core_busy.get(c).copied()),
+            proxy_core: self.proxy_cpu.and_then(|c| outcome.core_busy.get(c).copied()),
         });
     }
 
@@ -205,18 +225,52 @@ impl Results {
         (total > 0.0).then(|| cpu / total * unit)
     }
 
+    /// The per-round figures behind `id` (those that are medians of rounds).
+    fn per_round(&self, id: &str, kind: Kind) -> Option<Vec<f64>> {
+        self.by_round(id, kind).map(|v| v.into_iter().map(|(_, x)| x).collect())
+    }
+
+    /// Like `per_round`, with each value's round.
+    fn by_round(&self, id: &str, kind: Kind) -> Option<Vec<(usize, f64)>> {
+        let rate: Extract = |r| Some(r.ops as f64 / r.secs);
+        let gbps: Extract = |r| Some(r.bytes as f64 * 8.0 / r.secs / 1e9);
+        let p50: Extract = |r| r.p50_us;
+        let p99: Extract = |r| r.p99_us;
+        let (workload, f): (Workload, Extract) = match id {
+            "bulk1" => (Workload::Bulk1, gbps),
+            "bulk8" => (Workload::Bulk8, gbps),
+            "rps" => (Workload::Rr, rate),
+            "rr_p50" => (Workload::Rr, p50),
+            "rr_p99" => (Workload::Rr, p99),
+            "cps" => (Workload::Conn, rate),
+            "conn_p50" => (Workload::Conn, p50),
+            "conn_p99" => (Workload::Conn, p99),
+            _ => return None,
+        };
+        Some(self.runs(kind, workload).filter_map(|r| f(r).map(|v| (r.round, v))).collect())
+    }
+
+    /// `a ÷ b` for figure `id`: the median of the per-round ratios where the
+    /// figure is per round (the targets of one round run back to back, so slow
+    /// drifts of a shared machine cancel out), else the ratio of the figures.
+    fn ratio(&self, id: &str, a: Kind, b: Kind) -> Option<f64> {
+        match (self.by_round(id, a), self.by_round(id, b)) {
+            (Some(a), Some(b)) => median(
+                a.iter()
+                    .filter_map(|&(round, x)| {
+                        b.iter().find(|(r, _)| *r == round).and_then(|&(_, y)| ratio(Some(x), Some(y)))
+                    })
+                    .collect(),
+            ),
+            _ => ratio(self.figure(id, a), self.figure(id, b)),
+        }
+    }
+
     fn figure(&self, id: &str, kind: Kind) -> Option<f64> {
-        let rate = |r: &Run| Some(r.ops as f64 / r.secs);
-        let gbps = |r: &Run| Some(r.bytes as f64 * 8.0 / r.secs / 1e9);
+        if let Some(values) = self.per_round(id, kind) {
+            return median(values);
+        }
         match id {
-            "bulk1" => self.median_of(kind, Workload::Bulk1, gbps),
-            "bulk8" => self.median_of(kind, Workload::Bulk8, gbps),
-            "rps" => self.median_of(kind, Workload::Rr, rate),
-            "rr_p50" => self.median_of(kind, Workload::Rr, |r| r.p50_us),
-            "rr_p99" => self.median_of(kind, Workload::Rr, |r| r.p99_us),
-            "cps" => self.median_of(kind, Workload::Conn, rate),
-            "conn_p50" => self.median_of(kind, Workload::Conn, |r| r.p50_us),
-            "conn_p99" => self.median_of(kind, Workload::Conn, |r| r.p99_us),
             "memory" => self
                 .memory
                 .iter()
@@ -276,12 +330,11 @@ impl Results {
             if values.iter().all(Option::is_none) {
                 continue;
             }
-            let value = |k: Kind| self.kinds.iter().position(|&x| x == k).and_then(|i| values[i]);
             let arrow = if better == Better::Higher { "↑" } else { "↓" };
             let mut row = vec![format!("{label} {arrow}")];
             row.extend(values.iter().map(|&v| cell(v)));
             if has(Kind::Shuttle) && has(Kind::Haproxy) {
-                let r = ratio(value(Kind::Shuttle), value(Kind::Haproxy));
+                let r = self.ratio(id, Kind::Shuttle, Kind::Haproxy);
                 row.push(ratio_cell(r));
                 row.push(match (goal, r) {
                     (None, _) => "—".into(),
@@ -293,15 +346,47 @@ impl Results {
             }
             if has(Kind::Direct) {
                 for &k in self.kinds.iter().filter(|&&k| k != Kind::Direct) {
-                    row.push(ratio_cell(ratio(value(k), value(Kind::Direct))));
+                    row.push(ratio_cell(self.ratio(id, k, Kind::Direct)));
                 }
             }
             let _ = writeln!(out, "| {} |", row.join(" | "));
         }
-        let _ = writeln!(out, "\n↑ higher is better, ↓ lower is better; ratios are of the medians.\n");
+        let _ = writeln!(
+            out,
+            "\n↑ higher is better, ↓ lower is better. A ratio is the median of the rounds' ratios (the targets of \
+             a round run back to back), or the ratio of the pooled figures (4, 5).\n"
+        );
 
-        // Where the bottleneck is: CPU use of each side during each workload's window.
-        let mut head = vec!["CPU use in the window (% of one core)".to_string()];
+        // How much the rounds disagreed: the range behind each median.
+        if self.runs.iter().any(|r| self.runs(r.kind, r.workload).count() > 1) {
+            let mut head = vec!["range over rounds (min – max)".to_string()];
+            head.extend(self.kinds.iter().map(|k| k.name().to_string()));
+            let _ = writeln!(out, "| {} |", head.join(" | "));
+            let _ = writeln!(out, "|---|{}", "---:|".repeat(self.kinds.len()));
+            for (id, label, _, _) in FIGURES {
+                let mut row = vec![label.to_string()];
+                let mut any = false;
+                for &kind in &self.kinds {
+                    let values = self.per_round(id, kind).unwrap_or_default();
+                    let min = values.iter().copied().reduce(f64::min);
+                    let max = values.iter().copied().reduce(f64::max);
+                    row.push(match (min, max) {
+                        (Some(min), Some(max)) => {
+                            any = true;
+                            format!("{} – {}", number(min), number(max))
+                        }
+                        _ => "—".into(),
+                    });
+                }
+                if any {
+                    let _ = writeln!(out, "| {} |", row.join(" | "));
+                }
+            }
+            let _ = writeln!(out);
+        }
+
+        // Where the bottleneck is: how busy each core was during each workload's window.
+        let mut head = vec!["CPU use in the window".to_string()];
         head.extend(self.kinds.iter().map(|k| k.name().to_string()));
         let _ = writeln!(out, "| {} |", head.join(" | "));
         let _ = writeln!(out, "|---|{}", "---|".repeat(self.kinds.len()));
@@ -311,35 +396,44 @@ impl Results {
             }
             let mut row = vec![workload.label().to_string()];
             for &kind in &self.kinds {
-                let load = self.median_of(kind, workload, |r| Some(100.0 * r.load_cpu / r.secs));
-                let proxy = self.median_of(kind, workload, |r| r.proxy_cpu.map(|c| 100.0 * c / r.secs));
-                row.push(match (proxy, load) {
-                    (_, None) => "—".into(),
-                    (None, Some(load)) => format!("load {load:.0}% → {}", bottleneck(None, load)),
-                    (Some(proxy), Some(load)) => {
-                        format!("proxy {proxy:.0}% · load {load:.0}% → {}", bottleneck(Some(proxy), load))
+                let pct = |f: &dyn Fn(&Run) -> Option<f64>| self.median_of(kind, workload, |r| f(r).map(|v| 100.0 * v));
+                let load_core = pct(&|r| r.load_core);
+                let proxy_core = pct(&|r| r.proxy_core);
+                let load = pct(&|r| Some(r.load_cpu / r.secs));
+                let proxy = pct(&|r| r.proxy_cpu.map(|c| c / r.secs));
+                let core = |v: Option<f64>| v.map_or_else(String::new, |v| format!(" (core {v:.0}%)"));
+                let mut text = String::new();
+                if let Some(proxy) = proxy {
+                    let _ = write!(text, "proxy {proxy:.0}%{} · ", core(proxy_core));
+                }
+                match load {
+                    Some(load) => {
+                        let _ = write!(text, "load {load:.0}%{}", core(load_core));
                     }
-                });
+                    None => text.push('—'),
+                }
+                let busy = |process: Option<f64>, core: Option<f64>| core.or(process).is_some_and(|v| v >= 90.0);
+                let verdict = match (busy(proxy, proxy_core) && proxy.is_some(), busy(load, load_core)) {
+                    (true, true) => "both",
+                    (true, false) => "proxy-bound",
+                    (false, true) => "load-bound",
+                    (false, false) => "neither",
+                };
+                let _ = write!(text, " → {verdict}");
+                row.push(text);
             }
             let _ = writeln!(out, "| {} |", row.join(" | "));
         }
         let _ = writeln!(
             out,
-            "\n\"load\" is this bench process (clients and backends, one core); a side at ≥ 90% of its core is \
-             the bottleneck, neither means the run was latency-bound.\n"
+            "\nPer cent of one core: \"proxy\" is the proxy process, \"load\" the load generator and backend \
+             processes; \"core\" is how busy that CPU was in all (anything but idle, incl. kernel network work \
+             charged to no process). A core ≥ 90% busy is the bottleneck; \"neither\" means both cores idled \
+             part of the time: the run was bound by round trips between them.\n"
         );
         for note in &self.notes {
             let _ = writeln!(out, "- {note}");
         }
         out
-    }
-}
-
-fn bottleneck(proxy: Option<f64>, load: f64) -> &'static str {
-    match (proxy.is_some_and(|p| p >= 90.0), load >= 90.0) {
-        (true, true) => "both",
-        (true, false) => "proxy-bound",
-        (false, true) => "load-bound",
-        (false, false) => "neither",
     }
 }

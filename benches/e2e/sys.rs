@@ -79,6 +79,26 @@ pub fn self_cpu() -> Duration {
     Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
 }
 
+/// Busy and total clock ticks of every CPU so far (`/proc/stat`); busy is all but idle and iowait.
+pub fn cpu_ticks() -> Vec<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let mut cpus = Vec::new();
+    for line in stat.lines() {
+        let Some(rest) = line.strip_prefix("cpu") else { continue };
+        let mut fields = rest.split_whitespace();
+        let Some(Ok(cpu)) = fields.next().map(str::parse::<usize>) else { continue }; // skips the "cpu" total
+        let ticks: Vec<u64> = fields.filter_map(|f| f.parse().ok()).collect();
+        // user nice system idle iowait irq softirq steal (guest time is already in user)
+        let total: u64 = ticks.iter().take(8).sum();
+        let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+        if cpus.len() <= cpu {
+            cpus.resize(cpu + 1, (0, 0));
+        }
+        cpus[cpu] = (total - idle, total);
+    }
+    cpus
+}
+
 /// Resident memory of process `pid` in bytes (`VmRSS` of `/proc/PID/status`).
 pub fn rss(pid: u32) -> io::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
