@@ -46,11 +46,11 @@ fn balance(c: &mut Criterion) {
         group.throughput(Throughput::Elements(1));
         group.bench_with_input(BenchmarkId::new("round_robin", n), &equal, |b, backends| {
             let mut cursor = Cursor::default();
-            b.iter(|| round_robin(&mut cursor, black_box(backends)));
+            b.iter(|| round_robin(&mut cursor, backends.len(), |i| black_box(backends)[i]));
         });
         group.bench_with_input(BenchmarkId::new("least_connected", n), &busy, |b, backends| {
             let mut cursor = Cursor::default();
-            b.iter(|| least_connected(&mut cursor, black_box(backends)));
+            b.iter(|| least_connected(&mut cursor, backends.len(), |i| black_box(backends)[i]));
         });
     }
     group.finish();

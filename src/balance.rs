@@ -1,9 +1,14 @@
 //! Backend choice (SPEC §3): weighted round robin and least connected, and the
-//! failover order that follows the choice. Pure: no sockets, no clock.
+//! failover order after a failed connect. Pure: no sockets, no clock, no
+//! allocation.
 //!
 //! A backend is *eligible* when it is up and its weight is above 0. The
-//! balancer returns positions into the slice it was given; the caller maps
-//! them to backends.
+//! functions see a service's `n` backends through `at(i)`, in config order,
+//! and return positions; the caller maps them to backends. The first choice is
+//! all most connections need, so the failover order is computed only when a
+//! connect fails, one candidate at a time.
+
+use crate::config::Balance;
 
 /// What the balancer needs to know of one backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,56 +36,76 @@ pub struct Cursor {
     taken: u32,
 }
 
-/// Picks with weighted round robin and returns the failover order: the chosen
-/// backend first, then every other eligible one in config order after it.
-pub fn round_robin(cursor: &mut Cursor, backends: &[Candidate]) -> Vec<usize> {
-    let n = backends.len();
-    let mut order = Vec::new();
+/// Picks the first backend for a new client; `None` when none is eligible.
+pub fn pick(balance: Balance, cursor: &mut Cursor, n: usize, at: impl Fn(usize) -> Candidate) -> Option<usize> {
+    match balance {
+        Balance::RoundRobin => round_robin(cursor, n, at),
+        Balance::LeastConn => least_connected(cursor, n, at),
+    }
+}
+
+/// Weighted round robin: each eligible backend takes `weight` connections in a row, in config order.
+pub fn round_robin(cursor: &mut Cursor, n: usize, at: impl Fn(usize) -> Candidate) -> Option<usize> {
     if n == 0 {
-        return order;
+        return None;
     }
     let mut pos = cursor.next % n;
     let mut taken = if pos == cursor.next { cursor.taken } else { 0 };
+    // n + 1 steps: the current backend's remaining turn, then every backend once.
     for _ in 0..=n {
-        let b = &backends[pos];
+        let b = at(pos);
         if b.eligible() && taken < b.weight {
-            break;
+            taken += 1;
+            *cursor =
+                if taken >= b.weight { Cursor { next: (pos + 1) % n, taken: 0 } } else { Cursor { next: pos, taken } };
+            return Some(pos);
         }
         pos = (pos + 1) % n;
         taken = 0;
     }
-    if !backends[pos].eligible() {
-        return order;
-    }
-    taken += 1;
-    *cursor = if taken >= backends[pos].weight {
-        Cursor { next: (pos + 1) % n, taken: 0 }
-    } else {
-        Cursor { next: pos, taken }
-    };
-    order.push(pos);
-    order.extend((1..n).map(|i| (pos + i) % n).filter(|&i| backends[i].eligible()));
-    order
+    None
 }
 
-/// Picks the eligible backend with the fewest active connections, ties going
-/// round robin, and returns the failover order: by active count, ties in
-/// rotation order.
-pub fn least_connected(cursor: &mut Cursor, backends: &[Candidate]) -> Vec<usize> {
-    let n = backends.len();
-    if n == 0 {
-        return Vec::new();
+/// Least connected: the eligible backend with the fewest active connections;
+/// ties go to the first at or after the cursor, which then moves past it, so
+/// idle backends take turns.
+pub fn least_connected(cursor: &mut Cursor, n: usize, at: impl Fn(usize) -> Candidate) -> Option<usize> {
+    let chosen = fewest_active(cursor.next, n, &at, |_| true)?;
+    *cursor = Cursor { next: (chosen + 1) % n, taken: 0 };
+    Some(chosen)
+}
+
+/// The next failover candidate after `last` (the backend that just failed):
+/// RR goes on in config order, LC to the fewest active; `tried(i)` excludes
+/// backends already tried, so each is tried at most once (SPEC §3).
+pub fn failover(
+    balance: Balance,
+    last: usize,
+    n: usize,
+    at: impl Fn(usize) -> Candidate,
+    tried: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    match balance {
+        Balance::RoundRobin => (1..=n).map(|i| (last + i) % n).find(|&i| !tried(i) && at(i).eligible()),
+        Balance::LeastConn => fewest_active(last + 1, n, &at, |i| !tried(i)),
     }
-    let start = cursor.next % n;
-    // Rotation order from the cursor, so equal counts take turns.
-    let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).filter(|&i| backends[i].eligible()).collect();
-    // Stable sort keeps rotation order among ties.
-    order.sort_by_key(|&i| backends[i].active);
-    if let Some(&chosen) = order.first() {
-        cursor.next = (chosen + 1) % n;
-        cursor.taken = 0;
+}
+
+/// The eligible, allowed backend with the fewest active connections, scanning from `start`.
+fn fewest_active(
+    start: usize,
+    n: usize,
+    at: &impl Fn(usize) -> Candidate,
+    allowed: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let mut best: Option<(usize, u64)> = None;
+    for i in (0..n).map(|i| (start + i) % n.max(1)) {
+        let b = at(i);
+        if b.eligible() && allowed(i) && best.is_none_or(|(_, active)| b.active < active) {
+            best = Some((i, b.active));
+        }
     }
-    order
+    best.map(|(i, _)| i)
 }
 
 #[cfg(test)]
@@ -91,67 +116,82 @@ mod tests {
         Candidate { weight, up: true, active: 0 }
     }
 
+    const DOWN: Candidate = Candidate { weight: 1, up: false, active: 0 };
+
     #[track_caller]
-    fn picks(f: fn(&mut Cursor, &[Candidate]) -> Vec<usize>, backends: &[Candidate], count: usize) -> Vec<usize> {
+    fn picks(balance: Balance, backends: &[Candidate], count: usize) -> Vec<usize> {
         let mut cursor = Cursor::default();
-        (0..count).map(|_| f(&mut cursor, backends)[0]).collect()
+        (0..count).map(|_| pick(balance, &mut cursor, backends.len(), |i| backends[i]).expect("a pick")).collect()
+    }
+
+    /// The whole order one client would try: the pick, then every failover.
+    fn order(balance: Balance, cursor: &mut Cursor, backends: &[Candidate]) -> Vec<usize> {
+        let mut order: Vec<usize> = pick(balance, cursor, backends.len(), |i| backends[i]).into_iter().collect();
+        while let Some(&last) = order.last() {
+            match failover(balance, last, backends.len(), |i| backends[i], |i| order.contains(&i)) {
+                Some(next) => order.push(next),
+                None => break,
+            }
+        }
+        order
     }
 
     #[test]
     fn rr_weights_1_2_3_give_runs_of_that_length() {
-        let got = picks(round_robin, &[up(1), up(2), up(3)], 13);
+        let got = picks(Balance::RoundRobin, &[up(1), up(2), up(3)], 13);
         assert_eq!(got, [0, 1, 1, 2, 2, 2, 0, 1, 1, 2, 2, 2, 0]);
     }
 
     #[test]
     fn rr_equal_weights_rotate() {
-        assert_eq!(picks(round_robin, &[up(1), up(1), up(1)], 6), [0, 1, 2, 0, 1, 2]);
+        assert_eq!(picks(Balance::RoundRobin, &[up(1), up(1), up(1)], 6), [0, 1, 2, 0, 1, 2]);
     }
 
     #[test]
     fn rr_skips_drained_and_down_backends() {
-        let down = Candidate { weight: 1, up: false, active: 0 };
-        assert_eq!(picks(round_robin, &[up(1), up(0), down, up(1)], 4), [0, 3, 0, 3]);
+        assert_eq!(picks(Balance::RoundRobin, &[up(1), up(0), DOWN, up(1)], 4), [0, 3, 0, 3]);
     }
 
     #[test]
-    fn rr_failover_order_lists_every_eligible_backend_once() {
+    fn rr_failover_order_lists_every_eligible_backend_once_in_config_order() {
         let mut cursor = Cursor::default();
-        let backends = [up(1), up(1), up(0), up(1)];
-        round_robin(&mut cursor, &backends);
-        assert_eq!(round_robin(&mut cursor, &backends), [1, 3, 0]);
+        let backends = [up(1), up(1), up(0), up(1), DOWN];
+        order(Balance::RoundRobin, &mut cursor, &backends);
+        assert_eq!(order(Balance::RoundRobin, &mut cursor, &backends), [1, 3, 0]);
     }
 
     #[test]
-    fn rr_with_nothing_eligible_is_empty() {
+    fn rr_with_nothing_eligible_picks_nothing() {
         let mut cursor = Cursor::default();
-        assert!(round_robin(&mut cursor, &[]).is_empty());
-        assert!(round_robin(&mut cursor, &[up(0), Candidate { weight: 1, up: false, active: 0 }]).is_empty());
+        assert_eq!(round_robin(&mut cursor, 0, |_| up(1)), None);
+        let backends = [up(0), DOWN];
+        assert_eq!(round_robin(&mut cursor, 2, |i| backends[i]), None);
     }
 
     #[test]
     fn rr_survives_a_shrinking_backend_list() {
         let mut cursor = Cursor { next: 5, taken: 1 };
-        assert_eq!(round_robin(&mut cursor, &[up(1), up(1)])[0], 1);
+        assert_eq!(round_robin(&mut cursor, 2, |_| up(1)), Some(1));
     }
 
     #[test]
-    fn lc_picks_fewest_active() {
+    fn lc_picks_fewest_active_and_fails_over_by_active_count() {
         let mut cursor = Cursor::default();
         let backends =
             [Candidate { active: 3, ..up(1) }, Candidate { active: 1, ..up(1) }, Candidate { active: 2, ..up(1) }];
-        assert_eq!(least_connected(&mut cursor, &backends), [1, 2, 0]);
+        assert_eq!(order(Balance::LeastConn, &mut cursor, &backends), [1, 2, 0]);
     }
 
     #[test]
     fn lc_ties_rotate() {
-        assert_eq!(picks(least_connected, &[up(1), up(1), up(1)], 6), [0, 1, 2, 0, 1, 2]);
+        assert_eq!(picks(Balance::LeastConn, &[up(1), up(1), up(1)], 6), [0, 1, 2, 0, 1, 2]);
     }
 
     #[test]
     fn lc_skips_drained_and_down() {
-        let down = Candidate { weight: 1, up: false, active: 0 };
-        let backends = [Candidate { active: 5, ..up(1) }, up(0), down];
-        assert_eq!(picks(least_connected, &backends, 2), [0, 0]);
+        let backends = [Candidate { active: 5, ..up(1) }, up(0), DOWN];
+        assert_eq!(picks(Balance::LeastConn, &backends, 2), [0, 0]);
+        let mut cursor = Cursor::default();
+        assert_eq!(order(Balance::LeastConn, &mut cursor, &backends), [0]);
     }
 }

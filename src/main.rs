@@ -115,11 +115,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match shuttle::net::raise_fd_limit() {
-        Ok(limit) => log::debug!("file descriptor limit: {limit}"),
-        Err(e) => log::warn!("cannot raise the file descriptor limit: {e}"),
-    }
-    let options = Options { admin: flags.http, state: flags.state, grace: flags.grace };
+    let fd_limit = match shuttle::net::raise_fd_limit() {
+        Ok(limit) => {
+            log::debug!("file descriptor limit: {limit}");
+            limit
+        }
+        Err(e) => {
+            log::warn!("cannot raise the file descriptor limit: {e}");
+            1024
+        }
+    };
+    let options = Options { admin: flags.http, state: flags.state, grace: flags.grace, fd_limit };
     let mut server = match Server::new(options, services) {
         Ok(server) => server,
         Err(e) => {

@@ -44,17 +44,20 @@ pub enum ConnectOutcome {
     Failed(io::Error),
 }
 
-/// Checks a connect in flight: `SO_ERROR` first, then `peer_addr` (mio's documented sequence).
-pub fn connect_outcome(stream: &TcpStream) -> ConnectOutcome {
-    match stream.take_error() {
-        Ok(Some(e)) | Err(e) => return ConnectOutcome::Failed(e),
-        Ok(None) => {}
+/// Checks a connect in flight after a readiness event. On Linux a connecting
+/// socket turns writable (or reports an error, which the loop also counts as
+/// writable) exactly when the handshake ends, and `SO_ERROR` then says how;
+/// so without that readiness nothing is asked, and with it no `getpeername`
+/// is needed. epoll reports each fd at most once per wait, and a failover's
+/// new socket is made while its predecessor's one event is being handled, so
+/// a stale event can't pass for the new socket's.
+pub fn connect_outcome(stream: &TcpStream, writable: bool) -> ConnectOutcome {
+    if !writable {
+        return ConnectOutcome::Pending;
     }
-    match stream.peer_addr() {
-        Ok(_) => ConnectOutcome::Connected,
-        Err(e) if e.kind() == io::ErrorKind::NotConnected => ConnectOutcome::Pending,
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => ConnectOutcome::Pending,
-        Err(e) => ConnectOutcome::Failed(e),
+    match stream.take_error() {
+        Ok(Some(e)) | Err(e) => ConnectOutcome::Failed(e),
+        Ok(None) => ConnectOutcome::Connected,
     }
 }
 

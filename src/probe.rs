@@ -149,7 +149,7 @@ impl Probe {
             let state = std::mem::replace(&mut self.state, ProbeState::Idle);
             let (next, progress) = match state {
                 ProbeState::Idle => return None,
-                ProbeState::Connecting { stream } => match net::connect_outcome(&stream) {
+                ProbeState::Connecting { stream } => match net::connect_outcome(&stream, self.ready.writable) {
                     ConnectOutcome::Pending => {
                         self.ready = Ready::default();
                         (ProbeState::Connecting { stream }, Progress::Wait)

@@ -108,6 +108,7 @@ impl Half {
         &mut self,
         src: &mut Peer<S>,
         mut dst: Option<&mut Peer<S>>,
+        other_done: bool,
         pool: &mut BufferPool,
         budget: &mut usize,
         now: Instant,
@@ -165,7 +166,11 @@ impl Half {
             }
             if self.state == HalfState::Draining {
                 if let Some(dst) = dst {
-                    dst.stream.shutdown_write().map_err(HalfError::Destination)?;
+                    // When the other direction is finished too, the pair closes next and
+                    // the close sends this FIN: both sides were read to EOF, so no RST.
+                    if !other_done {
+                        dst.stream.shutdown_write().map_err(HalfError::Destination)?;
+                    }
                     self.state = HalfState::Shut;
                 }
             }
@@ -263,7 +268,7 @@ struct Attempt {
 /// Starts a connect to the next candidate of `plan` that accepts one; failed
 /// candidates are counted as backend errors (SPEC §3).
 fn connect_next(plan: &mut Plan, token: Token, cx: &mut Cx<'_>) -> Result<Attempt, Fault> {
-    while let Some(target) = plan.next_target() {
+    while let Some(target) = cx.services.next_target(plan) {
         let Some(addr) = cx.services.backend(target).map(|b| b.addr) else { continue };
         let started = net::connect(addr).and_then(|mut stream| {
             cx.registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
@@ -401,7 +406,7 @@ impl Pair {
     fn advance(&mut self, key: Key, backend_event: bool, cx: &mut Cx<'_>) -> Step {
         if let Phase::Connecting { target, .. } = &mut self.phase {
             if backend_event || self.backend.ready.writable {
-                match net::connect_outcome(&self.backend.stream) {
+                match net::connect_outcome(&self.backend.stream, self.backend.ready.writable) {
                     ConnectOutcome::Connected => self.connected(cx),
                     ConnectOutcome::Pending => self.backend.ready.writable = false,
                     ConnectOutcome::Failed(e) => {
@@ -456,17 +461,19 @@ impl Pair {
         let backend = &mut self.backend;
         let (result, more) = match &mut self.phase {
             Phase::Connecting { .. } => {
-                let r = self.up.pump(&mut self.client, None, cx.pool, &mut up_budget, now);
+                let r = self.up.pump(&mut self.client, None, false, cx.pool, &mut up_budget, now);
                 (r.map_err(|e| half_fault(e, Side::Client)), false)
             }
             Phase::Relaying { .. } => {
+                let down_done = self.down.state == HalfState::Shut;
                 let r = self
                     .up
-                    .pump(&mut self.client, Some(backend), cx.pool, &mut up_budget, now)
+                    .pump(&mut self.client, Some(backend), down_done, cx.pool, &mut up_budget, now)
                     .map_err(|e| half_fault(e, Side::Client))
                     .and_then(|()| {
+                        let up_done = self.up.state == HalfState::Shut;
                         self.down
-                            .pump(backend, Some(&mut self.client), cx.pool, &mut down_budget, now)
+                            .pump(backend, Some(&mut self.client), up_done, cx.pool, &mut down_budget, now)
                             .map_err(|e| half_fault(e, Side::Backend))
                     });
                 let more = self.up.has_work(&self.client, backend) || self.down.has_work(backend, &self.client);
@@ -591,7 +598,7 @@ mod tests {
     fn pump(half: &mut Half, src: &mut Peer<Script>, dst: Option<&mut Peer<Script>>) -> usize {
         let mut pool = BufferPool::new(4);
         let mut budget = BUDGET;
-        half.pump(src, dst, &mut pool, &mut budget, Instant::now()).expect("pump failed");
+        half.pump(src, dst, false, &mut pool, &mut budget, Instant::now()).expect("pump failed");
         BUDGET - budget
     }
 
@@ -670,7 +677,7 @@ mod tests {
         let mut src = peer(vec![Op::Reset], vec![]);
         let mut dst = peer(vec![], vec![]);
         let mut pool = BufferPool::new(1);
-        let result = half.pump(&mut src, Some(&mut dst), &mut pool, &mut { BUDGET }, Instant::now());
+        let result = half.pump(&mut src, Some(&mut dst), false, &mut pool, &mut { BUDGET }, Instant::now());
         assert!(matches!(result, Err(HalfError::Source(_))));
         assert_eq!(dst.stream.shutdowns.get(), 0);
     }
@@ -681,7 +688,7 @@ mod tests {
         let mut src = peer(vec![Op::Data(b"x".to_vec())], vec![]);
         let mut dst = peer(vec![], vec![Op::Reset]);
         let mut pool = BufferPool::new(1);
-        let result = half.pump(&mut src, Some(&mut dst), &mut pool, &mut { BUDGET }, Instant::now());
+        let result = half.pump(&mut src, Some(&mut dst), false, &mut pool, &mut { BUDGET }, Instant::now());
         assert!(matches!(result, Err(HalfError::Destination(_))));
     }
 }

@@ -8,7 +8,7 @@
 //! Work left over when a budget ran out waits in the ready queue, which makes
 //! the next poll non-blocking, so one busy socket cannot starve the others.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +38,8 @@ const SIGNALS: Token = Token(0);
 const ACCEPT_BATCH: usize = 64;
 /// How long a listener rests after running short of system resources (pitfall 5).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Descriptors held besides the entries': stdio, epoll, the signal pipe, slack.
+const FIXED_FDS: u64 = 16;
 /// Free relay buffers kept for reuse.
 const POOL_FREE: usize = 256;
 
@@ -141,6 +143,8 @@ pub struct Options {
     pub state: Option<PathBuf>,
     /// How long open pairs may run on after SIGTERM.
     pub grace: Duration,
+    /// The process's open-file limit; accepting pauses before pairs would exhaust it.
+    pub fd_limit: u64,
 }
 
 /// Why the loop could not start.
@@ -192,8 +196,10 @@ pub struct Server {
     pub(crate) pool: BufferPool,
     pub(crate) options: Options,
     ready: VecDeque<Key>,
-    /// The keys in `ready`, so an entry is queued at most once.
-    queued: HashSet<Key>,
+    /// By slot index, the key queued in `ready` for that slot, so an entry is
+    /// queued at most once (a slot's next tenant has another key, so it is not
+    /// mistaken for its predecessor).
+    queued: Vec<Option<Key>>,
     signals: Signals,
     pairs: usize,
     paused: Vec<Key>,
@@ -226,7 +232,7 @@ impl Server {
             pool: BufferPool::new(POOL_FREE),
             options,
             ready: VecDeque::new(),
-            queued: HashSet::new(),
+            queued: Vec::new(),
             signals,
             pairs: 0,
             paused: Vec::new(),
@@ -352,7 +358,9 @@ impl Server {
             }
             for _ in 0..self.ready.len() {
                 let Some(key) = self.ready.pop_front() else { break };
-                self.queued.remove(&key);
+                if let Some(slot) = self.queued.get_mut(key.index() as usize).filter(|q| **q == Some(key)) {
+                    *slot = None;
+                }
                 self.resume(key, now);
             }
             if let Some(deadline) = self.draining {
@@ -456,7 +464,12 @@ impl Server {
 
     /// Puts `key` on the ready queue unless it is there already.
     fn enqueue(&mut self, key: Key) {
-        if self.queued.insert(key) {
+        let index = key.index() as usize;
+        if self.queued.len() <= index {
+            self.queued.resize(index + 1, None);
+        }
+        if self.queued[index] != Some(key) {
+            self.queued[index] = Some(key);
             self.ready.push_back(key);
         }
     }
@@ -486,8 +499,25 @@ impl Server {
         }
     }
 
+    /// Whether one more pair (two descriptors) fits under the fd limit. Like
+    /// HAProxy's maxconn, this keeps clients waiting in the listen queue
+    /// instead of accepting them only to fail their backend connect.
+    fn has_fds_for_a_pair(&self) -> bool {
+        // Every entry holds one descriptor, a pair two; stdio, epoll, the signal
+        // pipe and a probe or admin client in flight need a few more.
+        let in_use = (self.entries.len() + self.pairs) as u64 + FIXED_FDS;
+        in_use + 2 <= self.options.fd_limit
+    }
+
     fn accept(&mut self, key: Key, now: Instant) {
         for _ in 0..ACCEPT_BATCH {
+            if !self.has_fds_for_a_pair() {
+                let full = io::Error::other(format!(
+                    "{} connections fill the file descriptor limit of {}",
+                    self.pairs, self.options.fd_limit
+                ));
+                return self.pause(key, &full, now);
+            }
             let Some(Entry::Listener(listener)) = self.entries.get_mut(key) else { return };
             match listener.socket.accept() {
                 Ok((stream, peer)) => {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use crate::balance::{self, Candidate, Cursor};
-use crate::config::{self, BackendConfig, Balance, ServiceConfig};
+use crate::config::{self, BackendConfig, ServiceConfig};
 use crate::health::{Health, Transition};
 use crate::key::{Key, Slots};
 
@@ -67,6 +67,8 @@ pub struct Service {
     pub errors: u64,
     /// The event-loop entry of its listener.
     pub listener: Option<Key>,
+    /// The timeouts new connections get, converted once per config change.
+    limits: Limits,
     cursor: Cursor,
 }
 
@@ -114,24 +116,43 @@ pub struct Limits {
     pub server: Option<Duration>,
 }
 
-/// The backends to try for one client, best first; each is tried at most once (SPEC §3).
-#[derive(Debug, Default)]
+/// What the balancer sees of a backend; a vanished one is never chosen.
+fn candidate(backends: &Slots<Backend>, key: Key) -> Candidate {
+    match backends.get(key) {
+        Some(b) => Candidate { weight: b.config.weight, up: b.health.is_up(), active: b.counters.active },
+        None => Candidate { weight: 0, up: false, active: 0 },
+    }
+}
+
+impl Limits {
+    /// The limits a service's settings set.
+    fn of(settings: &ServiceConfig) -> Limits {
+        Limits {
+            connect: config::seconds(settings.connect_timeout),
+            client: config::seconds(settings.client_timeout),
+            server: config::seconds(settings.server_timeout),
+        }
+    }
+}
+
+/// The backends to try for one client, best first; each is tried at most once
+/// (SPEC §3). Only the first is chosen up front: the rest of the order is
+/// worked out when a connect fails, from the backends as they are then.
+#[derive(Debug)]
 pub struct Plan {
-    targets: Vec<Key>,
-    next: usize,
+    service: Key,
+    /// The balancer's pick, until it is handed out.
+    first: Option<Key>,
+    /// Backends handed out so far (empty, unallocated, until a first failover).
+    tried: Vec<Key>,
+    /// The last backend handed out.
+    last: Option<Key>,
 }
 
 impl Plan {
-    /// The next backend to try.
-    pub fn next_target(&mut self) -> Option<Key> {
-        let key = self.targets.get(self.next).copied();
-        self.next += 1;
-        key
-    }
-
-    /// Whether no candidate is left.
+    /// Whether the balancer found no backend at all.
     pub fn is_empty(&self) -> bool {
-        self.next >= self.targets.len()
+        self.first.is_none() && self.last.is_none()
     }
 }
 
@@ -205,6 +226,7 @@ impl Services {
         let backends = std::mem::take(&mut config.backends);
         let name = config.name.clone();
         let key = self.services.insert(Service {
+            limits: Limits::of(&config),
             settings: config,
             addr,
             backends: Vec::new(),
@@ -222,6 +244,7 @@ impl Services {
         let Prepared { mut config, addr, backend_addrs } = prepared;
         let backends = std::mem::take(&mut config.backends);
         if let Some(service) = self.services.get_mut(key) {
+            service.limits = Limits::of(&config);
             service.settings = config;
             service.addr = addr;
         }
@@ -277,30 +300,39 @@ impl Services {
 
     /// The timeouts new connections to the service get.
     pub fn limits(&self, key: Key) -> Limits {
-        let Some(s) = self.services.get(key) else { return Limits::default() };
-        Limits {
-            connect: config::seconds(s.settings.connect_timeout),
-            client: config::seconds(s.settings.client_timeout),
-            server: config::seconds(s.settings.server_timeout),
-        }
+        self.services.get(key).map_or_else(Limits::default, |s| s.limits)
     }
 
-    /// Chooses backends for a new client; an empty plan means none is available.
+    /// Chooses a backend for a new client; an empty plan means none is available.
     pub fn plan(&mut self, key: Key) -> Plan {
-        let Some(service) = self.services.get_mut(key) else { return Plan::default() };
-        let candidates: Vec<Candidate> = service
-            .backends
-            .iter()
-            .map(|&k| match self.backends.get(k) {
-                Some(b) => Candidate { weight: b.config.weight, up: b.health.is_up(), active: b.counters.active },
-                None => Candidate { weight: 0, up: false, active: 0 },
-            })
-            .collect();
-        let order = match service.settings.balance {
-            Balance::RoundRobin => balance::round_robin(&mut service.cursor, &candidates),
-            Balance::LeastConn => balance::least_connected(&mut service.cursor, &candidates),
-        };
-        Plan { targets: order.into_iter().map(|i| service.backends[i]).collect(), next: 0 }
+        let mut plan = Plan { service: key, first: None, tried: Vec::new(), last: None };
+        let Some(service) = self.services.get_mut(key) else { return plan };
+        let (backends, slots) = (&service.backends, &self.backends);
+        let at = |i: usize| candidate(slots, backends[i]);
+        let chosen = balance::pick(service.settings.balance, &mut service.cursor, backends.len(), at);
+        plan.first = chosen.map(|i| backends[i]);
+        plan
+    }
+
+    /// The next backend of `plan` to try: its first choice, then failover candidates.
+    pub fn next_target(&self, plan: &mut Plan) -> Option<Key> {
+        if let Some(first) = plan.first.take() {
+            plan.last = Some(first);
+            return Some(first);
+        }
+        let service = self.services.get(plan.service)?;
+        let backends = &service.backends;
+        if let Some(last) = plan.last {
+            plan.tried.push(last);
+        }
+        // Where the failed backend stood; if an update removed it, go on from the start.
+        let last =
+            plan.last.and_then(|k| backends.iter().position(|&b| b == k)).unwrap_or(backends.len().saturating_sub(1));
+        let tried = |i: usize| plan.tried.contains(&backends[i]);
+        let at = |i: usize| candidate(&self.backends, backends[i]);
+        let next = balance::failover(service.settings.balance, last, backends.len(), at, tried).map(|i| backends[i]);
+        plan.last = next;
+        next
     }
 
     /// Counts a failed backend connect and feeds passive health; returns a transition to log.
@@ -508,7 +540,7 @@ mod tests {
         let mut services = Services::default();
         let (key, added) = services.insert(service(&[("a", 1), ("b", 2), ("c", 3)]));
         let mut plan = services.plan(key);
-        let got: Vec<_> = std::iter::from_fn(|| plan.next_target()).collect();
+        let got: Vec<_> = std::iter::from_fn(|| services.next_target(&mut plan)).collect();
         assert_eq!(got, added);
     }
 
