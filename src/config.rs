@@ -8,7 +8,7 @@
 //! `validate_service` (and, for whole lists, `validate_all`). Host names are
 //! kept as written; `resolve` is called again when a config is applied.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -551,34 +551,38 @@ pub fn validate_backend(service: &str, backend: &BackendConfig) -> Result<(), Co
 
 /// Checks what only a whole list can break: unique names, distinct listen addresses, no loops.
 pub fn validate_all(services: &[ServiceConfig]) -> Result<(), ConfigError> {
-    let mut seen: Vec<(&str, SocketAddr)> = Vec::with_capacity(services.len());
+    let mut names = HashSet::with_capacity(services.len());
+    // Listeners can only clash on the same port: group by it, so a big config stays linear.
+    let mut by_port: HashMap<u16, Vec<(&str, SocketAddr)>> = HashMap::new();
     for service in services {
         let at = At(&service.name, None);
-        if seen.iter().any(|(name, _)| *name == service.name) {
+        if !names.insert(service.name.as_str()) {
             return Err(at.err("name", "is used by more than one service"));
         }
         let addr = listen_address(&service.address).map_err(|p| at.err("address", p))?;
-        if let Some((other, taken)) = seen.iter().find(|(_, taken)| overlaps(*taken, addr)) {
+        let same_port = by_port.entry(addr.port()).or_default();
+        if let Some((other, taken)) = same_port.iter().find(|(_, taken)| overlaps(*taken, addr)) {
             let problem = format!("{:?} conflicts with {taken}, where service {other:?} listens", service.address);
             return Err(at.err("address", problem));
         }
-        seen.push((&service.name, addr));
+        same_port.push((&service.name, addr));
     }
     check_loops(services)
 }
 
 /// Rejects a backend whose address reaches one of the services' listeners: it would loop (SPEC §2).
 pub fn check_loops(services: &[ServiceConfig]) -> Result<(), ConfigError> {
-    let mut listeners = Vec::with_capacity(services.len());
+    let mut listeners: HashMap<u16, Vec<(&str, SocketAddr)>> = HashMap::new();
     for service in services {
         let addr = resolve(&service.address).map_err(|p| At(&service.name, None).err("address", p))?;
-        listeners.push((service.name.as_str(), addr));
+        listeners.entry(addr.port()).or_default().push((service.name.as_str(), addr));
     }
     for service in services {
         for backend in &service.backends {
             let at = At(&service.name, Some(&backend.name));
             let addr = resolve(&backend.address).map_err(|p| at.err("address", p))?;
-            if let Some((owner, listener)) = listeners.iter().find(|(_, listener)| loops_to(addr, *listener)) {
+            let same_port = listeners.get(&addr.port()).map_or(&[][..], Vec::as_slice);
+            if let Some((owner, listener)) = same_port.iter().find(|(_, listener)| loops_to(addr, *listener)) {
                 let address = clip(&backend.address);
                 let problem = format!("{address:?} reaches {listener}, where service {owner:?} listens; it would loop");
                 return Err(at.err("address", problem));
