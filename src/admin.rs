@@ -26,8 +26,9 @@ use crate::timer::{TimerKey, Wheel};
 /// How long a request may take to arrive, and a response to leave (SPEC §5).
 pub const REQUEST_TIME: Duration = Duration::from_secs(10);
 
-/// Input kept unread at most: one full request, with slack for the next one's start.
-const INPUT_LIMIT: usize = MAX_HEAD + MAX_BODY + 64 * 1024;
+/// Input kept unread at most: one full request, with room for chunk framing
+/// (which can outweigh small chunks) and the next request's start.
+const INPUT_LIMIT: usize = 4 * (MAX_HEAD + MAX_BODY);
 
 /// The admin API's listening socket.
 #[derive(Debug)]
@@ -44,7 +45,13 @@ impl AdminListener {
         if addr.starts_with('/') {
             let path = PathBuf::from(addr);
             if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
-                fs::remove_file(&path)?;
+                // Stale only if nobody answers: never take over a running shuttle's socket.
+                match std::os::unix::net::UnixStream::connect(&path) {
+                    Ok(_) => {
+                        return Err(io::Error::new(io::ErrorKind::AddrInUse, "another process is listening there"));
+                    }
+                    Err(_) => fs::remove_file(&path)?,
+                }
             }
             let listener = UnixListener::bind(&path)?;
             info!("admin listening on {}", path.display());
@@ -155,6 +162,8 @@ pub struct AdminConn {
     written: usize,
     phase: Phase,
     timer: Option<TimerKey>,
+    /// The client has ended its side: answer what it sent, then close.
+    peer_done: bool,
 }
 
 impl AdminConn {
@@ -182,6 +191,7 @@ impl AdminConn {
             written: 0,
             phase: Phase::Reading,
             timer,
+            peer_done: false,
         })
     }
 
@@ -228,6 +238,16 @@ impl AdminConn {
                             return self.closed_by(e);
                         }
                     }
+                    Ok(Progress::NeedMore) if self.peer_done => {
+                        return self.closed_by(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    Ok(Progress::NeedMore) if self.input.len() >= INPUT_LIMIT => {
+                        // Only chunk framing can make a request this big without the
+                        // decoder objecting: too large, with its framing.
+                        let e = http::HttpError::BodyTooLarge;
+                        let body = crate::api::error_body(&e.to_string());
+                        self.queue(Response { status: e.status(), body, allow: None }, false);
+                    }
                     Ok(Progress::NeedMore) => match self.read_input() {
                         Ok(true) => {}
                         Ok(false) => return AdminStep::Done(Step::Wait),
@@ -245,7 +265,7 @@ impl AdminConn {
 
     /// Takes the response to the request this connection handed up, and goes on.
     pub fn respond(&mut self, key: Key, response: Response, cx: &mut Cx<'_>) -> AdminStep {
-        let keep_alive = matches!(self.phase, Phase::Executing { keep_alive: true });
+        let keep_alive = matches!(self.phase, Phase::Executing { keep_alive: true }) && !self.peer_done;
         self.queue(response, keep_alive);
         self.arm(key, cx);
         self.on_ready(key, Ready::default(), cx)
@@ -310,6 +330,12 @@ impl AdminConn {
         let mut got = false;
         while self.ready.readable && self.input.len() < INPUT_LIMIT {
             match self.stream.read(&mut chunk) {
+                // A request followed at once by the client's FIN (`nc -N`, HTTP/1.0
+                // style) is still answered: decode what came, close after.
+                Ok(0) if got => {
+                    self.peer_done = true;
+                    return Ok(true);
+                }
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => {
                     self.input.extend_from_slice(&chunk[..n]);

@@ -156,22 +156,19 @@ fn put_service(
     now: Instant,
 ) -> Result<Vec<u8>, ApiError> {
     writable_name("service", name)?;
-    let mut config = config::parse_service(body, name)?;
     let existing = server.services.find(name);
-    if let Some(key) = existing {
-        let running = server.services.config(key).unwrap_or_else(|| config.clone());
-        if backends_only {
-            config = ServiceConfig { backends: config.backends, ..running.clone() };
-        }
-        if config.settings_equal(&running) {
+    let running = existing.and_then(|key| server.services.config(key));
+    let config = match &running {
+        Some(running) if backends_only => config::parse_backends_only(body, running)?,
+        _ => config::parse_service(body, name)?,
+    };
+    if let (Some(key), Some(running)) = (existing, &running) {
+        if config.settings_equal(running) {
             return update_backends(server, key, config.backends, now);
         }
     }
-    let mut all = others(server, name);
-    all.push(config.clone());
-    config::validate_all(&all)?;
     let prepared = service::prepare(config).map_err(ApiError::BadRequest)?;
-    check_own_listeners(server, &prepared)?;
+    check_against_running(server, existing, &prepared)?;
     let running_addr = existing.and_then(|k| server.services.service(k)).map(|s| s.addr);
     // Bind a new address before anything changes; a failure leaves the old service running (409).
     let socket = if running_addr == Some(prepared.addr) {
@@ -181,6 +178,8 @@ fn put_service(
             ApiError::Conflict(format!("cannot listen on {} ({}): {e}", prepared.config.address, prepared.addr))
         })?)
     };
+    let mut all = others(server, name);
+    all.push(prepared.config.clone());
     persist(server, &all)?;
     let body = config::to_json(&sorted(all)).into_bytes();
     match existing {
@@ -260,9 +259,8 @@ fn update_backends(
     config::validate_service(&config)?;
     let mut all = others(server, &config.name);
     all.push(config.clone());
-    config::validate_all(&all)?;
     let prepared = service::prepare(config).map_err(ApiError::BadRequest)?;
-    check_own_listeners(server, &prepared)?;
+    check_against_running(server, Some(key), &prepared)?;
     let Prepared { config, backend_addrs, .. } = prepared;
     persist(server, &all)?;
     let changes = server.services.set_backends(key, config.backends, backend_addrs);
@@ -276,20 +274,60 @@ fn update_backends(
     Ok(config::to_json(&sorted(all)).into_bytes())
 }
 
-/// Rejects a backend that points at one of our own listeners, including those
-/// bound to port 0 (whose real port the config does not show): it would loop.
-fn check_own_listeners(server: &Server, prepared: &Prepared) -> Result<(), ApiError> {
+/// Checks a prepared service against everything else that runs: its listen
+/// address must not clash with another service's, and no backend, its own or
+/// another service's, may reach one of our listeners (it would loop). Uses the
+/// addresses resolved when those services were applied and the ports actually
+/// bound, so nothing is resolved again and port-0 listeners count too.
+fn check_against_running(server: &Server, key: Option<Key>, prepared: &Prepared) -> Result<(), ApiError> {
+    let name = &prepared.config.name;
+    let new_backends = || prepared.config.backends.iter().zip(&prepared.backend_addrs);
+    let looping = |backend: &str, addr: SocketAddr, listener: SocketAddr, owner: &str| {
+        ApiError::BadRequest(format!(
+            "service {name:?}: backend {backend:?}: address: {addr} reaches {listener}, where service {owner:?} listens; it would loop"
+        ))
+    };
+    for (backend, (addr, _)) in new_backends() {
+        if config::loops_to(*addr, prepared.addr) {
+            return Err(looping(&backend.name, *addr, prepared.addr, name));
+        }
+    }
+    for other in server.services.keys().filter(|&k| Some(k) != key) {
+        let Some(s) = server.services.service(other) else { continue };
+        let owner = s.settings.name.as_str();
+        if config::overlaps(s.addr, prepared.addr) {
+            return Err(ApiError::BadRequest(format!(
+                "service {name:?}: address: {:?} conflicts with {}, where service {owner:?} listens",
+                prepared.config.address, s.addr
+            )));
+        }
+        for (backend, (addr, _)) in new_backends() {
+            if config::loops_to(*addr, s.addr) {
+                return Err(looping(&backend.name, *addr, s.addr, owner));
+            }
+        }
+        for b in s.backends.iter().filter_map(|&k| server.services.backend(k)) {
+            if config::loops_to(b.addr, prepared.addr) {
+                return Err(ApiError::BadRequest(format!(
+                    "service {name:?}: address: service {owner:?} has backend {:?} at {}, which would loop to it",
+                    b.config.name, b.addr
+                )));
+            }
+        }
+    }
+    // Ports actually bound: a listener on port 0 got its real port only then. A
+    // service moving to a new address is leaving its current listener.
+    let moving = key.and_then(|k| server.services.service(k)).is_some_and(|s| s.addr != prepared.addr);
     for (_, entry) in server.entries.iter() {
         let Entry::Listener(listener) = entry else { continue };
+        if moving && Some(listener.service) == key {
+            continue;
+        }
         let Ok(local) = listener.socket.local_addr() else { continue };
-        let own =
-            |addr: &SocketAddr| addr.port() == local.port() && (addr.ip() == local.ip() || local.ip().is_unspecified());
-        for (backend, (addr, _)) in prepared.config.backends.iter().zip(&prepared.backend_addrs) {
-            if own(addr) {
-                return Err(ApiError::BadRequest(format!(
-                    "service {:?}: backend {:?}: address: {addr} is shuttle's own listener (it would loop)",
-                    prepared.config.name, backend.name
-                )));
+        let owner = server.services.service(listener.service).map_or("?", |s| s.settings.name.as_str());
+        for (backend, (addr, _)) in new_backends() {
+            if config::loops_to(*addr, local) {
+                return Err(looping(&backend.name, *addr, local, owner));
             }
         }
     }

@@ -34,6 +34,8 @@ pub const DEFAULT_WEIGHT: u32 = 1;
 pub const MAX_NAME_LEN: usize = 128;
 /// Largest accepted number of seconds (about 31 years); keeps `Instant + Duration` from overflowing.
 pub const MAX_SECONDS: f64 = 1e9;
+/// Smallest non-zero number of seconds: the timer wheel's resolution.
+pub const MIN_SECONDS: f64 = 0.001;
 /// Longest `check_expect`: a check only looks at the first 4 KiB of the reply (SPEC §2).
 pub const MAX_CHECK_EXPECT: usize = 4096;
 const ADDRESS_FORM: &str = r#"expected "host:port", "v4:port" or "[v6]:port""#;
@@ -340,6 +342,22 @@ pub fn parse_service(body: &[u8], url_name: &str) -> Result<ServiceConfig, Confi
     build_service(raw.0, 0, Some(url_name))
 }
 
+/// Parses an admin `PUT /{service}?backends_only` body: only its `backends`
+/// (and `name`, which must match) count; the settings are `running`'s, so a
+/// client that sends zero values for them (as Go clients do) is not refused.
+pub fn parse_backends_only(body: &[u8], running: &ServiceConfig) -> Result<ServiceConfig, ConfigError> {
+    // Shape and field names first, so a typo is still caught.
+    let _: Object<RawService> = serde_json::from_slice(body).map_err(json_error)?;
+    let body: Value = serde_json::from_slice(body).map_err(json_error)?;
+    let mut merged = serde_json::to_value(running).map_err(json_error)?;
+    merged["backends"] = body.get("backends").cloned().unwrap_or_else(|| Value::Array(Vec::new()));
+    if let Some(name) = body.get("name") {
+        merged["name"] = name.clone();
+    }
+    let raw: Object<RawService> = serde_json::from_value(merged).map_err(json_error)?;
+    build_service(raw.0, 0, Some(&running.name))
+}
+
 /// Parses an admin `PUT /{service}/{backend}` body; `name` defaults to `url_name` and must match it.
 pub fn parse_backend(body: &[u8], service: &str, url_name: &str) -> Result<BackendConfig, ConfigError> {
     let raw: Object<RawBackend> = serde_json::from_slice(body).map_err(json_error)?;
@@ -515,6 +533,12 @@ pub fn validate_service(service: &ServiceConfig) -> Result<(), ConfigError> {
         if !(0.0..=MAX_SECONDS).contains(&value) {
             return Err(at.err(field, seconds_problem(show_seconds(value))));
         }
+        // A millisecond is the timer's resolution; below it a value would round to
+        // nothing (a check interval of 0 s would probe in a tight loop).
+        if value > 0.0 && value < MIN_SECONDS {
+            let problem = format!("must be 0 or at least {MIN_SECONDS} (one millisecond), got {}", show_seconds(value));
+            return Err(at.err(field, problem));
+        }
     }
     for (field, value) in [("fall", service.fall), ("rise", service.rise)] {
         if value < 1 {
@@ -592,7 +616,8 @@ pub fn check_loops(services: &[ServiceConfig]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn loops_to(backend: SocketAddr, listener: SocketAddr) -> bool {
+/// Whether connecting to `backend` would reach `listener` (a backend on our own listener loops).
+pub fn loops_to(backend: SocketAddr, listener: SocketAddr) -> bool {
     backend.port() == listener.port()
         && listener.port() != 0
         && (backend.ip() == listener.ip()
@@ -606,7 +631,7 @@ fn is_local(ip: IpAddr) -> bool {
 }
 
 /// Whether two listeners would fight over one port; `[::]` is dual-stack on Linux by default.
-fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+pub fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     let covers = |x: SocketAddr, y: SocketAddr| x.ip().is_unspecified() && (x.is_ipv6() || y.is_ipv4());
     a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }

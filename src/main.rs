@@ -67,8 +67,10 @@ fn parse_flags() -> Result<Parsed, String> {
     let grace: Option<f64> = args.opt_value_from_str("--grace").map_err(|e| e.to_string())?;
     let grace = match grace {
         None => Duration::from_secs(10),
-        Some(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
-        Some(s) => return Err(format!("-grace: must be a number of seconds ≥ 0, got {s}")),
+        Some(s) if (0.0..=config::MAX_SECONDS).contains(&s) => Duration::from_secs_f64(s),
+        Some(s) => {
+            return Err(format!("-grace: must be a number of seconds from 0 to {}, got {s}", config::MAX_SECONDS))
+        }
     };
     let flags = Flags {
         config: args.opt_value_from_str("--config").map_err(|e| e.to_string())?,
@@ -80,9 +82,6 @@ fn parse_flags() -> Result<Parsed, String> {
     let rest = args.finish();
     if let Some(first) = rest.first() {
         return Err(format!("unknown flag or argument {:?}", first.to_string_lossy()));
-    }
-    if !flags.http.starts_with('/') {
-        config::resolve(&flags.http).map_err(|e| format!("-http {}: {e}", flags.http))?;
     }
     Ok(Parsed::Run(flags))
 }

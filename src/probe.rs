@@ -114,7 +114,10 @@ impl Probe {
         let Some(backend) = cx.services.backend(self.backend) else { return Step::Close };
         let Some(addr) = backend.check_addr else { return Step::Close };
         let Some(service) = cx.services.service(backend.service) else { return Step::Close };
-        let connect_timeout = crate::config::seconds(service.settings.connect_timeout);
+        // connect_timeout 0 leaves the connect to the OS, but a check must still end:
+        // one that a silent backend holds forever would stop all later checks.
+        let check_interval = crate::config::seconds(service.settings.check_interval);
+        let deadline = crate::config::seconds(service.settings.connect_timeout).or(check_interval);
         let started = cx.now;
         let connecting = net::connect(addr).and_then(|mut stream| {
             cx.registry.register(&mut stream, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE)?;
@@ -124,7 +127,7 @@ impl Probe {
             Ok(stream) => {
                 self.state = ProbeState::Connecting { stream };
                 self.ready = Ready::default();
-                self.deadline = connect_timeout.map(|d| started + d);
+                self.deadline = deadline.map(|d| started + d);
                 self.arm(key, self.deadline, cx);
                 Step::Wait
             }
@@ -222,6 +225,8 @@ impl Probe {
             .and_then(|s| crate::config::seconds(s.settings.check_interval));
         // Interval 0 turns checks off; the service update removes this probe.
         let Some(interval) = interval else { return };
+        // Validation keeps intervals ≥ 1 ms; never divide by zero all the same.
+        let interval = interval.max(Duration::from_millis(1));
         let mut next = self.due + interval;
         if next <= cx.now {
             // Late by more than an interval (a long check, a busy loop): skip the

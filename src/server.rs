@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, warn};
+use log::{debug, info, warn};
 use mio::event::Event;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Registry, Token};
@@ -38,6 +38,8 @@ const SIGNALS: Token = Token(0);
 const ACCEPT_BATCH: usize = 64;
 /// How long a listener rests after running short of system resources (pitfall 5).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Admin connections open at once at most.
+const MAX_ADMIN_CONNS: usize = 64;
 /// Descriptors held besides the entries': stdio, epoll, the signal pipe, slack.
 const FIXED_FDS: u64 = 16;
 /// Free relay buffers kept for reuse.
@@ -96,6 +98,22 @@ pub struct Cx<'a> {
     pub services: &'a mut Services,
     /// Relay buffers.
     pub pool: &'a mut BufferPool,
+}
+
+/// Closes a client we have nothing for with a FIN (SPEC §3): closing a socket
+/// with unread input makes Linux send RST, so what already arrived is read
+/// and dropped first (a bounded amount, never waiting).
+fn close_gently(mut stream: mio::net::TcpStream) {
+    use std::io::Read;
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        match stream.read(&mut sink) {
+            Ok(n) if n > 0 => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            _ => break,
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
 /// A service's listening socket.
@@ -202,6 +220,10 @@ pub struct Server {
     queued: Vec<Option<Key>>,
     signals: Signals,
     pairs: usize,
+    /// Admin connections open now.
+    admin_conns: usize,
+    /// Set from an admin accept failing for lack of resources until one succeeds.
+    admin_short: bool,
     paused: Vec<Key>,
     draining: Option<Instant>,
 }
@@ -235,6 +257,8 @@ impl Server {
             queued: Vec::new(),
             signals,
             pairs: 0,
+            admin_conns: 0,
+            admin_short: false,
             paused: Vec::new(),
             draining: None,
         };
@@ -325,7 +349,10 @@ impl Server {
                 }
             }
             Entry::Probe(probe) => probe.close(&mut cx),
-            Entry::Admin(conn) => conn.close(&mut cx),
+            Entry::Admin(conn) => {
+                conn.close(&mut cx);
+                self.admin_conns -= 1;
+            }
             Entry::AdminListener(_) => {}
         }
     }
@@ -418,7 +445,8 @@ impl Server {
                 Entry::Probe(probe) => probe.on_timer(key, cx),
                 _ => Step::Wait,
             }),
-            Some(Entry::AdminListener(_)) | None => {}
+            Some(Entry::AdminListener(_)) => self.accept_admin(key, now),
+            None => {}
         }
     }
 
@@ -580,7 +608,8 @@ impl Server {
                 s.errors += 1;
                 debug!("{}: no backend available for {peer}; closing", s.settings.name);
             }
-            return Ok(()); // dropping the stream closes it with a FIN
+            close_gently(stream);
+            return Ok(());
         }
         let Server { poll, entries, timers, services, pool, .. } = self;
         let mut cx = Cx { now, registry: poll.registry(), timers, services, pool };
@@ -610,20 +639,32 @@ impl Server {
         for _ in 0..ACCEPT_BATCH {
             let Some(Entry::AdminListener(listener)) = self.entries.get(key) else { return };
             match listener.accept() {
+                // Bounded, so idle admin clients can't take the fds proxying needs.
+                Ok(_) if self.admin_conns >= MAX_ADMIN_CONNS => {
+                    debug!("admin: {MAX_ADMIN_CONNS} connections open already; closing a new one");
+                }
                 Ok(stream) => {
                     let Server { poll, entries, timers, .. } = self;
                     let registry = poll.registry();
                     let made = entries
                         .try_insert_with(|conn| AdminConn::new(conn, stream, registry, now, timers).map(Entry::Admin));
-                    if let Err(e) = made {
-                        warn!("admin: cannot register a connection: {e}");
+                    match made {
+                        Ok(_) => self.admin_conns += 1,
+                        Err(e) => warn!("admin: cannot register a connection: {e}"),
                     }
+                    self.admin_short = false;
                 }
                 Err(e) => match net::classify_accept(&e) {
                     AcceptError::Drained => return,
                     AcceptError::Skip => debug!("admin accept failed: {e}"),
                     AcceptError::Exhausted => {
-                        error!("admin: cannot accept: {e}");
+                        // As for service listeners: without a retry the queued clients
+                        // would wait for the next edge (pitfall 5).
+                        if !self.admin_short {
+                            self.admin_short = true;
+                            warn!("admin: cannot accept: {e}; retrying shortly");
+                        }
+                        self.timers.insert(now + ACCEPT_PAUSE, key);
                         return;
                     }
                 },
@@ -643,7 +684,8 @@ impl Server {
         for key in doomed {
             self.remove_entry(key);
         }
-        self.draining = Some(now + self.options.grace);
+        // A huge grace means "wait for every connection": cap it rather than overflow.
+        self.draining = Some(now.checked_add(self.options.grace).unwrap_or(now + Duration::from_secs(1 << 30)));
     }
 }
 

@@ -5,7 +5,7 @@
 //! holds the key of a backend an operator has since removed or replaced finds
 //! nothing when it counts, and keeps running (SPEC §3).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -261,12 +261,21 @@ impl Services {
     ) -> BackendChanges {
         let mut changes = BackendChanges::default();
         let Some(service) = self.services.get_mut(key) else { return changes };
-        let mut old = std::mem::take(&mut service.backends);
+        let old = std::mem::take(&mut service.backends);
+        // By name: names are unique within a service, and a hash keeps a big update linear.
+        let mut by_name: HashMap<String, Key> =
+            old.iter().filter_map(|&k| self.backends.get(k).map(|b| (b.config.name.clone(), k))).collect();
         let mut new_keys = Vec::with_capacity(configs.len());
         for (config, (addr, check_addr)) in configs.into_iter().zip(addrs) {
-            let same = old.iter().position(|&k| self.backends.get(k).is_some_and(|b| b.config == config));
+            let same = by_name
+                .get(&config.name)
+                .copied()
+                .filter(|&k| self.backends.get(k).is_some_and(|b| b.config == config));
             match same {
-                Some(i) => new_keys.push(old.remove(i)),
+                Some(k) => {
+                    by_name.remove(&config.name);
+                    new_keys.push(k);
+                }
                 None => {
                     let b = Backend {
                         config,
@@ -283,7 +292,9 @@ impl Services {
                 }
             }
         }
-        changes.removed = old.into_iter().filter_map(|k| self.backends.remove(k)).collect();
+        let kept: HashSet<Key> = new_keys.iter().copied().collect();
+        changes.removed =
+            old.into_iter().filter(|k| !kept.contains(k)).filter_map(|k| self.backends.remove(k)).collect();
         if let Some(service) = self.services.get_mut(key) {
             service.backends = new_keys;
         }

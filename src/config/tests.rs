@@ -232,11 +232,11 @@ fn to_json_is_sorted_complete_and_round_trips() {
 
 #[test]
 fn seconds_print_whole_as_integers_and_fractions_exactly() {
-    let (check_interval, client_timeout, connect_timeout) = (0.25, 30.0, 1e-7);
+    let (check_interval, client_timeout, connect_timeout) = (0.25, 30.0, 0.0015);
     let s = ServiceConfig { check_interval, client_timeout, connect_timeout, ..ServiceConfig::new("w", ":1") };
     let text = to_json(std::slice::from_ref(&s));
     for field in
-        ["\"check_interval\": 0.25,", "\"client_timeout\": 30,", "\"server_timeout\": 0,", "\"connect_timeout\": 1e-7,"]
+        ["\"check_interval\": 0.25,", "\"client_timeout\": 30,", "\"server_timeout\": 0,", "\"connect_timeout\": 0.0015,"]
     {
         assert!(text.contains(field), "{field} missing from {text}");
     }
@@ -244,6 +244,28 @@ fn seconds_print_whole_as_integers_and_fractions_exactly() {
     assert_eq!((seconds(0.0), seconds(f64::NAN)), (None, None));
     assert_eq!((seconds(0.25), seconds(2.0)), (Some(Duration::from_millis(250)), Some(Duration::from_secs(2))));
     assert_eq!(seconds(f64::INFINITY), Some(Duration::from_secs(1_000_000_000)));
+}
+
+#[test]
+fn seconds_below_a_millisecond_are_rejected_but_zero_is_off() {
+    let s = ServiceConfig { check_interval: 1e-10, ..ServiceConfig::new("w", "127.0.0.1:1") };
+    let e = validate_service(&s).unwrap_err().to_string();
+    assert!(e.contains("check_interval") && e.contains("at least 0.001"), "{e}");
+    let off = ServiceConfig { check_interval: 0.0, connect_timeout: 0.001, ..ServiceConfig::new("w", "127.0.0.1:1") };
+    validate_service(&off).unwrap();
+}
+
+#[test]
+fn backends_only_takes_backends_and_name_from_the_body_and_settings_from_the_running_config() {
+    let running = ServiceConfig { fall: 5, ..ServiceConfig::new("web", "127.0.0.1:1") };
+    let body = br#"{"fall": 0, "address": "", "backends": [{"name": "b", "address": "127.0.0.1:2"}]}"#;
+    let merged = parse_backends_only(body, &running).unwrap();
+    assert!(merged.settings_equal(&running));
+    assert_eq!(merged.backends.len(), 1);
+    let typo = parse_backends_only(br#"{"backend": []}"#, &running).unwrap_err().to_string();
+    assert!(typo.contains("backend"), "{typo}");
+    let renamed = parse_backends_only(br#"{"name": "api", "backends": []}"#, &running).unwrap_err().to_string();
+    assert!(renamed.contains("differs"), "{renamed}");
 }
 
 #[test]
