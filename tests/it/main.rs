@@ -16,6 +16,7 @@ mod failover;
 mod health;
 mod limits;
 mod proxy;
+mod regressions;
 mod shutdown;
 mod startup;
 mod state;
