@@ -235,9 +235,12 @@ fn seconds_print_whole_as_integers_and_fractions_exactly() {
     let (check_interval, client_timeout, connect_timeout) = (0.25, 30.0, 0.0015);
     let s = ServiceConfig { check_interval, client_timeout, connect_timeout, ..ServiceConfig::new("w", ":1") };
     let text = to_json(std::slice::from_ref(&s));
-    for field in
-        ["\"check_interval\": 0.25,", "\"client_timeout\": 30,", "\"server_timeout\": 0,", "\"connect_timeout\": 0.0015,"]
-    {
+    for field in [
+        "\"check_interval\": 0.25,",
+        "\"client_timeout\": 30,",
+        "\"server_timeout\": 0,",
+        "\"connect_timeout\": 0.0015,",
+    ] {
         assert!(text.contains(field), "{field} missing from {text}");
     }
     assert_eq!(parse_services(&text).unwrap(), [s]);
