@@ -170,17 +170,28 @@ fn put_service(
     let prepared = service::prepare(config).map_err(ApiError::BadRequest)?;
     check_against_running(server, existing, &prepared)?;
     let running_addr = existing.and_then(|k| server.services.service(k)).map(|s| s.addr);
-    // Bind a new address before anything changes; a failure leaves the old service running (409).
-    let socket = if running_addr == Some(prepared.addr) {
+    // Bind and register a new address before anything changes: a failure leaves
+    // the old service running (409), and nothing after the state file can fail.
+    let listener = if running_addr == Some(prepared.addr) {
         None
     } else {
-        Some(net::bind(prepared.addr).map_err(|e| {
+        let socket = net::bind(prepared.addr).map_err(|e| {
             ApiError::Conflict(format!("cannot listen on {} ({}): {e}", prepared.config.address, prepared.addr))
-        })?)
+        })?;
+        Some(
+            server
+                .stage_listener(socket)
+                .map_err(|e| ApiError::Internal(format!("cannot register a listener: {e}")))?,
+        )
     };
     let mut all = others(server, name);
     all.push(prepared.config.clone());
-    persist(server, &all)?;
+    if let Err(e) = persist(server, &all) {
+        if let Some(staged) = listener {
+            server.remove_entry(staged);
+        }
+        return Err(e);
+    }
     let body = config::to_json(&sorted(all)).into_bytes();
     match existing {
         Some(key) => {
@@ -190,16 +201,18 @@ fn put_service(
                     server.remove_entry(probe);
                 }
             }
-            if let Some(socket) = socket {
-                server.attach_listener(key, socket).map_err(|e| ApiError::Internal(e.to_string()))?;
+            if let Some(staged) = listener {
+                server.adopt_listener(key, staged);
             }
             reconcile_probes(server, key, now);
             info!("service {name} updated");
         }
+        // A new service always has a staged listener: it had no running address.
         None => {
-            let Some(socket) = socket else { return Err(ApiError::Internal("no listener was bound".into())) };
-            server.add_service(prepared, socket, now).map_err(|e| ApiError::Internal(e.to_string()))?;
-            info!("service {name} added");
+            if let Some(staged) = listener {
+                server.commit_service(prepared, staged, now);
+                info!("service {name} added");
+            }
         }
     }
     Ok(body)

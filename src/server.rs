@@ -129,14 +129,6 @@ pub struct Listener {
     short_since: Option<Instant>,
 }
 
-impl Listener {
-    /// Wraps a bound socket and registers it under `key`.
-    pub fn new(key: Key, mut socket: TcpListener, service: Key, registry: &Registry) -> io::Result<Listener> {
-        registry.register(&mut socket, key.token(Side::Client), Interest::READABLE)?;
-        Ok(Listener { socket, service, paused: None, short_since: None })
-    }
-}
-
 /// Every socket-owning state machine of the loop.
 #[derive(Debug)]
 pub enum Entry {
@@ -286,27 +278,51 @@ impl Server {
         socket: TcpListener,
         now: Instant,
     ) -> io::Result<Key> {
+        let listener = self.stage_listener(socket)?;
+        Ok(self.commit_service(prepared, listener, now))
+    }
+
+    /// Registers a bound listener as an entry that serves no service yet: the
+    /// fallible half of starting one, done before the state file changes.
+    /// Nothing is polled until the admin request returns, so it gets no client
+    /// before [`Server::adopt_listener`] gives it its service (or it is removed).
+    pub(crate) fn stage_listener(&mut self, mut socket: TcpListener) -> io::Result<Key> {
+        socket.local_addr()?;
+        let registry = self.poll.registry();
+        self.entries.try_insert_with(|key| {
+            registry.register(&mut socket, key.token(Side::Client), Interest::READABLE)?;
+            Ok(Entry::Listener(Listener { socket, service: key, paused: None, short_since: None }))
+        })
+    }
+
+    /// Starts a new service on a staged listener; cannot fail.
+    pub(crate) fn commit_service(&mut self, prepared: service::Prepared, listener: Key, now: Instant) -> Key {
         let (key, backends) = self.services.insert(prepared);
-        self.attach_listener(key, socket)?;
+        self.adopt_listener(key, listener);
         for backend in backends {
             self.start_probe(backend, now);
         }
-        Ok(key)
+        key
     }
 
-    /// Gives `service` a listener entry for `socket`, closing the one it had.
-    pub(crate) fn attach_listener(&mut self, service: Key, socket: TcpListener) -> io::Result<()> {
-        let local = socket.local_addr()?;
-        let registry = self.poll.registry();
-        let key =
-            self.entries.try_insert_with(|key| Listener::new(key, socket, service, registry).map(Entry::Listener))?;
-        let old = self.services.service_mut(service).and_then(|s| s.listener.replace(key));
-        if let Some(old) = old {
+    /// Makes a staged listener `service`'s, closing the one it had; cannot fail.
+    pub(crate) fn adopt_listener(&mut self, service: Key, listener: Key) {
+        let local = match self.entries.get_mut(listener) {
+            Some(Entry::Listener(l)) => {
+                l.service = service;
+                l.socket.local_addr().ok()
+            }
+            _ => None,
+        };
+        let old = self.services.service_mut(service).and_then(|s| s.listener.replace(listener));
+        if let Some(old) = old.filter(|&old| old != listener) {
             self.remove_entry(old);
         }
         let name = self.services.service(service).map_or("?", |s| s.settings.name.as_str());
-        info!("service {name} listening on {local}");
-        Ok(())
+        match local {
+            Some(local) => info!("service {name} listening on {local}"),
+            None => info!("service {name} listening"),
+        }
     }
 
     /// Starts the health probe of a backend, if it has a check address and its service checks.
