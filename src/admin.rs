@@ -26,6 +26,9 @@ use crate::timer::{TimerKey, Wheel};
 /// How long a request may take to arrive, and a response to leave (SPEC §5).
 pub const REQUEST_TIME: Duration = Duration::from_secs(10);
 
+/// Requests one connection may have executed per wakeup before others get a turn.
+const REQUESTS_PER_TURN: u32 = 16;
+
 /// Input kept unread at most: one full request, with room for chunk framing
 /// (which can outweigh small chunks) and the next request's start.
 const INPUT_LIMIT: usize = 4 * (MAX_HEAD + MAX_BODY);
@@ -45,12 +48,13 @@ impl AdminListener {
         if addr.starts_with('/') {
             let path = PathBuf::from(addr);
             if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
-                // Stale only if nobody answers: never take over a running shuttle's socket.
-                match std::os::unix::net::UnixStream::connect(&path) {
-                    Ok(_) => {
+                // Stale only if the connect is refused: never take over a running
+                // shuttle's socket. Nonblocking, so a full backlog can't hang start-up.
+                match UnixStream::connect(&path) {
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => fs::remove_file(&path)?,
+                    _ => {
                         return Err(io::Error::new(io::ErrorKind::AddrInUse, "another process is listening there"));
                     }
-                    Err(_) => fs::remove_file(&path)?,
                 }
             }
             let listener = UnixListener::bind(&path)?;
@@ -162,8 +166,8 @@ pub struct AdminConn {
     written: usize,
     phase: Phase,
     timer: Option<TimerKey>,
-    /// The client has ended its side: answer what it sent, then close.
-    peer_done: bool,
+    /// Requests this wakeup may still execute.
+    turn: u32,
 }
 
 impl AdminConn {
@@ -191,13 +195,18 @@ impl AdminConn {
             written: 0,
             phase: Phase::Reading,
             timer,
-            peer_done: false,
+            turn: REQUESTS_PER_TURN,
         })
     }
 
     /// The socket is ready (or there is leftover work): move the exchange on.
     pub fn on_ready(&mut self, key: Key, ready: Ready, cx: &mut Cx<'_>) -> AdminStep {
         self.ready.merge(ready);
+        self.turn = REQUESTS_PER_TURN;
+        self.advance(key, cx)
+    }
+
+    fn advance(&mut self, key: Key, cx: &mut Cx<'_>) -> AdminStep {
         loop {
             match self.phase {
                 Phase::Executing { .. } => return AdminStep::Done(Step::Wait),
@@ -224,8 +233,11 @@ impl AdminConn {
                         _ => AdminStep::Done(Step::Close),
                     };
                 }
+                // Pipelined requests take turns with the rest of the loop.
+                Phase::Reading if self.turn == 0 => return AdminStep::Done(Step::Again),
                 Phase::Reading => match self.decoder.decode(&mut self.input) {
                     Ok(Progress::Request(request)) => {
+                        self.turn -= 1;
                         self.phase = Phase::Executing { keep_alive: request.keep_alive };
                         if let Some(timer) = self.timer.take() {
                             cx.timers.cancel(timer);
@@ -237,9 +249,6 @@ impl AdminConn {
                         if let Err(e) = self.flush() {
                             return self.closed_by(e);
                         }
-                    }
-                    Ok(Progress::NeedMore) if self.peer_done => {
-                        return self.closed_by(io::ErrorKind::UnexpectedEof.into());
                     }
                     Ok(Progress::NeedMore) if self.input.len() >= INPUT_LIMIT => {
                         // Only chunk framing can make a request this big without the
@@ -265,10 +274,10 @@ impl AdminConn {
 
     /// Takes the response to the request this connection handed up, and goes on.
     pub fn respond(&mut self, key: Key, response: Response, cx: &mut Cx<'_>) -> AdminStep {
-        let keep_alive = matches!(self.phase, Phase::Executing { keep_alive: true }) && !self.peer_done;
+        let keep_alive = matches!(self.phase, Phase::Executing { keep_alive: true });
         self.queue(response, keep_alive);
         self.arm(key, cx);
-        self.on_ready(key, Ready::default(), cx)
+        self.advance(key, cx)
     }
 
     /// The request or response took too long.
@@ -298,6 +307,11 @@ impl AdminConn {
         self.timer = Some(cx.timers.insert(cx.now + REQUEST_TIME, key));
     }
 
+    /// Whether the connection waits for a request with nothing received: safe to drop for a newcomer.
+    pub fn is_idle(&self) -> bool {
+        self.phase == Phase::Reading && self.input.is_empty()
+    }
+
     fn closed_by(&self, e: io::Error) -> AdminStep {
         if e.kind() != io::ErrorKind::UnexpectedEof {
             debug!("admin: connection failed: {e}");
@@ -324,18 +338,16 @@ impl AdminConn {
         Ok(true)
     }
 
-    /// Reads what the socket has into the input; `Ok(true)` if bytes arrived.
+    /// Reads one chunk into the input, only when the decoder needs more: input
+    /// then holds about one request, and taking a request off its front stays
+    /// cheap however much a client pipelines. `Ok(true)` if bytes arrived. A
+    /// client's FIN right after its request is seen only on the next call, once
+    /// every request before it was answered (`nc -N`, HTTP/1.0 style clients).
     fn read_input(&mut self) -> io::Result<bool> {
-        let mut chunk = [0u8; 16 * 1024];
+        let mut chunk = [0u8; 64 * 1024];
         let mut got = false;
-        while self.ready.readable && self.input.len() < INPUT_LIMIT {
+        while !got && self.ready.readable && self.input.len() < INPUT_LIMIT {
             match self.stream.read(&mut chunk) {
-                // A request followed at once by the client's FIN (`nc -N`, HTTP/1.0
-                // style) is still answered: decode what came, close after.
-                Ok(0) if got => {
-                    self.peer_done = true;
-                    return Ok(true);
-                }
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => {
                     self.input.extend_from_slice(&chunk[..n]);

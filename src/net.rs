@@ -3,7 +3,7 @@
 //!
 //! This is the only file with `unsafe` (one `setrlimit` call).
 
-use std::io;
+use std::io::{self, Read};
 use std::net::SocketAddr;
 
 use mio::net::{TcpListener, TcpStream};
@@ -61,6 +61,23 @@ pub fn connect_outcome(stream: &TcpStream, writable: bool) -> ConnectOutcome {
     }
 }
 
+/// Ends a client we have nothing for with a FIN (SPEC §3): closing a socket
+/// with unread input makes Linux send RST, so what already arrived is read
+/// and dropped first (a bounded amount, never waiting), then our side is shut.
+/// The caller drops the stream afterwards.
+pub fn close_gently(stream: &TcpStream) {
+    let mut sink = [0u8; 4096];
+    let mut reader = stream;
+    for _ in 0..16 {
+        match reader.read(&mut sink) {
+            Ok(n) if n > 0 => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            _ => break,
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
 /// Whether an error is this host running short (fds, memory, ports), not the peer's fault (pitfall 15).
 pub fn is_local_shortage(e: &io::Error) -> bool {
     matches!(
@@ -93,7 +110,7 @@ pub fn classify_accept(e: &io::Error) -> AcceptError {
     }
 }
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the new soft limit.
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit if it can, and returns the soft limit in force.
 #[allow(unsafe_code)]
 pub fn raise_fd_limit() -> io::Result<u64> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -102,10 +119,10 @@ pub fn raise_fd_limit() -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     if limit.rlim_cur < limit.rlim_max {
-        limit.rlim_cur = limit.rlim_max;
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
         // SAFETY: setrlimit only reads the rlimit struct we pass by pointer.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-            return Err(io::Error::last_os_error());
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
         }
     }
     Ok(limit.rlim_cur)

@@ -228,13 +228,16 @@ impl Probe {
         // Validation keeps intervals ≥ 1 ms; never divide by zero all the same.
         let interval = interval.max(Duration::from_millis(1));
         let mut next = self.due + interval;
-        if next <= cx.now {
+        if next + interval <= cx.now {
             // Late by more than an interval (a long check, a busy loop): skip the
             // missed turns but stay on phase.
             let missed = cx.now.duration_since(self.due).as_secs_f64() / interval.as_secs_f64();
-            next = self.due + interval.mul_f64(missed.floor() + 1.0);
+            next = self.due + interval.mul_f64(missed.floor());
         }
+        // Late by less than an interval (a check that ran up to its deadline):
+        // check at once, and keep the phase for the one after.
         self.due = next;
+        let next = next.max(cx.now);
         self.arm(key, Some(next), cx);
     }
 

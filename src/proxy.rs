@@ -497,7 +497,10 @@ impl Pair {
         let service = cx.services.service(self.service).map_or("?", |s| s.settings.name.as_str());
         match &fault {
             Fault::Local(_) => warn!("{service}: {fault}"),
-            Fault::NoBackend => info!("{service}: closing client: {fault}"),
+            Fault::NoBackend => {
+                info!("{service}: closing client: {fault}");
+                net::close_gently(&self.client.stream);
+            }
             _ => debug!("{service}: closing pair: {fault}"),
         }
         match fault {

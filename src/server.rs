@@ -41,7 +41,7 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Admin connections open at once at most.
 const MAX_ADMIN_CONNS: usize = 64;
 /// Descriptors held besides the entries': stdio, epoll, the signal pipe, slack.
-const FIXED_FDS: u64 = 16;
+const FIXED_FDS: u64 = 32;
 /// Free relay buffers kept for reuse.
 const POOL_FREE: usize = 256;
 
@@ -98,22 +98,6 @@ pub struct Cx<'a> {
     pub services: &'a mut Services,
     /// Relay buffers.
     pub pool: &'a mut BufferPool,
-}
-
-/// Closes a client we have nothing for with a FIN (SPEC §3): closing a socket
-/// with unread input makes Linux send RST, so what already arrived is read
-/// and dropped first (a bounded amount, never waiting).
-fn close_gently(mut stream: mio::net::TcpStream) {
-    use std::io::Read;
-    let mut sink = [0u8; 4096];
-    for _ in 0..16 {
-        match stream.read(&mut sink) {
-            Ok(n) if n > 0 => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            _ => break,
-        }
-    }
-    let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
 /// A service's listening socket.
@@ -216,6 +200,10 @@ pub struct Server {
     admin_conns: usize,
     /// Set from an admin accept failing for lack of resources until one succeeds.
     admin_short: bool,
+    /// The armed retry of an admin accept that ran short.
+    admin_retry: Option<TimerKey>,
+    /// Admin connections, oldest first (may hold keys of closed ones).
+    admin_order: VecDeque<Key>,
     paused: Vec<Key>,
     draining: Option<Instant>,
 }
@@ -251,6 +239,8 @@ impl Server {
             pairs: 0,
             admin_conns: 0,
             admin_short: false,
+            admin_retry: None,
+            admin_order: VecDeque::new(),
             paused: Vec::new(),
             draining: None,
         };
@@ -461,7 +451,10 @@ impl Server {
                 Entry::Probe(probe) => probe.on_timer(key, cx),
                 _ => Step::Wait,
             }),
-            Some(Entry::AdminListener(_)) => self.accept_admin(key, now),
+            Some(Entry::AdminListener(_)) => {
+                self.admin_retry = None;
+                self.accept_admin(key, now);
+            }
             None => {}
         }
     }
@@ -485,6 +478,7 @@ impl Server {
                 let step = self.with_admin(key, now, |conn, cx| conn.on_ready(key, Ready::default(), cx));
                 self.run_admin(key, step, now);
             }
+            Some(Entry::AdminListener(_)) => self.accept_admin(key, now),
             _ => {}
         }
     }
@@ -547,9 +541,11 @@ impl Server {
     /// HAProxy's maxconn, this keeps clients waiting in the listen queue
     /// instead of accepting them only to fail their backend connect.
     fn has_fds_for_a_pair(&self) -> bool {
-        // Every entry holds one descriptor, a pair two; stdio, epoll, the signal
-        // pipe and a probe or admin client in flight need a few more.
-        let in_use = (self.entries.len() + self.pairs) as u64 + FIXED_FDS;
+        // A pair holds two descriptors, a listener or admin client one; idle probes
+        // hold none (a check in flight borrows one from the slack, with stdio,
+        // epoll and the signal pipe).
+        let listeners = self.services.len() + 1;
+        let in_use = (2 * self.pairs + self.admin_conns + listeners) as u64 + FIXED_FDS;
         in_use + 2 <= self.options.fd_limit
     }
 
@@ -624,7 +620,7 @@ impl Server {
                 s.errors += 1;
                 debug!("{}: no backend available for {peer}; closing", s.settings.name);
             }
-            close_gently(stream);
+            net::close_gently(&stream);
             return Ok(());
         }
         let Server { poll, entries, timers, services, pool, .. } = self;
@@ -655,17 +651,22 @@ impl Server {
         for _ in 0..ACCEPT_BATCH {
             let Some(Entry::AdminListener(listener)) = self.entries.get(key) else { return };
             match listener.accept() {
-                // Bounded, so idle admin clients can't take the fds proxying needs.
-                Ok(_) if self.admin_conns >= MAX_ADMIN_CONNS => {
-                    debug!("admin: {MAX_ADMIN_CONNS} connections open already; closing a new one");
-                }
                 Ok(stream) => {
+                    // Bounded, so idle admin clients can't take the fds proxying needs;
+                    // at the bound the oldest idle one makes room for the newcomer.
+                    if self.admin_conns >= MAX_ADMIN_CONNS && !self.evict_idle_admin() {
+                        debug!("admin: {MAX_ADMIN_CONNS} connections busy; closing a new one");
+                        continue;
+                    }
                     let Server { poll, entries, timers, .. } = self;
                     let registry = poll.registry();
                     let made = entries
                         .try_insert_with(|conn| AdminConn::new(conn, stream, registry, now, timers).map(Entry::Admin));
                     match made {
-                        Ok(_) => self.admin_conns += 1,
+                        Ok(conn) => {
+                            self.admin_conns += 1;
+                            self.admin_order.push_back(conn);
+                        }
                         Err(e) => warn!("admin: cannot register a connection: {e}"),
                     }
                     self.admin_short = false;
@@ -680,13 +681,27 @@ impl Server {
                             self.admin_short = true;
                             warn!("admin: cannot accept: {e}; retrying shortly");
                         }
-                        self.timers.insert(now + ACCEPT_PAUSE, key);
+                        if self.admin_retry.is_none() {
+                            self.admin_retry = Some(self.timers.insert(now + ACCEPT_PAUSE, key));
+                        }
                         return;
                     }
                 },
             }
         }
         self.enqueue(key);
+    }
+
+    /// Closes the oldest admin connection that waits for a request with nothing
+    /// received; `false` if every one is busy.
+    fn evict_idle_admin(&mut self) -> bool {
+        self.admin_order.retain(|&k| matches!(self.entries.get(k), Some(Entry::Admin(_))));
+        let idle =
+            self.admin_order.iter().position(|&k| matches!(self.entries.get(k), Some(Entry::Admin(c)) if c.is_idle()));
+        let Some(key) = idle.and_then(|i| self.admin_order.remove(i)) else { return false };
+        debug!("admin: {MAX_ADMIN_CONNS} connections open; closing the oldest idle one");
+        self.remove_entry(key);
+        true
     }
 
     /// SIGTERM/SIGINT: stop accepting and let open pairs finish within the grace period.

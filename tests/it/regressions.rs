@@ -135,3 +135,58 @@ fn a_check_without_connect_timeout_still_ends_when_the_backend_never_replies() {
     assert!(failed, "checks against a silent backend never ended: {}", get(admin, "/web/b0").1);
     drop(silent);
 }
+
+#[test]
+fn pipelined_requests_followed_by_fin_are_all_answered() {
+    let shuttle = Shuttle::start(&[]);
+    let mut stream = TcpStream::connect(shuttle.admin_addr()).expect("connect to admin");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /_config HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+    stream.shutdown(Shutdown::Write).expect("shut write");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("read the answers");
+    assert_eq!(reply.matches("HTTP/1.1 200 OK").count(), 2, "{reply}");
+}
+
+#[test]
+fn idle_admin_connections_make_room_for_a_new_client() {
+    let shuttle = Shuttle::start(&[]);
+    let admin = shuttle.admin_addr();
+    let idle: Vec<TcpStream> = (0..70).map(|_| TcpStream::connect(admin).expect("connect")).collect();
+    // All 70 are accepted (the oldest idle ones make room), and a 71st client is served.
+    assert_eq!(get(admin, "/_config"), (200, json!([])));
+    drop(idle);
+}
+
+#[test]
+fn a_flood_of_pipelined_admin_requests_does_not_stall_proxying() {
+    let echo = echo();
+    let shuttle = Shuttle::start_with_config(&one_backend(echo.address()), &[]);
+    let admin = shuttle.admin_addr();
+    let web = shuttle.service_addr("web");
+
+    let mut flood = TcpStream::connect(admin).expect("connect to admin");
+    let mut reader = flood.try_clone().expect("clone");
+    let drain = std::thread::spawn(move || {
+        let mut sink = vec![0u8; 1 << 16];
+        while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    let request = b"GET /nope/nope HTTP/1.1\r\nHost: x\r\n\r\n".repeat(20_000);
+    let writer = std::thread::spawn(move || {
+        let _ = flood.write_all(&request);
+        let _ = flood.shutdown(Shutdown::Write);
+    });
+
+    let mut client = connect(web);
+    let mut slowest = std::time::Duration::ZERO;
+    for _ in 0..50 {
+        let started = std::time::Instant::now();
+        client.write_all(b"ping").expect("send");
+        let mut reply = [0u8; 4];
+        client.read_exact(&mut reply).expect("echo");
+        slowest = slowest.max(started.elapsed());
+    }
+    writer.join().expect("writer");
+    drain.join().expect("drain");
+    assert!(slowest < std::time::Duration::from_millis(500), "a proxied round trip took {slowest:?} during the flood");
+}
