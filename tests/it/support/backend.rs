@@ -233,10 +233,15 @@ pub fn stream(seed: u64, total: u64) -> Backend {
     })
 }
 
-/// An address nothing listens on (bound to port 0, then closed): connects are refused.
+/// An address nothing listens on: connects are refused. The port stays bound
+/// (never listening) for the rest of the test process, so no test running at
+/// the same time can be handed it and turn it into a live address.
 pub fn refusing() -> SocketAddr {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind for a refusing address");
-    listener.local_addr().expect("refusing address")
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket for a refusing address");
+    socket.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into()).expect("bind for a refusing address");
+    let addr = socket.local_addr().ok().and_then(|a| a.as_socket()).expect("refusing address");
+    std::mem::forget(socket);
+    addr
 }
 
 /// A listener whose accept queue is full and never drained: a connect to it
