@@ -92,9 +92,6 @@ impl Server {
         peer: SocketAddr,
         now: Instant,
     ) -> Result<(), io::Error> {
-        if let Err(e) = stream.set_nodelay(true) {
-            debug!("{peer}: cannot set TCP_NODELAY: {e}");
-        }
         let plan = self.services.plan(service);
         if plan.is_empty() {
             if let Some(s) = self.services.service_mut(service) {
