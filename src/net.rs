@@ -48,15 +48,19 @@ pub enum ConnectOutcome {
 }
 
 /// Checks a connect in flight after a readiness event. On Linux a connecting
-/// socket turns writable (or reports an error, which the loop also counts as
-/// writable) exactly when the handshake ends, and `SO_ERROR` then says how;
-/// so without that readiness nothing is asked, and with it no `getpeername`
-/// is needed. epoll reports each fd at most once per wait, and a failover's
-/// new socket is made while its predecessor's one event is being handled, so
-/// a stale event can't pass for the new socket's.
-pub fn connect_outcome(stream: &TcpStream, writable: bool) -> ConnectOutcome {
+/// socket turns writable exactly when the handshake ends (`tcp_poll` reports
+/// no `EPOLLOUT` in `SYN_SENT`), and a failed one also reports `EPOLLERR`:
+/// so without writability nothing is asked, writability with no error or
+/// hang-up hint is success, and only with a hint is `SO_ERROR` read to learn
+/// how it ended. epoll reports each fd at most once per wait, and a
+/// failover's new socket is made while its predecessor's one event is being
+/// handled, so a stale event can't pass for the new socket's.
+pub fn connect_outcome(stream: &TcpStream, writable: bool, hint: bool) -> ConnectOutcome {
     if !writable {
         return ConnectOutcome::Pending;
+    }
+    if !hint {
+        return ConnectOutcome::Connected;
     }
     match stream.take_error() {
         Ok(Some(e)) | Err(e) => ConnectOutcome::Failed(e),

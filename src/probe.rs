@@ -152,17 +152,21 @@ impl Probe {
             let state = std::mem::replace(&mut self.state, ProbeState::Idle);
             let (next, progress) = match state {
                 ProbeState::Idle => return None,
-                ProbeState::Connecting { stream } => match net::connect_outcome(&stream, self.ready.writable) {
-                    ConnectOutcome::Pending => {
-                        self.ready = Ready::default();
-                        (ProbeState::Connecting { stream }, Progress::Wait)
+                ProbeState::Connecting { stream } => {
+                    match net::connect_outcome(&stream, self.ready.writable, self.ready.closing) {
+                        ConnectOutcome::Pending => {
+                            self.ready = Ready::default();
+                            (ProbeState::Connecting { stream }, Progress::Wait)
+                        }
+                        ConnectOutcome::Failed(e) => {
+                            (ProbeState::Connecting { stream }, Progress::Done(Err(reason(&e))))
+                        }
+                        ConnectOutcome::Connected if send.is_empty() && expect.is_empty() => {
+                            (ProbeState::Connecting { stream }, Progress::Done(Ok(())))
+                        }
+                        ConnectOutcome::Connected => (ProbeState::Sending { stream, sent: 0 }, Progress::Next),
                     }
-                    ConnectOutcome::Failed(e) => (ProbeState::Connecting { stream }, Progress::Done(Err(reason(&e)))),
-                    ConnectOutcome::Connected if send.is_empty() && expect.is_empty() => {
-                        (ProbeState::Connecting { stream }, Progress::Done(Ok(())))
-                    }
-                    ConnectOutcome::Connected => (ProbeState::Sending { stream, sent: 0 }, Progress::Next),
-                },
+                }
                 ProbeState::Sending { mut stream, mut sent } => {
                     let progress = write_send(&mut stream, send, &mut sent, &mut self.ready);
                     match progress {

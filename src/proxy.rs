@@ -406,7 +406,8 @@ impl Pair {
     fn advance(&mut self, key: Key, backend_event: bool, cx: &mut Cx<'_>) -> Step {
         if let Phase::Connecting { target, .. } = &mut self.phase {
             if backend_event || self.backend.ready.writable {
-                match net::connect_outcome(&self.backend.stream, self.backend.ready.writable) {
+                let ready = self.backend.ready;
+                match net::connect_outcome(&self.backend.stream, ready.writable, ready.closing) {
                     ConnectOutcome::Connected => self.connected(cx),
                     ConnectOutcome::Pending => self.backend.ready.writable = false,
                     ConnectOutcome::Failed(e) => {
