@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::support::{
-    backend, connect, echo, named, one_backend, read_line, service, tempdir, try_connect, wait_until, write_file,
-    Shuttle, DEADLINE, IO_TIMEOUT,
+    backend, connect, echo, named, one_backend, read_line, refused_within, round_trip, service, tempdir, try_connect,
+    wait_until, write_file, Shuttle, DEADLINE, IO_TIMEOUT,
 };
 
 /// The body limit (SPEC §5), inclusive.
@@ -337,15 +337,6 @@ fn wait_idle(admin: SocketAddr, name: &str) {
     );
 }
 
-/// One echo round trip of `message` on an open proxied connection.
-#[track_caller]
-pub(crate) fn round_trip(client: &mut TcpStream, message: &[u8]) {
-    client.write_all(message).expect("send through the proxy");
-    let mut reply = vec![0; message.len()];
-    client.read_exact(&mut reply).expect("read the echo through the proxy");
-    assert_eq!(reply, message, "echo differs");
-}
-
 /// A fresh connection to `addr`, one echo round trip, then a clean close; returns how long it took.
 #[track_caller]
 fn echo_once(addr: SocketAddr, message: &[u8]) -> Duration {
@@ -375,11 +366,6 @@ fn padded(body: &Value, len: usize) -> Vec<u8> {
     assert!(bytes.len() <= len);
     bytes.resize(len, b' ');
     bytes
-}
-
-/// Whether a connect to `addr` is refused within `within`.
-fn refused_within(addr: SocketAddr, within: Duration) -> bool {
-    wait_until(within, || matches!(TcpStream::connect(addr), Err(e) if e.kind() == io::ErrorKind::ConnectionRefused))
 }
 
 // ---------------------------------------------------------------------------

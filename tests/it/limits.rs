@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use crate::support::{connect, echo, one_backend, try_connect, wait_until, Shuttle};
+use crate::support::{connect, echo, one_backend, round_trip, try_connect, wait_until, Shuttle};
 
 /// CPU time (user + system) of process `pid` in clock ticks.
 fn cpu_ticks(pid: i32) -> u64 {
@@ -15,13 +15,6 @@ fn cpu_ticks(pid: i32) -> u64 {
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of stat; after the name, 12 and 13 (0-based 11, 12).
     fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
-}
-
-fn round_trip(client: &mut TcpStream, message: &[u8]) {
-    client.write_all(message).expect("send");
-    let mut reply = vec![0; message.len()];
-    client.read_exact(&mut reply).expect("echo");
-    assert_eq!(reply, message);
 }
 
 #[test]

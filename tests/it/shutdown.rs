@@ -1,28 +1,12 @@
 //! SIGTERM / SIGINT (SPEC §1): listeners close at once, open pairs may finish
 //! within the grace period, then the process exits 0.
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use crate::support::{connect, echo, one_backend, read_to_eof, wait_closed, wait_until, Shuttle, DEADLINE};
-
-#[track_caller]
-fn round_trip(client: &mut TcpStream, message: &[u8]) {
-    client.write_all(message).expect("send");
-    let mut reply = vec![0; message.len()];
-    client.read_exact(&mut reply).expect("echo");
-    assert_eq!(reply, message);
-}
-
-/// Whether a connect to `addr` is refused within `within` (a connect that
-/// still gets through, e.g. into a closing backlog, is retried).
-fn refused_within(addr: SocketAddr, within: Duration) -> bool {
-    wait_until(within, || {
-        matches!(TcpStream::connect_timeout(&addr, Duration::from_secs(1)),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused)
-    })
-}
+use crate::support::{
+    connect, echo, one_backend, read_to_eof, refused_within, round_trip, wait_closed, Shuttle, DEADLINE,
+};
 
 #[test]
 fn sigterm_refuses_new_connections_and_lets_an_open_pair_finish() {

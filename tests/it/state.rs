@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
 
-use crate::admin::{call, config_bytes, config_json, delete, get, put, round_trip, Http};
+use crate::admin::{call, config_bytes, config_json, delete, get, put, Http};
+use crate::support::round_trip;
 use crate::support::{backend, echo, one_backend, service, tempdir, write_config, write_file, Shuttle, DEADLINE};
 
 fn path_str(path: &Path) -> &str {

@@ -367,6 +367,25 @@ pub fn wait_closed(stream: &mut TcpStream, within: Duration) -> Result<Closed, S
     outcome
 }
 
+/// One echo round trip of `message` on an open proxied connection.
+#[track_caller]
+pub fn round_trip(client: &mut TcpStream, message: &[u8]) {
+    use std::io::Write;
+    client.write_all(message).expect("send through the proxy");
+    let mut reply = vec![0; message.len()];
+    client.read_exact(&mut reply).expect("read the echo through the proxy");
+    assert_eq!(reply, message, "echo differs");
+}
+
+/// Whether a connect to `addr` is refused within `within` (a connect that
+/// still gets through, e.g. into a closing backlog, is retried).
+pub fn refused_within(addr: SocketAddr, within: Duration) -> bool {
+    wait_until(within, || {
+        matches!(TcpStream::connect_timeout(&addr, Duration::from_secs(1)),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::TcpStream;

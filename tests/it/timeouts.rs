@@ -1,15 +1,13 @@
 //! Idle timeouts (SPEC §2 `client_timeout`, `server_timeout`): a pair with no
 //! progress on that side for the timeout is closed; progress keeps it open.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{backend, connect, service, wait_closed, Backend, Shuttle, DEADLINE};
+use crate::support::{backend, connect, round_trip, service, wait_closed, Backend, Shuttle, DEADLINE};
 
 /// An echo backend that reports when each of its connections ends.
 fn echo_reporting_close() -> (Backend, mpsc::Receiver<Instant>) {
@@ -28,14 +26,6 @@ fn start(field: &str, seconds: f64) -> (Backend, mpsc::Receiver<Instant>, Shuttl
     web[field] = json!(seconds);
     let shuttle = Shuttle::start_with_config(&json!([web]), &[]);
     (echo, closed, shuttle)
-}
-
-#[track_caller]
-fn round_trip(client: &mut TcpStream, message: &[u8]) {
-    client.write_all(message).expect("send");
-    let mut reply = vec![0; message.len()];
-    client.read_exact(&mut reply).expect("echo");
-    assert_eq!(reply, message);
 }
 
 /// A pair that goes silent after one round trip is closed on both sides
