@@ -84,6 +84,7 @@ impl Buffer {
     }
 
     /// Appends `bytes` as far as they fit and returns how many did.
+    #[cfg(test)]
     pub fn fill(&mut self, bytes: &[u8]) -> usize {
         let space = self.space();
         let n = space.len().min(bytes.len());
@@ -148,34 +149,26 @@ impl Transfer {
 pub struct BufferPool {
     free: Vec<Buffer>,
     max_free: usize,
-    lent: usize,
 }
 
 impl BufferPool {
     /// A pool that keeps at most `max_free` idle buffers around.
     pub fn new(max_free: usize) -> Self {
-        BufferPool { free: Vec::new(), max_free, lent: 0 }
+        BufferPool { free: Vec::new(), max_free }
     }
 
     /// An empty buffer, reused when one is free.
     pub fn take(&mut self) -> Buffer {
-        self.lent += 1;
         self.free.pop().unwrap_or_else(Buffer::new)
     }
 
     /// Returns a buffer; its contents are discarded.
     pub fn give(&mut self, mut buf: Buffer) {
-        self.lent = self.lent.saturating_sub(1);
         if self.free.len() < self.max_free {
             buf.head = 0;
             buf.tail = 0;
             self.free.push(buf);
         }
-    }
-
-    /// How many buffers are lent out now.
-    pub fn lent(&self) -> usize {
-        self.lent
     }
 }
 
@@ -294,10 +287,8 @@ pub(crate) mod tests {
         let mut pool = BufferPool::new(1);
         let a = pool.take();
         let b = pool.take();
-        assert_eq!(pool.lent(), 2);
         pool.give(a);
         pool.give(b);
         assert_eq!(pool.free.len(), 1);
-        assert_eq!(pool.lent(), 0);
     }
 }
