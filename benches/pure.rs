@@ -10,10 +10,10 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use shuttle::balance::{least_connected, round_robin, Candidate, Cursor};
-use shuttle::config::parse_services;
-use shuttle::http::{Decoder, Progress};
-use shuttle::timer::Wheel;
+use shuttle::control::http::{Decoder, Progress};
+use shuttle::model::balance::{least_connected, round_robin, Candidate, Cursor};
+use shuttle::model::config::parse_services;
+use shuttle::runtime::timer::Wheel;
 
 /// Live timers in every wheel benchmark.
 const LIVE_TIMERS: u64 = 100_000;
@@ -210,7 +210,7 @@ fn admin(c: &mut Criterion) {
     };
     group.throughput(Throughput::Bytes(body.len() as u64));
     group.bench_function("parse_service_body", |b| {
-        b.iter(|| shuttle::config::parse_service(black_box(&body), "web").expect("valid service"))
+        b.iter(|| shuttle::model::config::parse_service(black_box(&body), "web").expect("valid service"))
     });
     group.finish();
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use shuttle::config;
+use shuttle::model::config;
 use shuttle::server::{Options, Server, StartupError};
 
 const USAGE: &str = "\
@@ -114,7 +114,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let fd_limit = match shuttle::net::raise_fd_limit() {
+    let fd_limit = match shuttle::runtime::net::raise_fd_limit() {
         Ok(limit) => {
             log::debug!("file descriptor limit: {limit}");
             limit

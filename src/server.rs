@@ -17,22 +17,24 @@ use std::time::{Duration, Instant};
 use log::info;
 use mio::event::Event;
 use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Registry, Token};
+use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 mod accept;
 
-use crate::admin::{AdminConn, AdminListener, AdminStep};
-use crate::api;
-use crate::buffer::BufferPool;
-use crate::config::ServiceConfig;
-use crate::key::{Key, Side, Slots};
-use crate::net;
-use crate::probe::Probe;
-use crate::proxy::Pair;
-use crate::service::{self, Services};
-use crate::timer::{TimerKey, Wheel};
+use crate::context::Cx;
+use crate::control::admin::{AdminConn, AdminListener, AdminStep};
+use crate::control::api;
+use crate::control::probe::Probe;
+use crate::data::buffer::BufferPool;
+use crate::data::proxy::Pair;
+use crate::model::config::ServiceConfig;
+use crate::model::service::{self, Services};
+use crate::runtime::key::{Key, Side, Slots};
+use crate::runtime::net;
+use crate::runtime::ready::{Ready, Step};
+use crate::runtime::timer::{TimerKey, Wheel};
 
 /// The signal source's token; no key packs to it (generations start at 1).
 const SIGNALS: Token = Token(0);
@@ -46,61 +48,6 @@ const MAX_ADMIN_CONNS: usize = 64;
 const FIXED_FDS: u64 = 32;
 /// Free relay buffers kept for reuse.
 const POOL_FREE: usize = 256;
-
-/// Cached readiness of one socket; a flag is cleared only by a `WouldBlock`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Ready {
-    /// A read may make progress.
-    pub readable: bool,
-    /// A write (or a connect check) may make progress.
-    pub writable: bool,
-    /// The peer hung up or the socket has an error: read to EOF, never stop at a short read.
-    pub closing: bool,
-}
-
-impl Ready {
-    /// Readiness from an event; error and hang-up hints just make the next syscall happen (pitfall 10).
-    pub fn from_event(event: &Event) -> Ready {
-        Ready {
-            readable: event.is_readable() || event.is_read_closed() || event.is_error(),
-            writable: event.is_writable() || event.is_write_closed() || event.is_error(),
-            closing: event.is_read_closed() || event.is_error(),
-        }
-    }
-
-    /// Adds what an event reported.
-    pub fn merge(&mut self, other: Ready) {
-        self.readable |= other.readable;
-        self.writable |= other.writable;
-        self.closing |= other.closing;
-    }
-}
-
-/// What a state machine wants the loop to do after it ran.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Step {
-    /// Nothing until an event or a timer.
-    Wait,
-    /// Its budget ran out with work left: run it again soon.
-    Again,
-    /// Remove it (dropping its sockets closes them).
-    Close,
-}
-
-/// What state machines may use of the loop while one of them is borrowed from the slab.
-#[derive(Debug)]
-pub struct Cx<'a> {
-    /// The time this loop iteration started.
-    pub now: Instant,
-    /// Where sockets are registered.
-    pub registry: &'a Registry,
-    /// Deadlines, each naming an entry.
-    pub timers: &'a mut Wheel<Key>,
-    /// Running config and counters.
-    pub services: &'a mut Services,
-    /// Relay buffers.
-    pub pool: &'a mut BufferPool,
-}
 
 /// A service's listening socket.
 #[derive(Debug)]
@@ -321,7 +268,7 @@ impl Server {
     pub(crate) fn start_probe(&mut self, backend: Key, now: Instant) {
         let Some(b) = self.services.backend(backend) else { return };
         let Some(service) = self.services.service(b.service) else { return };
-        let Some(interval) = crate::config::seconds(service.settings.check_interval) else { return };
+        let Some(interval) = crate::model::config::seconds(service.settings.check_interval) else { return };
         if b.check_addr.is_none() {
             return;
         }

@@ -12,10 +12,10 @@ use std::time::Instant;
 use log::{debug, info, warn};
 
 use super::{Cx, Entry, Server, ACCEPT_BATCH, ACCEPT_PAUSE, FIXED_FDS, MAX_ADMIN_CONNS};
-use crate::admin::AdminConn;
-use crate::key::Key;
-use crate::net::{self, AcceptError};
-use crate::proxy::{Fault, Pair};
+use crate::control::admin::AdminConn;
+use crate::data::proxy::{Fault, Pair};
+use crate::runtime::key::Key;
+use crate::runtime::net::{self, AcceptError};
 
 impl Server {
     /// Whether one more pair (two descriptors) fits under the fd limit. Like

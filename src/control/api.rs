@@ -12,13 +12,13 @@ use std::time::Instant;
 
 use log::info;
 
-use crate::config::{self, BackendConfig, ServiceConfig};
-use crate::health::Health;
-use crate::http::Request;
-use crate::key::Key;
-use crate::net;
+use crate::control::http::Request;
+use crate::model::config::{self, BackendConfig, ServiceConfig};
+use crate::model::health::Health;
+use crate::model::service::{self, Prepared};
+use crate::runtime::key::Key;
+use crate::runtime::net;
 use crate::server::{Entry, Server};
-use crate::service::{self, Prepared};
 
 /// A response to one admin request.
 #[derive(Debug)]

@@ -22,13 +22,14 @@ use log::{debug, info, warn};
 use mio::net::TcpStream;
 use mio::{Interest, Token};
 
-use crate::buffer::{Buffer, BufferPool, Transfer, BUF_SIZE};
-use crate::health::Transition;
-use crate::key::{Key, Side};
-use crate::net::{self, ConnectOutcome};
-use crate::server::{Cx, Ready, Step};
-use crate::service::{Limits, Plan};
-use crate::timer::TimerKey;
+use crate::context::Cx;
+use crate::data::buffer::{Buffer, BufferPool, Transfer, BUF_SIZE};
+use crate::model::health::Transition;
+use crate::model::service::{Limits, Plan};
+use crate::runtime::key::{Key, Side};
+use crate::runtime::net::{self, ConnectOutcome};
+use crate::runtime::ready::{Ready, Step};
+use crate::runtime::timer::TimerKey;
 
 /// Bytes one direction may read per wakeup before the pair yields to others (fairness).
 const BUDGET: usize = 4 * BUF_SIZE;
@@ -582,7 +583,7 @@ fn half_fault(error: HalfError, source: Side) -> Fault {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::tests::{Op, Script};
+    use crate::data::buffer::tests::{Op, Script};
 
     impl Stream for Script {
         fn shutdown_write(&self) -> io::Result<()> {
@@ -594,7 +595,7 @@ mod tests {
     fn peer(reads: Vec<Op>, writes: Vec<Op>) -> Peer<Script> {
         let script = Script { reads: reads.into(), writes: writes.into(), ..Script::default() };
         let mut peer = Peer::new(script, Instant::now());
-        peer.ready = Ready { readable: true, writable: true, closing: true };
+        peer.ready = Ready { readable: true, writable: true, closing: true, error: false };
         peer
     }
 
@@ -661,7 +662,7 @@ mod tests {
         pump(&mut half, &mut src, Some(&mut dst));
         assert!(!src.ready.readable, "no read is wasted on WouldBlock after a short one");
         assert_eq!(half.state, HalfState::Open);
-        src.ready = Ready { readable: true, writable: false, closing: true };
+        src.ready = Ready { readable: true, writable: false, closing: true, error: false };
         pump(&mut half, &mut src, Some(&mut dst));
         assert_eq!(half.state, HalfState::Shut, "after a hang-up hint it reads on to the EOF");
     }

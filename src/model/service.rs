@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use crate::balance::{self, Candidate, Cursor};
-use crate::config::{self, BackendConfig, ServiceConfig};
-use crate::health::{Health, Transition};
-use crate::key::{Key, Slots};
+use crate::model::balance::{self, Candidate, Cursor};
+use crate::model::config::{self, BackendConfig, ServiceConfig};
+use crate::model::health::{Health, Transition};
+use crate::runtime::key::{Key, Slots};
 
 /// Counters of one backend, as the stats API shows them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -18,7 +18,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use crate::key::{Key, Slots};
+use crate::runtime::key::{Key, Slots};
 
 /// Handle of one armed timer; generation-checked, so a fired or cancelled timer's key resolves to nothing.
 pub type TimerKey = Key;

@@ -16,11 +16,12 @@ use log::{debug, info, warn};
 use mio::net::TcpStream;
 use mio::Interest;
 
-use crate::health::Transition;
-use crate::key::{Key, Side};
-use crate::net::{self, ConnectOutcome};
-use crate::server::{Cx, Ready, Step};
-use crate::timer::{TimerKey, Wheel};
+use crate::context::Cx;
+use crate::model::health::Transition;
+use crate::runtime::key::{Key, Side};
+use crate::runtime::net::{self, ConnectOutcome};
+use crate::runtime::ready::{Ready, Step};
+use crate::runtime::timer::{TimerKey, Wheel};
 
 /// The most of a reply a check reads while looking for `check_expect`.
 const EXPECT_LIMIT: usize = 4096;
@@ -116,8 +117,8 @@ impl Probe {
         let Some(service) = cx.services.service(backend.service) else { return Step::Close };
         // connect_timeout 0 leaves the connect to the OS, but a check must still end:
         // one that a silent backend holds forever would stop all later checks.
-        let check_interval = crate::config::seconds(service.settings.check_interval);
-        let deadline = crate::config::seconds(service.settings.connect_timeout).or(check_interval);
+        let check_interval = crate::model::config::seconds(service.settings.check_interval);
+        let deadline = crate::model::config::seconds(service.settings.connect_timeout).or(check_interval);
         let started = cx.now;
         let connecting = net::connect(addr).and_then(|mut stream| {
             cx.registry.register(&mut stream, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE)?;
@@ -226,7 +227,7 @@ impl Probe {
             .services
             .backend(self.backend)
             .and_then(|b| cx.services.service(b.service))
-            .and_then(|s| crate::config::seconds(s.settings.check_interval));
+            .and_then(|s| crate::model::config::seconds(s.settings.check_interval));
         // Interval 0 turns checks off; the service update removes this probe.
         let Some(interval) = interval else { return };
         // Validation keeps intervals ≥ 1 ms; never divide by zero all the same.

@@ -17,11 +17,12 @@ use log::{debug, info};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry};
 
-use crate::api::Response;
-use crate::http::{self, Decoder, Progress, Request, MAX_BODY, MAX_HEAD};
-use crate::key::{Key, Side};
-use crate::server::{Cx, Ready, Step};
-use crate::timer::{TimerKey, Wheel};
+use crate::context::Cx;
+use crate::control::api::Response;
+use crate::control::http::{self, Decoder, Progress, Request, MAX_BODY, MAX_HEAD};
+use crate::runtime::key::{Key, Side};
+use crate::runtime::ready::{Ready, Step};
+use crate::runtime::timer::{TimerKey, Wheel};
 
 /// How long a request may take to arrive, and a response to leave (SPEC §5).
 pub const REQUEST_TIME: Duration = Duration::from_secs(10);
@@ -61,8 +62,9 @@ impl AdminListener {
             info!("admin listening on {}", path.display());
             return Ok(AdminListener::Unix(listener, path));
         }
-        let resolved = crate::config::resolve(addr).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let listener = crate::net::bind(resolved)?;
+        let resolved =
+            crate::model::config::resolve(addr).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let listener = crate::runtime::net::bind(resolved)?;
         info!("admin listening on {}", listener.local_addr()?);
         Ok(AdminListener::Tcp(listener))
     }
@@ -254,7 +256,7 @@ impl AdminConn {
                         // Only chunk framing can make a request this big without the
                         // decoder objecting: too large, with its framing.
                         let e = http::HttpError::BodyTooLarge;
-                        let body = crate::api::error_body(&e.to_string());
+                        let body = crate::control::api::error_body(&e.to_string());
                         self.queue(Response { status: e.status(), body, allow: None }, false);
                     }
                     Ok(Progress::NeedMore) => match self.read_input() {
@@ -264,7 +266,7 @@ impl AdminConn {
                     },
                     Err(e) => {
                         debug!("admin: bad request: {e}");
-                        let body = crate::api::error_body(&e.to_string());
+                        let body = crate::control::api::error_body(&e.to_string());
                         self.queue(Response { status: e.status(), body, allow: None }, false);
                     }
                 },

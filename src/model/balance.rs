@@ -8,7 +8,7 @@
 //! all most connections need, so the failover order is computed only when a
 //! connect fails, one candidate at a time.
 
-use crate::config::Balance;
+use crate::model::config::Balance;
 
 /// What the balancer needs to know of one backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

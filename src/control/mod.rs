@@ -1,0 +1,7 @@
+//! The control plane: the admin API (HTTP framing, connections, routes) and
+//! the health probes.
+
+pub mod admin;
+pub mod api;
+pub mod http;
+pub mod probe;

@@ -1,0 +1,4 @@
+//! The data plane: proxied pairs and their relay buffers.
+
+pub mod buffer;
+pub mod proxy;

@@ -1,0 +1,8 @@
+//! The configuration and the running state it becomes: pure data and rules,
+//! no sockets. Config files and API bodies, addresses, services and their
+//! counters, the balancer, and health bookkeeping.
+
+pub mod balance;
+pub mod config;
+pub mod health;
+pub mod service;

@@ -1,0 +1,8 @@
+//! What every loop is built from: generation-checked keys, the timer wheel,
+//! cached readiness and steps, socket plumbing, and the helper threads that
+//! take blocking calls off the loop.
+
+pub mod key;
+pub mod net;
+pub mod ready;
+pub mod timer;
