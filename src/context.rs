@@ -8,6 +8,7 @@ use mio::Registry;
 
 use crate::data::buffer::BufferPool;
 use crate::model::service::Services;
+use crate::runtime::fds::FdBudget;
 use crate::runtime::key::Key;
 use crate::runtime::timer::Wheel;
 
@@ -24,4 +25,6 @@ pub struct Cx<'a> {
     pub services: &'a mut Services,
     /// Relay buffers.
     pub pool: &'a mut BufferPool,
+    /// Who holds descriptors; probes ask it before they connect.
+    pub fds: &'a mut FdBudget,
 }

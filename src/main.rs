@@ -1,119 +1,88 @@
 //! The `shuttle` command: parse flags, load the config, run the loop.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
-use shuttle::model::config;
+use shuttle::cli::{self, Command, Flags};
+use shuttle::control::access::{self, Access};
+use shuttle::control::admin::AdminAddr;
+use shuttle::control::state::StateFile;
+use shuttle::model::address;
+use shuttle::model::config::{self, one_line, ServiceConfig};
+use shuttle::model::service;
+use shuttle::runtime::{files, helpers, logsink};
 use shuttle::server::{Options, Server, StartupError};
 
-const USAGE: &str = "\
-shuttle: a TCP proxy and load balancer, reconfigured live over HTTP/JSON
+/// Why start-up failed: one line, naming the file or address at fault.
+struct Failed(String);
 
-usage: shuttle [-config FILE] [-state FILE] [-http ADDR] [-grace SECONDS] [-debug]
-
-  -config FILE     default config (a JSON list of services); never written
-  -state FILE      live config: loaded at start if it exists, written after every change
-  -http ADDR       admin API address, host:port or a unix socket path (default 127.0.0.1:9090)
-  -grace SECONDS   how long open connections may finish after SIGTERM (default 10)
-  -debug           log at debug level (otherwise RUST_LOG rules, default info)
-  -h, -help        print this help
-  -V, -version     print the version
-
-Flags take one dash or two (-config or --config).";
-
-/// What the command line asked for.
-struct Flags {
-    config: Option<PathBuf>,
-    state: Option<PathBuf>,
-    http: String,
-    grace: Duration,
-    debug: bool,
-}
-
-/// Go-style flags: `-word` means `--word`, and `--flag=value` is split, so
-/// pico-args only ever sees long keys (pitfall 21).
-fn normalise(args: impl Iterator<Item = String>) -> Vec<std::ffi::OsString> {
-    let mut out = Vec::new();
-    for arg in args {
-        let long =
-            if arg.starts_with('-') && !arg.starts_with("--") && arg.len() > 2 { format!("-{arg}") } else { arg };
-        match long.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                out.push(flag.into());
-                out.push(value.into());
-            }
-            _ => out.push(long.into()),
-        }
+impl Failed {
+    fn at(path: &Path, message: impl std::fmt::Display) -> Failed {
+        Failed(format!("{}: {message}", path.display()))
     }
-    out
-}
-
-enum Parsed {
-    Run(Flags),
-    Exit(ExitCode),
-}
-
-fn parse_flags() -> Result<Parsed, String> {
-    let mut args = pico_args::Arguments::from_vec(normalise(std::env::args().skip(1)));
-    if args.contains(["-h", "--help"]) {
-        println!("{USAGE}");
-        return Ok(Parsed::Exit(ExitCode::SUCCESS));
-    }
-    if args.contains(["-V", "--version"]) {
-        println!("shuttle {}", env!("CARGO_PKG_VERSION"));
-        return Ok(Parsed::Exit(ExitCode::SUCCESS));
-    }
-    let grace: Option<f64> = args.opt_value_from_str("--grace").map_err(|e| e.to_string())?;
-    let grace = match grace {
-        None => Duration::from_secs(10),
-        Some(s) if (0.0..=config::MAX_SECONDS).contains(&s) => Duration::from_secs_f64(s),
-        Some(s) => {
-            return Err(format!("-grace: must be a number of seconds from 0 to {}, got {s}", config::MAX_SECONDS))
-        }
-    };
-    let flags = Flags {
-        config: args.opt_value_from_str("--config").map_err(|e| e.to_string())?,
-        state: args.opt_value_from_str("--state").map_err(|e| e.to_string())?,
-        http: args.opt_value_from_str("--http").map_err(|e| e.to_string())?.unwrap_or_else(|| "127.0.0.1:9090".into()),
-        grace,
-        debug: args.contains("--debug"),
-    };
-    let rest = args.finish();
-    if let Some(first) = rest.first() {
-        return Err(format!("unknown flag or argument {:?}", first.to_string_lossy()));
-    }
-    Ok(Parsed::Run(flags))
 }
 
 fn main() -> ExitCode {
-    let flags = match parse_flags() {
-        Ok(Parsed::Run(flags)) => flags,
-        Ok(Parsed::Exit(code)) => return code,
+    let flags = match cli::parse(std::env::args().skip(1).collect()) {
+        Ok(Command::Run(flags)) => flags,
+        Ok(Command::Help) => {
+            println!("{}", cli::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("shuttle {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
-            eprintln!("shuttle: {e}\n\n{USAGE}");
+            eprintln!("shuttle: {e}\n\n{}", cli::USAGE);
             return ExitCode::from(2);
         }
     };
-    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    if flags.debug {
-        logger.filter_level(log::LevelFilter::Debug);
+    logsink::init(flags.debug);
+    let result =
+        start(flags).and_then(|mut server| server.run().map_err(|e| Failed(format!("event loop failed: {e}"))));
+    logsink::flush();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failed(message)) => {
+            // Control characters (a newline in a config key, say) are escaped: always one line.
+            eprintln!("shuttle: {}", one_line(&message));
+            ExitCode::FAILURE
+        }
     }
-    logger.init();
+}
 
+/// Everything before the loop runs: each failure is one line and exit 1.
+fn start(flags: Flags) -> Result<Server, Failed> {
+    // The state file is locked before it is read: a second shuttle on it stops here.
+    let state = match &flags.state {
+        Some(path) => Some(StateFile::open(path).map_err(|e| Failed::at(path, e))?),
+        None => None,
+    };
     // The state file wins when it exists (SPEC §1); a corrupt one stops start-up and is never overwritten.
     let source = match (&flags.state, &flags.config) {
         (Some(state), _) if state.exists() => Some(state.clone()),
         (_, config) => config.clone(),
     };
-    let services = match source.as_deref().map(config::load) {
+    let configs = match &source {
         None => Vec::new(),
-        Some(Ok(services)) => services,
-        Some(Err(e)) => {
-            eprintln!("shuttle: {}: {e}", source.as_deref().map_or_else(String::new, |p| p.display().to_string()));
-            return ExitCode::FAILURE;
-        }
+        Some(path) => config::load(path).map_err(|e| Failed::at(path, e))?,
     };
+    let admin = admin_address(&flags)?;
+    let prepared = prepare(configs, &source)?;
+    let token = match &flags.token_file {
+        Some(path) => Some(read_token(path)?),
+        None => None,
+    };
+    if let AdminAddr::Tcp(addr) = &admin {
+        if token.is_none() && !access::is_local_only(addr) {
+            log::warn!(
+                "the admin API listens on {addr}, which other hosts can reach, and needs no token: anyone who can connect can reconfigure shuttle; use -admin-token-file"
+            );
+        }
+    }
+    let access = Access::new(&flags.admin_hosts, token, matches!(admin, AdminAddr::Unix(..)));
     let fd_limit = match shuttle::runtime::net::raise_fd_limit() {
         Ok(limit) => {
             log::debug!("file descriptor limit: {limit}");
@@ -124,25 +93,55 @@ fn main() -> ExitCode {
             1024
         }
     };
-    let options = Options { admin: flags.http, state: flags.state, grace: flags.grace, fd_limit };
-    let mut server = match Server::new(options, services) {
-        Ok(server) => server,
-        Err(e) => {
-            // A service that cannot start is named with the file it came from.
-            match (&source, &e) {
-                (Some(path), StartupError::Listen { .. } | StartupError::Service(_)) => {
-                    eprintln!("shuttle: {}: {e}", path.display())
-                }
-                _ => eprintln!("shuttle: {e}"),
-            }
-            return ExitCode::FAILURE;
-        }
+    let options = Options { admin, access, state, grace: flags.grace, fd_limit };
+    Server::new(options, prepared).map_err(|e| match (&source, &e) {
+        // A service that cannot start is named with the file it came from.
+        (Some(path), StartupError::Listen { .. } | StartupError::Service(_)) => Failed::at(path, e),
+        _ => Failed(e.to_string()),
+    })
+}
+
+/// Resolves every host name of the config (off this thread, with a deadline)
+/// and checks the resolved addresses.
+fn prepare(configs: Vec<ServiceConfig>, source: &Option<PathBuf>) -> Result<Vec<service::Prepared>, Failed> {
+    let mut names: Vec<String> = configs.iter().flat_map(config::host_names).collect();
+    names.sort();
+    names.dedup();
+    let lookups = helpers::resolve_now(names);
+    let fail = |e: String| match source {
+        Some(path) => Failed::at(path, e),
+        None => Failed(e),
     };
-    match server.run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("shuttle: event loop failed: {e}");
-            ExitCode::FAILURE
-        }
+    configs.into_iter().map(|c| service::prepare(c, &lookups).map_err(fail)).collect()
+}
+
+/// The `-http` address: a unix socket path, or `host:port` resolved now.
+fn admin_address(flags: &Flags) -> Result<AdminAddr, Failed> {
+    if flags.http.starts_with('/') {
+        return Ok(AdminAddr::Unix(flags.http.clone().into(), flags.http_mode));
     }
+    let bad = |e: String| Failed(format!("admin API: cannot listen on {}: {e}", flags.http));
+    let parsed = address::parse(&flags.http).map_err(bad)?;
+    let lookups = helpers::resolve_now(parsed.name().map(str::to_string).into_iter().collect());
+    let addr: SocketAddr = parsed.resolve(&lookups).map_err(bad)?;
+    Ok(AdminAddr::Tcp(addr))
+}
+
+/// The admin token: the first line of a regular file, trimmed, not empty.
+fn read_token(path: &Path) -> Result<Vec<u8>, Failed> {
+    use std::os::unix::fs::PermissionsExt;
+    let bytes = files::read_regular(path, 64 * 1024)
+        .map_err(|e| Failed::at(path, format!("cannot read the admin token: {e}")))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.is_empty() {
+        return Err(Failed::at(path, "the admin token file is empty; put the token on its first line"));
+    }
+    if token.len() > 4096 || token.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(Failed::at(path, "the admin token must be one word of at most 4096 characters"));
+    }
+    if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+        log::warn!("{}: the admin token file can be read by other users; chmod 600 it", path.display());
+    }
+    Ok(token.as_bytes().to_vec())
 }

@@ -1,5 +1,6 @@
 //! The event loop: one `mio::Poll`, one slab of every socket-owning state
-//! machine, one timer wheel, and the running services.
+//! machine, one timer wheel, the running services, and the inbox where
+//! helper threads answer.
 //!
 //! Every entry is addressed by a generation-checked `Key` packed into its mio
 //! token, so an event or timer for a closed entry finds nothing even if its
@@ -7,45 +8,54 @@
 //! of the loop's other fields and return a `Step`; the loop does what it says.
 //! Work left over when a budget ran out waits in the ready queue, which makes
 //! the next poll non-blocking, so one busy socket cannot starve the others.
+//!
+//! The loop never blocks: name lookups and the state file's writes go to
+//! helper threads (`runtime::helpers`), which wake it through its waker.
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use log::info;
 use mio::event::Event;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 
 mod accept;
+mod admin;
+mod plane;
+mod retire;
 
 use crate::context::Cx;
-use crate::control::admin::{AdminConn, AdminListener, AdminStep};
-use crate::control::api;
+use crate::control::access::Access;
+use crate::control::admin::{AdminAddr, AdminConn, AdminListener};
+use crate::control::change::Changes;
 use crate::control::probe::Probe;
+use crate::control::state::StateFile;
 use crate::data::buffer::BufferPool;
 use crate::data::proxy::Pair;
-use crate::model::config::ServiceConfig;
 use crate::model::service::{self, Services};
+use crate::runtime::fds::FdBudget;
+use crate::runtime::helpers::{Inbox, Resolver, Worker};
 use crate::runtime::key::{Key, Side, Slots};
 use crate::runtime::net;
 use crate::runtime::ready::{Ready, Step};
+use crate::runtime::throttle::Throttle;
 use crate::runtime::timer::{TimerKey, Wheel};
 
 /// The signal source's token; no key packs to it (generations start at 1).
 const SIGNALS: Token = Token(0);
+/// The helpers' waker; no key packs to it either (generation 0).
+const WAKER: Token = Token(1);
 /// Connections accepted per listener wakeup before other sockets get a turn.
 const ACCEPT_BATCH: usize = 64;
 /// How long a listener rests after running short of system resources (pitfall 5).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Admin connections open at once at most.
 const MAX_ADMIN_CONNS: usize = 64;
-/// Descriptors held besides the entries': stdio, epoll, the signal pipe, slack.
-const FIXED_FDS: u64 = 32;
 /// Free relay buffers kept for reuse.
 const POOL_FREE: usize = 256;
 
@@ -54,15 +64,20 @@ const POOL_FREE: usize = 256;
 pub struct Listener {
     /// The socket.
     pub socket: TcpListener,
-    /// The service it feeds.
-    pub service: Key,
+    /// The service it feeds; `None` while staged for a change not yet committed.
+    pub service: Option<Key>,
     /// Set while accepting is paused for lack of fds, with the pause's timer.
     paused: Option<TimerKey>,
     /// Set from the first fd shortage until an accept succeeds again (logs once per episode).
     short_since: Option<Instant>,
+    /// Set once it takes no new connections: it serves what was queued, then closes at this time.
+    retiring: Option<Instant>,
 }
 
 /// Every socket-owning state machine of the loop.
+// Pairs are nearly every entry: boxing them to shrink the rare kinds would
+// cost an allocation per connection. The slot size is pinned by a test.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Entry {
     /// A service's listening socket.
@@ -78,12 +93,14 @@ pub enum Entry {
 }
 
 /// How shuttle was started: what the loop needs besides the services.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Options {
-    /// Admin address: `host:port`, or a unix socket path starting with `/`.
-    pub admin: String,
-    /// The state file, written after every change.
-    pub state: Option<PathBuf>,
+    /// Where the admin API listens.
+    pub admin: AdminAddr,
+    /// Who the admin API lets in.
+    pub access: Access,
+    /// The state file, locked, written after every change.
+    pub state: Option<StateFile>,
     /// How long open pairs may run on after SIGTERM.
     pub grace: Duration,
     /// The process's open-file limit; accepting pauses before pairs would exhaust it.
@@ -111,7 +128,7 @@ pub enum StartupError {
         /// What went wrong.
         source: io::Error,
     },
-    /// The poller or signal handler could not be set up.
+    /// The poller, signal handler or a helper thread could not be set up.
     Io(io::Error),
 }
 
@@ -137,22 +154,31 @@ pub struct Server {
     pub(crate) timers: Wheel<Key>,
     pub(crate) services: Services,
     pub(crate) pool: BufferPool,
-    pub(crate) options: Options,
+    pub(crate) fds: FdBudget,
+    grace: Duration,
+    access: Access,
+    /// The admin API's TCP address once bound, for the loop check.
+    admin_addr: Option<SocketAddr>,
     ready: VecDeque<Key>,
     /// By slot index, the key queued in `ready` for that slot, so an entry is
     /// queued at most once (a slot's next tenant has another key, so it is not
     /// mistaken for its predecessor).
     queued: Vec<Option<Key>>,
     signals: Signals,
-    pairs: usize,
-    /// Admin connections open now.
-    admin_conns: usize,
+    inbox: Inbox,
+    /// Admin changes taking turns; `None` only while one of its calls runs.
+    changes: Option<Changes>,
+    /// The admin listener's entry.
+    admin_listener: Option<Key>,
+    /// Open admin connections (at most `MAX_ADMIN_CONNS`, so scanning is cheap).
+    admin: Vec<Key>,
     /// Set from an admin accept failing for lack of resources until one succeeds.
     admin_short: bool,
-    /// The armed retry of an admin accept that ran short.
+    /// The armed retry of an admin accept that ran short or found every slot busy.
     admin_retry: Option<TimerKey>,
-    /// Admin connections, oldest first (may hold keys of closed ones).
-    admin_order: VecDeque<Key>,
+    /// Refused admin requests are logged through this.
+    refusals: Throttle,
+    /// Listeners paused for lack of fds; woken when a pair closes.
     paused: Vec<Key>,
     draining: Option<Instant>,
 }
@@ -162,7 +188,7 @@ impl std::fmt::Debug for Server {
         f.debug_struct("Server")
             .field("entries", &self.entries.len())
             .field("services", &self.services.len())
-            .field("pairs", &self.pairs)
+            .field("pairs", &self.fds.pairs)
             .field("draining", &self.draining)
             .finish_non_exhaustive()
     }
@@ -170,10 +196,16 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// Binds every service listener and the admin socket; nothing is left bound on failure.
-    pub fn new(options: Options, configs: Vec<ServiceConfig>) -> Result<Server, StartupError> {
+    pub fn new(options: Options, services: Vec<service::Prepared>) -> Result<Server, StartupError> {
         let poll = Poll::new().map_err(StartupError::Io)?;
-        let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(StartupError::Io)?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2]).map_err(StartupError::Io)?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE).map_err(StartupError::Io)?;
+        let inbox = Inbox::new(poll.registry(), WAKER).map_err(StartupError::Io)?;
+        let state = match options.state {
+            Some(state) => Some((state, Worker::new("shuttle-state", inbox.outbox()).map_err(StartupError::Io)?)),
+            None => None,
+        };
+        let changes = Changes::new(Resolver::new(inbox.outbox()), state);
         let now = Instant::now();
         let mut server = Server {
             poll,
@@ -181,82 +213,95 @@ impl Server {
             timers: Wheel::new(now),
             services: Services::default(),
             pool: BufferPool::new(POOL_FREE),
-            options,
+            fds: FdBudget::new(options.fd_limit),
+            grace: options.grace,
+            access: options.access,
+            admin_addr: None,
             ready: VecDeque::new(),
             queued: Vec::new(),
             signals,
-            pairs: 0,
-            admin_conns: 0,
+            inbox,
+            changes: Some(changes),
+            admin_listener: None,
+            admin: Vec::new(),
             admin_short: false,
             admin_retry: None,
-            admin_order: VecDeque::new(),
+            refusals: Throttle::new(admin::REFUSALS_LOGGED_EVERY),
             paused: Vec::new(),
             draining: None,
         };
-        for config in configs {
-            let prepared = service::prepare(config).map_err(StartupError::Service)?;
+        let admin_text = match &options.admin {
+            AdminAddr::Tcp(addr) => addr.to_string(),
+            AdminAddr::Unix(path, _) => path.display().to_string(),
+        };
+        let admin = AdminListener::bind(&options.admin)
+            .map_err(|source| StartupError::Admin { addr: admin_text.clone(), source })?;
+        server.admin_addr = admin.tcp_addr();
+        // The admin address is known only now (port 0): no backend may point at it.
+        service::check_all(&services, server.admin_addr).map_err(StartupError::Service)?;
+        for prepared in services {
             let name = prepared.config.name.clone();
             let addr = prepared.addr;
             let socket = net::bind(addr).map_err(|source| StartupError::Listen { service: name, addr, source })?;
-            server.add_service(prepared, socket, now).map_err(StartupError::Io)?;
+            let staged = server.stage(socket).map_err(StartupError::Io)?;
+            server.commit_service(prepared, staged, now);
         }
-        let admin = AdminListener::bind(&server.options.admin)
-            .map_err(|source| StartupError::Admin { addr: server.options.admin.clone(), source })?;
         let registry = server.poll.registry();
-        server
+        let key = server
             .entries
             .try_insert_with(|key| admin.register(key, registry).map(Entry::AdminListener))
             .map_err(StartupError::Io)?;
+        server.admin_listener = Some(key);
+        server.fds.listeners += 1;
         Ok(server)
-    }
-
-    /// Starts a prepared service on an already bound socket: its listener entry and probes.
-    pub(crate) fn add_service(
-        &mut self,
-        prepared: service::Prepared,
-        socket: TcpListener,
-        now: Instant,
-    ) -> io::Result<Key> {
-        let listener = self.stage_listener(socket)?;
-        Ok(self.commit_service(prepared, listener, now))
     }
 
     /// Registers a bound listener as an entry that serves no service yet: the
     /// fallible half of starting one, done before the state file changes.
-    /// Nothing is polled until the admin request returns, so it gets no client
-    /// before [`Server::adopt_listener`] gives it its service (or it is removed).
-    pub(crate) fn stage_listener(&mut self, mut socket: TcpListener) -> io::Result<Key> {
+    /// Nothing is accepted until a service adopts it (or it is removed).
+    pub(crate) fn stage(&mut self, mut socket: TcpListener) -> io::Result<Key> {
         socket.local_addr()?;
         let registry = self.poll.registry();
-        self.entries.try_insert_with(|key| {
+        let key = self.entries.try_insert_with(|key| {
             registry.register(&mut socket, key.token(Side::Client), Interest::READABLE)?;
-            Ok(Entry::Listener(Listener { socket, service: key, paused: None, short_since: None }))
-        })
+            Ok::<_, io::Error>(Entry::Listener(Listener {
+                socket,
+                service: None,
+                paused: None,
+                short_since: None,
+                retiring: None,
+            }))
+        })?;
+        self.fds.listeners += 1;
+        Ok(key)
     }
 
     /// Starts a new service on a staged listener; cannot fail.
     pub(crate) fn commit_service(&mut self, prepared: service::Prepared, listener: Key, now: Instant) -> Key {
         let (key, backends) = self.services.insert(prepared);
-        self.adopt_listener(key, listener);
+        self.adopt_listener(key, listener, now);
         for backend in backends {
             self.start_probe(backend, now);
         }
         key
     }
 
-    /// Makes a staged listener `service`'s, closing the one it had; cannot fail.
-    pub(crate) fn adopt_listener(&mut self, service: Key, listener: Key) {
+    /// Makes a staged listener `service`'s; the one it had stops taking new
+    /// connections and closes once it has served its queue. Cannot fail.
+    pub(crate) fn adopt_listener(&mut self, service: Key, listener: Key, now: Instant) {
         let local = match self.entries.get_mut(listener) {
             Some(Entry::Listener(l)) => {
-                l.service = service;
+                l.service = Some(service);
                 l.socket.local_addr().ok()
             }
             _ => None,
         };
         let old = self.services.service_mut(service).and_then(|s| s.listener.replace(listener));
         if let Some(old) = old.filter(|&old| old != listener) {
-            self.remove_entry(old);
+            self.retire_listener(old, now);
         }
+        // A staged listener may already have clients queued: serve them.
+        self.enqueue(listener);
         let name = self.services.service(service).map_or("?", |s| s.settings.name.as_str());
         match local {
             Some(local) => info!("service {name} listening on {local}"),
@@ -274,6 +319,7 @@ impl Server {
         }
         let Server { entries, timers, .. } = self;
         let key = entries.insert_with(|key| Entry::Probe(Probe::new(key, backend, interval, now, timers)));
+        self.fds.probes += 1;
         if let Some(b) = self.services.backend_mut(backend) {
             b.probe = Some(key);
         }
@@ -288,11 +334,12 @@ impl Server {
             timers: &mut self.timers,
             services: &mut self.services,
             pool: &mut self.pool,
+            fds: &mut self.fds,
         };
         match &mut entry {
             Entry::Pair(pair) => {
                 pair.close(&mut cx);
-                self.pairs -= 1;
+                self.fds.pairs -= 1;
                 // A closed pair frees an fd: let listeners paused for lack of fds try again.
                 for listener in std::mem::take(&mut self.paused) {
                     self.enqueue(listener);
@@ -302,13 +349,29 @@ impl Server {
                 if let Some(timer) = listener.paused.take() {
                     cx.timers.cancel(timer);
                 }
+                self.fds.listeners -= 1;
+                self.paused.retain(|&k| k != key);
             }
-            Entry::Probe(probe) => probe.close(&mut cx),
+            Entry::Probe(probe) => {
+                probe.close(key, &mut cx);
+                self.fds.probes -= 1;
+            }
             Entry::Admin(conn) => {
                 conn.close(&mut cx);
-                self.admin_conns -= 1;
+                self.fds.admin_conns -= 1;
+                self.admin.retain(|&k| k != key);
+                if let Some(changes) = self.changes.as_mut() {
+                    changes.forget(key);
+                }
+                // A free slot: admin clients waiting in the listen queue may come in.
+                if self.admin_retry.is_some() {
+                    self.wake_admin_listener();
+                }
             }
-            Entry::AdminListener(_) => {}
+            Entry::AdminListener(_) => {
+                self.fds.listeners -= 1;
+                self.admin_listener = None;
+            }
         }
     }
 
@@ -318,10 +381,8 @@ impl Server {
         loop {
             let now = Instant::now();
             let timeout = if self.ready.is_empty() {
-                let deadline = match (self.timers.next_deadline(), self.draining) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                let changes = self.changes.as_ref().and_then(Changes::deadline);
+                let deadline = [self.timers.next_deadline(), self.draining, changes].into_iter().flatten().min();
                 deadline.map(|d| d.saturating_duration_since(now))
             } else {
                 Some(Duration::ZERO)
@@ -338,6 +399,8 @@ impl Server {
             while let Some(key) = self.timers.poll(now) {
                 self.on_timer(key, now);
             }
+            self.on_change_deadline(now);
+            self.start_waiting_probes(now);
             for _ in 0..self.ready.len() {
                 let Some(key) = self.ready.pop_front() else { break };
                 if let Some(slot) = self.queued.get_mut(key.index() as usize).filter(|q| **q == Some(key)) {
@@ -345,26 +408,17 @@ impl Server {
                 }
                 self.resume(key, now);
             }
-            if let Some(deadline) = self.draining {
-                if self.pairs == 0 {
-                    info!("all connections closed; exiting");
-                    return Ok(());
-                }
-                if now >= deadline {
-                    info!("grace period over; closing {} open connections", self.pairs);
-                    return Ok(());
-                }
+            if self.drained(now) {
+                return Ok(());
             }
         }
     }
 
     fn dispatch(&mut self, event: &Event, now: Instant) {
-        if event.token() == SIGNALS {
-            let signals: Vec<i32> = self.signals.pending().collect();
-            if !signals.is_empty() {
-                self.begin_drain(now);
-            }
-            return;
+        match event.token() {
+            SIGNALS => return self.on_signals(now),
+            WAKER => return self.on_answers(now),
+            _ => {}
         }
         let Some((key, side)) = Key::from_token(event.token()) else { return };
         let ready = Ready::from_event(event);
@@ -384,9 +438,24 @@ impl Server {
         }
     }
 
+    fn on_signals(&mut self, now: Instant) {
+        let signals: Vec<i32> = self.signals.pending().collect();
+        for signal in signals {
+            match signal {
+                SIGTERM | SIGINT => self.begin_drain(now),
+                // A closing ssh session or a log rotator must not kill every connection.
+                SIGHUP => info!("SIGHUP received: reloading is not supported yet; shuttle keeps running unchanged"),
+                other => info!("signal {other} received and ignored; shuttle keeps running"),
+            }
+        }
+    }
+
     fn on_timer(&mut self, key: Key, now: Instant) {
         match self.entries.get_mut(key) {
             Some(Entry::Listener(listener)) => {
+                if listener.retiring.is_some_and(|at| now >= at) {
+                    return self.finish_retiring(key, now);
+                }
                 listener.paused = None;
                 self.paused.retain(|&k| k != key);
                 self.accept(key, now);
@@ -432,11 +501,26 @@ impl Server {
         }
     }
 
+    /// Hands free descriptor slots to probes that waited for one.
+    fn start_waiting_probes(&mut self, now: Instant) {
+        while self.fds.waiting() > 0 {
+            let Some(key) = self.fds.next_waiting(now) else { return };
+            if !matches!(self.entries.get(key), Some(Entry::Probe(_))) {
+                self.fds.check_done();
+                continue;
+            }
+            self.drive(key, now, |entry, cx| match entry {
+                Entry::Probe(probe) => probe.on_slot(key, cx),
+                _ => Step::Wait,
+            });
+        }
+    }
+
     /// Runs `f` on an entry with a context of the loop's other fields, then does what it returns.
     fn drive(&mut self, key: Key, now: Instant, f: impl FnOnce(&mut Entry, &mut Cx<'_>) -> Step) {
-        let Server { poll, entries, timers, services, pool, .. } = self;
+        let Server { poll, entries, timers, services, pool, fds, .. } = self;
         let Some(entry) = entries.get_mut(key) else { return };
-        let mut cx = Cx { now, registry: poll.registry(), timers, services, pool };
+        let mut cx = Cx { now, registry: poll.registry(), timers, services, pool, fds };
         let step = f(entry, &mut cx);
         self.apply(key, step);
     }
@@ -461,44 +545,49 @@ impl Server {
         }
     }
 
-    fn with_admin(
-        &mut self,
-        key: Key,
-        now: Instant,
-        f: impl FnOnce(&mut AdminConn, &mut Cx<'_>) -> AdminStep,
-    ) -> AdminStep {
-        let Server { poll, entries, timers, services, pool, .. } = self;
-        let Some(Entry::Admin(conn)) = entries.get_mut(key) else { return AdminStep::Done(Step::Wait) };
-        let mut cx = Cx { now, registry: poll.registry(), timers, services, pool };
-        f(conn, &mut cx)
-    }
-
-    /// Executes the requests an admin connection hands up, one at a time, until it waits or closes.
-    fn run_admin(&mut self, key: Key, mut step: AdminStep, now: Instant) {
-        loop {
-            match step {
-                AdminStep::Done(step) => return self.apply(key, step),
-                AdminStep::Execute(request) => {
-                    let response = api::execute(self, &request, now);
-                    step = self.with_admin(key, now, |conn, cx| conn.respond(key, response, cx));
-                }
-            }
-        }
-    }
-
     /// SIGTERM/SIGINT: stop accepting and let open pairs finish within the grace period.
     fn begin_drain(&mut self, now: Instant) {
         if self.draining.is_some() {
             return;
         }
-        info!("shutting down: listeners closed, {} open connections get up to {:?}", self.pairs, self.options.grace);
-        let doomed: Vec<Key> =
-            self.entries.iter().filter(|(_, e)| !matches!(e, Entry::Pair(_))).map(|(key, _)| key).collect();
-        for key in doomed {
+        let pairs = self.fds.pairs;
+        let them = if pairs == 1 { "connection gets" } else { "connections get" };
+        info!("shutting down: listeners closed, {pairs} open {them} up to {:?}", self.grace);
+        let (mut listeners, mut others) = (Vec::new(), Vec::new());
+        for (key, entry) in self.entries.iter() {
+            match entry {
+                Entry::Pair(_) => {}
+                Entry::Listener(_) => listeners.push(key),
+                _ => others.push(key),
+            }
+        }
+        // Clients already queued at a listener are served, not reset by its close.
+        for key in listeners {
+            self.retire_listener(key, now);
+        }
+        for key in others {
             self.remove_entry(key);
         }
         // A huge grace means "wait for every connection": cap it rather than overflow.
-        self.draining = Some(now.checked_add(self.options.grace).unwrap_or(now + Duration::from_secs(1 << 30)));
+        self.draining = Some(now.checked_add(self.grace).unwrap_or(now + Duration::from_secs(1 << 30)));
+    }
+
+    /// Whether the drain after SIGTERM is over: every connection closed (and
+    /// every listener has served its queue, and no state file write is in
+    /// flight), or the grace period ran out.
+    fn drained(&self, now: Instant) -> bool {
+        let Some(deadline) = self.draining else { return false };
+        let saving = self.changes.as_ref().is_some_and(Changes::is_saving);
+        if self.fds.pairs == 0 && self.fds.listeners == 0 && !saving {
+            info!("all connections closed; exiting");
+            return true;
+        }
+        if now >= deadline {
+            let pairs = self.fds.pairs;
+            info!("grace period over; closing {pairs} open connection{}", if pairs == 1 { "" } else { "s" });
+            return true;
+        }
+        false
     }
 }
 

@@ -9,13 +9,15 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileTypeExt;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry};
+use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::context::Cx;
 use crate::control::api::Response;
@@ -30,9 +32,27 @@ pub const REQUEST_TIME: Duration = Duration::from_secs(10);
 /// Requests one connection may have executed per wakeup before others get a turn.
 const REQUESTS_PER_TURN: u32 = 16;
 
-/// Input kept unread at most: one full request, with room for chunk framing
-/// (which can outweigh small chunks) and the next request's start.
+/// Input kept unread at most. The decoder drops body bytes and framing as it
+/// goes, so input holds a head and about one read; this is only a backstop.
 const INPUT_LIMIT: usize = 4 * (MAX_HEAD + MAX_BODY);
+/// Bytes read from a client at once.
+const READ_CHUNK: usize = 64 * 1024;
+/// Buffer capacity kept between requests; a big request's memory is given back.
+const KEEP_CAPACITY: usize = 64 * 1024;
+/// How long a new connection is safe from eviction: time for a well-behaved
+/// client's request to arrive.
+pub const EVICTION_GRACE: Duration = Duration::from_millis(250);
+/// Listen backlog of the admin socket.
+const ADMIN_BACKLOG: i32 = 128;
+
+/// Where the admin API listens, once resolved.
+#[derive(Debug, Clone)]
+pub enum AdminAddr {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A unix socket path and the permissions its file gets.
+    Unix(PathBuf, u32),
+}
 
 /// The admin API's listening socket.
 #[derive(Debug)]
@@ -45,28 +65,27 @@ pub enum AdminListener {
 
 impl AdminListener {
     /// Binds `addr`; for a unix path a stale socket file there is removed first (SPEC §1).
-    pub fn bind(addr: &str) -> io::Result<AdminListener> {
-        if addr.starts_with('/') {
-            let path = PathBuf::from(addr);
-            if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
-                // Stale only if the connect is refused: never take over a running
-                // shuttle's socket. Nonblocking, so a full backlog can't hang start-up.
-                match UnixStream::connect(&path) {
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => fs::remove_file(&path)?,
-                    _ => {
-                        return Err(io::Error::new(io::ErrorKind::AddrInUse, "another process is listening there"));
-                    }
-                }
+    pub fn bind(addr: &AdminAddr) -> io::Result<AdminListener> {
+        match addr {
+            AdminAddr::Unix(path, mode) => {
+                let listener = bind_unix(path, *mode)?;
+                info!("admin listening on {}", path.display());
+                Ok(AdminListener::Unix(listener, path.clone()))
             }
-            let listener = UnixListener::bind(&path)?;
-            info!("admin listening on {}", path.display());
-            return Ok(AdminListener::Unix(listener, path));
+            AdminAddr::Tcp(addr) => {
+                let listener = crate::runtime::net::bind(*addr)?;
+                info!("admin listening on {}", listener.local_addr()?);
+                Ok(AdminListener::Tcp(listener))
+            }
         }
-        let resolved =
-            crate::model::config::resolve(addr).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let listener = crate::runtime::net::bind(resolved)?;
-        info!("admin listening on {}", listener.local_addr()?);
-        Ok(AdminListener::Tcp(listener))
+    }
+
+    /// The bound TCP address, if it is one.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match self {
+            AdminListener::Tcp(l) => l.local_addr().ok(),
+            AdminListener::Unix(..) => None,
+        }
     }
 
     /// Registers the listener under `key`.
@@ -79,13 +98,48 @@ impl AdminListener {
         Ok(self)
     }
 
-    /// Accepts one admin client.
-    pub fn accept(&self) -> io::Result<AdminStream> {
+    /// Accepts one admin client, with a name for it in logs.
+    pub fn accept(&self) -> io::Result<(AdminStream, String)> {
         match self {
-            AdminListener::Tcp(l) => l.accept().map(|(s, _)| AdminStream::Tcp(s)),
-            AdminListener::Unix(l, _) => l.accept().map(|(s, _)| AdminStream::Unix(s)),
+            AdminListener::Tcp(l) => l.accept().map(|(s, peer)| (AdminStream::Tcp(s), peer.to_string())),
+            AdminListener::Unix(l, _) => l.accept().map(|(s, _)| (AdminStream::Unix(s), "unix socket".to_string())),
         }
     }
+}
+
+/// Binds a unix socket with mode `mode` whatever the umask: the file's mode is
+/// set between `bind` and `listen`, and until `listen` nobody can connect.
+fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    let dir = crate::runtime::files::parent_dir(path);
+    if let Ok(meta) = fs::metadata(dir) {
+        // Without the sticky bit, anyone who may write the directory may replace our socket.
+        let m = meta.permissions().mode();
+        if m & 0o002 != 0 && m & 0o1000 == 0 {
+            let message = format!(
+                "directory {} is writable by every user and not sticky (mode {:04o})",
+                dir.display(),
+                m & 0o7777
+            );
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, message));
+        }
+    }
+    if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        // Stale only if the connect is refused: never take over a running
+        // shuttle's socket. Nonblocking, so a full backlog can't hang start-up.
+        match UnixStream::connect(path) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => fs::remove_file(path)?,
+            _ => return Err(io::Error::new(io::ErrorKind::AddrInUse, "another process is listening there")),
+        }
+    }
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SockAddr::unix(path)?)?;
+    let ready = fs::set_permissions(path, fs::Permissions::from_mode(mode)).and_then(|()| socket.listen(ADMIN_BACKLOG));
+    if let Err(e) = ready {
+        let _ = fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(UnixListener::from_std(std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(socket))))
 }
 
 impl Drop for AdminListener {
@@ -133,6 +187,13 @@ impl AdminStream {
             AdminStream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
         }
     }
+
+    fn take_error(&self) -> io::Result<Option<io::Error>> {
+        match self {
+            AdminStream::Tcp(s) => s.take_error(),
+            AdminStream::Unix(s) => s.take_error(),
+        }
+    }
 }
 
 /// Where an admin connection stands.
@@ -161,6 +222,8 @@ pub enum AdminStep {
 #[derive(Debug)]
 pub struct AdminConn {
     stream: AdminStream,
+    /// Who it is, for logs: `ip:port` or `unix socket`.
+    peer: String,
     ready: Ready,
     input: Vec<u8>,
     decoder: Decoder,
@@ -170,6 +233,11 @@ pub struct AdminConn {
     timer: Option<TimerKey>,
     /// Requests this wakeup may still execute.
     turn: u32,
+    /// When it was accepted: a young connection is not evicted.
+    accepted: Instant,
+    /// Progress of the current request or response: bytes moved since `since`.
+    moved: u64,
+    since: Instant,
 }
 
 impl AdminConn {
@@ -177,6 +245,7 @@ impl AdminConn {
     pub fn new(
         key: Key,
         mut stream: AdminStream,
+        peer: String,
         registry: &Registry,
         now: Instant,
         timers: &mut Wheel<Key>,
@@ -190,7 +259,10 @@ impl AdminConn {
         let timer = Some(timers.insert(now + REQUEST_TIME, key));
         Ok(AdminConn {
             stream,
-            ready: Ready::default(),
+            peer,
+            // Just accepted: its request has likely arrived with the handshake,
+            // so read at once rather than wait for an event (and an eviction).
+            ready: Ready { readable: true, writable: true, ..Ready::default() },
             input: Vec::new(),
             decoder: Decoder::new(),
             output: Vec::new(),
@@ -198,13 +270,28 @@ impl AdminConn {
             phase: Phase::Reading,
             timer,
             turn: REQUESTS_PER_TURN,
+            accepted: now,
+            moved: 0,
+            since: now,
         })
+    }
+
+    /// Who the client is, for logs.
+    pub fn peer(&self) -> &str {
+        &self.peer
     }
 
     /// The socket is ready (or there is leftover work): move the exchange on.
     pub fn on_ready(&mut self, key: Key, ready: Ready, cx: &mut Cx<'_>) -> AdminStep {
         self.ready.merge(ready);
         self.turn = REQUESTS_PER_TURN;
+        // A reset while we wait for a change to be executed (or for anything
+        // else that reads or writes nothing) would go unseen until the answer.
+        if std::mem::take(&mut self.ready.error) {
+            if let Ok(Some(e)) | Err(e) = self.stream.take_error() {
+                return self.closed_by(e);
+            }
+        }
         self.advance(key, cx)
     }
 
@@ -226,6 +313,7 @@ impl AdminConn {
                         continue;
                     }
                     self.phase = Phase::Reading;
+                    self.restart_progress(cx.now);
                     self.arm(key, cx);
                 }
                 Phase::Closing => {
@@ -244,6 +332,10 @@ impl AdminConn {
                         if let Some(timer) = self.timer.take() {
                             cx.timers.cancel(timer);
                         }
+                        // A big request's buffer is not kept for the small ones after it.
+                        if self.input.capacity() > KEEP_CAPACITY {
+                            self.input.shrink_to(KEEP_CAPACITY.max(self.input.len()));
+                        }
                         return AdminStep::Execute(request);
                     }
                     Ok(Progress::SendContinue) => {
@@ -253,11 +345,8 @@ impl AdminConn {
                         }
                     }
                     Ok(Progress::NeedMore) if self.input.len() >= INPUT_LIMIT => {
-                        // Only chunk framing can make a request this big without the
-                        // decoder objecting: too large, with its framing.
                         let e = http::HttpError::BodyTooLarge;
-                        let body = crate::control::api::error_body(&e.to_string());
-                        self.queue(Response { status: e.status(), body, allow: None }, false);
+                        self.queue(Response::error(e.status(), &e.to_string()), false, cx.now);
                     }
                     Ok(Progress::NeedMore) => match self.read_input() {
                         Ok(true) => {}
@@ -265,9 +354,8 @@ impl AdminConn {
                         Err(e) => return self.closed_by(e),
                     },
                     Err(e) => {
-                        debug!("admin: bad request: {e}");
-                        let body = crate::control::api::error_body(&e.to_string());
-                        self.queue(Response { status: e.status(), body, allow: None }, false);
+                        debug!("admin: {}: bad request: {e}", self.peer);
+                        self.queue(Response::error(e.status(), &e.to_string()), false, cx.now);
                     }
                 },
             }
@@ -277,7 +365,7 @@ impl AdminConn {
     /// Takes the response to the request this connection handed up, and goes on.
     pub fn respond(&mut self, key: Key, response: Response, cx: &mut Cx<'_>) -> AdminStep {
         let keep_alive = matches!(self.phase, Phase::Executing { keep_alive: true });
-        self.queue(response, keep_alive);
+        self.queue(response, keep_alive, cx.now);
         self.arm(key, cx);
         self.advance(key, cx)
     }
@@ -285,7 +373,7 @@ impl AdminConn {
     /// The request or response took too long.
     pub fn on_timer(&mut self, _key: Key, _cx: &mut Cx<'_>) -> AdminStep {
         self.timer = None;
-        debug!("admin: connection idle or too slow for {} s; closing", REQUEST_TIME.as_secs());
+        debug!("admin: {}: connection idle or too slow for {} s; closing", self.peer, REQUEST_TIME.as_secs());
         AdminStep::Done(Step::Close)
     }
 
@@ -296,10 +384,16 @@ impl AdminConn {
         }
     }
 
-    fn queue(&mut self, response: Response, keep_alive: bool) {
-        let extra: Vec<(&str, &str)> = response.allow.iter().map(|allow| ("Allow", *allow)).collect();
+    fn queue(&mut self, response: Response, keep_alive: bool, now: Instant) {
+        let extra: Vec<(&str, &str)> = response.fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
         self.output.extend_from_slice(&http::response(response.status, &response.body, keep_alive, &extra));
         self.phase = Phase::Writing { keep_alive };
+        self.restart_progress(now);
+    }
+
+    fn restart_progress(&mut self, now: Instant) {
+        self.moved = 0;
+        self.since = now;
     }
 
     fn arm(&mut self, key: Key, cx: &mut Cx<'_>) {
@@ -309,14 +403,20 @@ impl AdminConn {
         self.timer = Some(cx.timers.insert(cx.now + REQUEST_TIME, key));
     }
 
-    /// Whether the connection waits for a request with nothing received: safe to drop for a newcomer.
-    pub fn is_idle(&self) -> bool {
-        self.phase == Phase::Reading && self.input.is_empty()
+    /// How fast the current request (or response) moves, in bytes per second,
+    /// if the connection may be closed to make room for a newcomer: not while
+    /// its request is executed, nor in its first [`EVICTION_GRACE`].
+    pub fn eviction_rate(&self, now: Instant) -> Option<f64> {
+        if matches!(self.phase, Phase::Executing { .. }) || now < self.accepted + EVICTION_GRACE {
+            return None;
+        }
+        let elapsed = now.saturating_duration_since(self.since).as_secs_f64().max(0.001);
+        Some(self.moved as f64 / elapsed)
     }
 
     fn closed_by(&self, e: io::Error) -> AdminStep {
         if e.kind() != io::ErrorKind::UnexpectedEof {
-            debug!("admin: connection failed: {e}");
+            debug!("admin: {}: connection failed: {e}", self.peer);
         }
         AdminStep::Done(Step::Close)
     }
@@ -329,13 +429,19 @@ impl AdminConn {
             }
             match self.stream.write(&self.output[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.written += n,
+                Ok(n) => {
+                    self.written += n;
+                    self.moved += n as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.ready.writable = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
         self.output.clear();
+        if self.output.capacity() > KEEP_CAPACITY {
+            self.output = Vec::new();
+        }
         self.written = 0;
         Ok(true)
     }
@@ -346,13 +452,14 @@ impl AdminConn {
     /// client's FIN right after its request is seen only on the next call, once
     /// every request before it was answered (`nc -N`, HTTP/1.0 style clients).
     fn read_input(&mut self) -> io::Result<bool> {
-        let mut chunk = [0u8; 64 * 1024];
+        let mut chunk = [0u8; READ_CHUNK];
         let mut got = false;
         while !got && self.ready.readable && self.input.len() < INPUT_LIMIT {
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => {
                     self.input.extend_from_slice(&chunk[..n]);
+                    self.moved += n as u64;
                     got = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.ready.readable = false,

@@ -1,24 +1,30 @@
 //! The admin API's routes (SPEC §5): what each method and path does, with
 //! every status code.
 //!
-//! A change runs as prepare → persist → commit: everything that can fail is
-//! done first (validate, resolve, bind a new listener: 400/409), then the
-//! state file is written (500 if that fails, and nothing is applied), then
-//! the change is applied, which cannot fail. So what runs and what is on disk
-//! never disagree, and a bad request changes nothing.
+//! Reads are answered at once. A change goes through four steps, each its
+//! own function, so that the slow ones can wait off the loop:
+//! 1. [`draft`]: the route works out the new service config from the request
+//!    and the running one (400/404 for bad input);
+//! 2. the names in it are looked up on a helper thread (`helpers::Resolver`);
+//! 3. [`prepare`]: every address is resolved and checked against what runs,
+//!    and a new listener is bound and staged (400/409); nothing has changed yet;
+//! 4. the state file is written on a helper thread (500 if that fails, and
+//!    [`abandon`] undoes the staging), then [`commit`] applies the change,
+//!    which cannot fail.
+//!
+//! So what runs and what is on disk never disagree, a bad request changes
+//! nothing, and proxying never waits for DNS or the disk. The routes never
+//! touch the loop: they work on the config and the [`Plane`] interface.
 
+use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use log::info;
-
 use crate::control::http::Request;
+use crate::model::address::{self, Lookups};
 use crate::model::config::{self, BackendConfig, ServiceConfig};
-use crate::model::health::Health;
-use crate::model::service::{self, Prepared};
+use crate::model::service::{self, Prepared, Services};
 use crate::runtime::key::Key;
-use crate::runtime::net;
-use crate::server::{Entry, Server};
 
 /// A response to one admin request.
 #[derive(Debug)]
@@ -27,8 +33,20 @@ pub struct Response {
     pub status: u16,
     /// JSON body, pretty-printed with a trailing newline.
     pub body: Vec<u8>,
-    /// The `Allow` header of a 405.
-    pub allow: Option<&'static str>,
+    /// Extra header fields, e.g. the `Allow` of a 405.
+    pub fields: Vec<(&'static str, String)>,
+}
+
+impl Response {
+    /// A 200 with this body.
+    pub fn ok(body: Vec<u8>) -> Response {
+        Response { status: 200, body, fields: Vec::new() }
+    }
+
+    /// An error status with `{"error": message}`.
+    pub fn error(status: u16, message: &str) -> Response {
+        Response { status, body: error_body(message), fields: Vec::new() }
+    }
 }
 
 /// Why a request failed, by status.
@@ -42,20 +60,26 @@ pub enum ApiError {
     MethodNotAllowed(&'static str),
     /// 409: the new listen address cannot be bound.
     Conflict(String),
-    /// 500: the state file could not be written.
+    /// 500: the state file could not be written, or a socket not registered.
     Internal(String),
+    /// 503: the resolver is still busy with lookups that have not answered.
+    Unavailable(String),
 }
 
 impl ApiError {
-    fn into_response(self) -> Response {
-        let (status, message, allow) = match self {
-            ApiError::BadRequest(m) => (400, m, None),
-            ApiError::NotFound(m) => (404, m, None),
-            ApiError::MethodNotAllowed(allow) => (405, format!("method not allowed; use {allow}"), Some(allow)),
-            ApiError::Conflict(m) => (409, m, None),
-            ApiError::Internal(m) => (500, m, None),
-        };
-        Response { status, body: error_body(&message), allow }
+    /// The response that reports it.
+    pub fn into_response(self) -> Response {
+        match self {
+            ApiError::BadRequest(m) => Response::error(400, &m),
+            ApiError::NotFound(m) => Response::error(404, &m),
+            ApiError::MethodNotAllowed(allow) => Response {
+                fields: vec![("Allow", allow.to_string())],
+                ..Response::error(405, &format!("method not allowed; use {allow}"))
+            },
+            ApiError::Conflict(m) => Response::error(409, &m),
+            ApiError::Internal(m) => Response::error(500, &m),
+            ApiError::Unavailable(m) => Response::error(503, &m),
+        }
     }
 }
 
@@ -79,66 +103,99 @@ fn pretty<T: serde::Serialize>(value: &T) -> Vec<u8> {
 const READ_ONLY: &str = "GET";
 const READ_WRITE: &str = "GET, PUT, POST, DELETE";
 
-/// Runs one admin request against the server.
-pub fn execute(server: &mut Server, request: &Request, now: Instant) -> Response {
-    match route(server, request, now) {
-        Ok(body) => Response { status: 200, body, allow: None },
+/// A listener bound and registered for a change, serving nothing yet.
+#[derive(Debug, Clone, Copy)]
+pub struct Staged {
+    /// Its entry in the loop.
+    pub listener: Key,
+    /// Where it is bound (the real port, when port 0 was asked for).
+    pub local: SocketAddr,
+}
+
+/// What the routes need of the loop (or loops) that run the services: read
+/// the running state, stage listeners, and apply a prepared change.
+pub trait Plane {
+    /// The running services and their counters.
+    fn services(&self) -> &Services;
+    /// Every bound service listener: the service it serves (`None` while
+    /// staged) and its local address.
+    fn bound(&self) -> Vec<(Option<Key>, SocketAddr)>;
+    /// The admin API's own TCP address, if it listens on one.
+    fn admin_addr(&self) -> Option<SocketAddr>;
+    /// Binds and registers a listener for `addr`; it serves nothing until committed.
+    fn stage_listener(&mut self, addr: SocketAddr) -> io::Result<Staged>;
+    /// Closes a staged listener of a change that did not happen.
+    fn unstage(&mut self, staged: Staged);
+    /// Starts a new service on its staged listener.
+    fn add_service(&mut self, prepared: Prepared, listener: Staged, now: Instant);
+    /// Replaces a service's settings and backends; a staged listener replaces its old one.
+    fn replace_service(&mut self, key: Key, prepared: Prepared, listener: Option<Staged>, now: Instant);
+    /// Replaces only a service's backends.
+    fn set_backends(&mut self, key: Key, prepared: Prepared, now: Instant);
+    /// Removes a service; its open connections run on.
+    fn remove_service(&mut self, key: Key, now: Instant);
+}
+
+/// Whether a request changes the config (and so takes its turn), or only reads.
+pub fn is_change(request: &Request) -> bool {
+    matches!(request.method.as_str(), "PUT" | "POST" | "DELETE")
+}
+
+/// Answers a request that changes nothing.
+pub fn read(plane: &impl Plane, request: &Request) -> Response {
+    match read_route(plane.services(), request) {
+        Ok(body) => Response::ok(body),
         Err(e) => e.into_response(),
     }
 }
 
-fn route(server: &mut Server, request: &Request, now: Instant) -> Result<Vec<u8>, ApiError> {
+/// The path's segments, without a trailing slash.
+fn segments(request: &Request) -> Vec<&str> {
     let path = request.path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(&request.path);
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let method = request.method.as_str();
-    let backends_only = has_param(request.query.as_deref(), "backends_only");
-    match (method, segments.as_slice()) {
+    path.trim_start_matches('/').split('/').collect()
+}
+
+fn read_route(services: &Services, request: &Request) -> Result<Vec<u8>, ApiError> {
+    let segments = segments(request);
+    match (request.method.as_str(), segments.as_slice()) {
         ("GET", [""]) => {
-            let all: Vec<_> = server.services.keys().filter_map(|k| server.services.service_stats(k)).collect();
+            let all: Vec<_> = services.keys().filter_map(|k| services.service_stats(k)).collect();
             Ok(pretty(&all))
         }
-        (_, [""]) | (_, ["_config"]) if method != "GET" => Err(ApiError::MethodNotAllowed(READ_ONLY)),
-        ("GET", ["_config"]) => Ok(config::to_json(&server.services.configs()).into_bytes()),
+        ("GET", ["_config"]) => Ok(config::to_json(&services.configs()).into_bytes()),
         ("GET", [name]) => {
-            let key = find_service(server, name)?;
-            server
-                .services
-                .service_stats(key)
-                .map(|stats| pretty(&stats))
-                .ok_or_else(|| ApiError::NotFound(name.to_string()))
+            let key = find_service(services, name)?;
+            services.service_stats(key).map(|stats| pretty(&stats)).ok_or_else(|| no_service(name))
         }
-        ("PUT" | "POST", [name]) => put_service(server, name, &request.body, backends_only, now),
-        ("DELETE", [name]) => delete_service(server, name),
         ("GET", [name, backend]) => {
-            let service = find_service(server, name)?;
-            let key = find_backend(server, service, name, backend)?;
-            server
-                .services
-                .backend_stats(key)
-                .map(|stats| pretty(&stats))
-                .ok_or_else(|| ApiError::NotFound(backend.to_string()))
+            let service = find_service(services, name)?;
+            let key = find_backend(services, service, name, backend)?;
+            services.backend_stats(key).map(|stats| pretty(&stats)).ok_or_else(|| no_service(name))
         }
-        ("PUT" | "POST", [name, backend]) => put_backend(server, name, backend, &request.body, now),
-        ("DELETE", [name, backend]) => delete_backend(server, name, backend, now),
+        (_, [""] | ["_config"]) => Err(ApiError::MethodNotAllowed(READ_ONLY)),
         (_, [_] | [_, _]) => Err(ApiError::MethodNotAllowed(READ_WRITE)),
-        _ => Err(ApiError::NotFound(format!(
-            "no such path {:?}; paths are /, /_config, /SERVICE and /SERVICE/BACKEND",
-            request.path
-        ))),
+        _ => Err(no_path(request)),
     }
+}
+
+fn no_path(request: &Request) -> ApiError {
+    ApiError::NotFound(format!("no such path {:?}; paths are /, /_config, /SERVICE and /SERVICE/BACKEND", request.path))
+}
+
+fn no_service(name: &str) -> ApiError {
+    ApiError::NotFound(format!("no service named {name:?}"))
 }
 
 fn has_param(query: Option<&str>, name: &str) -> bool {
     query.is_some_and(|q| q.split('&').any(|pair| pair.split('=').next() == Some(name)))
 }
 
-fn find_service(server: &Server, name: &str) -> Result<Key, ApiError> {
-    server.services.find(name).ok_or_else(|| ApiError::NotFound(format!("no service named {name:?}")))
+fn find_service(services: &Services, name: &str) -> Result<Key, ApiError> {
+    services.find(name).ok_or_else(|| no_service(name))
 }
 
-fn find_backend(server: &Server, service: Key, service_name: &str, name: &str) -> Result<Key, ApiError> {
-    server
-        .services
+fn find_backend(services: &Services, service: Key, service_name: &str, name: &str) -> Result<Key, ApiError> {
+    services
         .find_backend(service, name)
         .ok_or_else(|| ApiError::NotFound(format!("service {service_name:?} has no backend named {name:?}")))
 }
@@ -148,181 +205,269 @@ fn writable_name(kind: &str, name: &str) -> Result<(), ApiError> {
     config::validate_name(name).map_err(|e| ApiError::BadRequest(format!("invalid {kind} name {name:?}: {e}")))
 }
 
-fn put_service(
-    server: &mut Server,
-    name: &str,
-    body: &[u8],
-    backends_only: bool,
-    now: Instant,
-) -> Result<Vec<u8>, ApiError> {
+/// A change worked out from a request and the running config; its names are not looked up yet.
+#[derive(Debug)]
+pub enum Draft {
+    /// Create a service, or replace one's settings (and backends).
+    PutService {
+        /// The running service it replaces.
+        existing: Option<Key>,
+        /// The new config.
+        config: ServiceConfig,
+    },
+    /// Replace only a service's backends: unchanged ones keep their state and counters.
+    SetBackends {
+        /// The service.
+        key: Key,
+        /// Its config with the new backends.
+        config: ServiceConfig,
+    },
+    /// Remove a service.
+    Delete {
+        /// The service.
+        key: Key,
+        /// Its name.
+        name: String,
+    },
+}
+
+impl Draft {
+    /// The host names the change needs looked up.
+    pub fn host_names(&self) -> Vec<String> {
+        match self {
+            Draft::PutService { config, .. } | Draft::SetBackends { config, .. } => config::host_names(config),
+            Draft::Delete { .. } => Vec::new(),
+        }
+    }
+}
+
+/// Works out the change a `PUT`, `POST` or `DELETE` asks for.
+pub fn draft(plane: &impl Plane, request: &Request) -> Result<Draft, ApiError> {
+    let services = plane.services();
+    let segments = segments(request);
+    let backends_only = has_param(request.query.as_deref(), "backends_only");
+    match (request.method.as_str(), segments.as_slice()) {
+        (_, [""] | ["_config"]) => Err(ApiError::MethodNotAllowed(READ_ONLY)),
+        ("PUT" | "POST", [name]) => put_service(services, name, &request.body, backends_only),
+        ("DELETE", [name]) => {
+            writable_name("service", name)?;
+            let key = find_service(services, name)?;
+            Ok(Draft::Delete { key, name: name.to_string() })
+        }
+        ("PUT" | "POST", [name, backend]) => {
+            writable_name("service", name)?;
+            writable_name("backend", backend)?;
+            let config = config::parse_backend(&request.body, name, backend)?;
+            let key = find_service(services, name)?;
+            let mut backends = services.config(key).map(|c| c.backends).unwrap_or_default();
+            match backends.iter_mut().find(|b| b.name == *backend) {
+                Some(slot) => *slot = config,
+                None => backends.push(config),
+            }
+            set_backends(services, key, backends)
+        }
+        ("DELETE", [name, backend]) => {
+            writable_name("service", name)?;
+            writable_name("backend", backend)?;
+            let key = find_service(services, name)?;
+            find_backend(services, key, name, backend)?;
+            let mut backends = services.config(key).map(|c| c.backends).unwrap_or_default();
+            backends.retain(|b| b.name != *backend);
+            set_backends(services, key, backends)
+        }
+        (_, [_] | [_, _]) => Err(ApiError::MethodNotAllowed(READ_WRITE)),
+        _ => Err(no_path(request)),
+    }
+}
+
+fn put_service(services: &Services, name: &str, body: &[u8], backends_only: bool) -> Result<Draft, ApiError> {
     writable_name("service", name)?;
-    let existing = server.services.find(name);
-    let running = existing.and_then(|key| server.services.config(key));
+    let existing = services.find(name);
+    let running = existing.and_then(|key| services.config(key));
     let config = match &running {
         Some(running) if backends_only => config::parse_backends_only(body, running)?,
         _ => config::parse_service(body, name)?,
     };
     if let (Some(key), Some(running)) = (existing, &running) {
         if config.settings_equal(running) {
-            return update_backends(server, key, config.backends, now);
+            return Ok(Draft::SetBackends { key, config });
         }
     }
-    let prepared = service::prepare(config).map_err(ApiError::BadRequest)?;
-    check_against_running(server, existing, &prepared)?;
-    let running_addr = existing.and_then(|k| server.services.service(k)).map(|s| s.addr);
-    // Bind and register a new address before anything changes: a failure leaves
-    // the old service running (409), and nothing after the state file can fail.
-    let listener = if running_addr == Some(prepared.addr) {
-        None
-    } else {
-        let socket = net::bind(prepared.addr).map_err(|e| {
-            ApiError::Conflict(format!("cannot listen on {} ({}): {e}", prepared.config.address, prepared.addr))
-        })?;
-        Some(
-            server
-                .stage_listener(socket)
-                .map_err(|e| ApiError::Internal(format!("cannot register a listener: {e}")))?,
-        )
-    };
-    let mut all = others(server, name);
-    all.push(prepared.config.clone());
-    if let Err(e) = persist(server, &all) {
-        if let Some(staged) = listener {
-            server.remove_entry(staged);
-        }
-        return Err(e);
-    }
-    let body = config::to_json(&sorted(all)).into_bytes();
-    match existing {
-        Some(key) => {
-            let changes = server.services.replace(key, prepared);
-            for removed in changes.removed {
-                if let Some(probe) = removed.probe {
-                    server.remove_entry(probe);
-                }
-            }
-            if let Some(staged) = listener {
-                server.adopt_listener(key, staged);
-            }
-            reconcile_probes(server, key, now);
-            info!("service {name} updated");
-        }
-        // A new service always has a staged listener: it had no running address.
-        None => {
-            if let Some(staged) = listener {
-                server.commit_service(prepared, staged, now);
-                info!("service {name} added");
-            }
-        }
-    }
-    Ok(body)
+    Ok(Draft::PutService { existing, config })
 }
 
-fn delete_service(server: &mut Server, name: &str) -> Result<Vec<u8>, ApiError> {
-    writable_name("service", name)?;
-    let key = find_service(server, name)?;
-    let all = others(server, name);
-    persist(server, &all)?;
-    if let Some((service, backends)) = server.services.remove(key) {
-        if let Some(listener) = service.listener {
-            server.remove_entry(listener);
-        }
-        for probe in backends.into_iter().filter_map(|b| b.probe) {
-            server.remove_entry(probe);
-        }
-    }
-    info!("service {name} removed; its open connections run on");
-    Ok(config::to_json(&all).into_bytes())
-}
-
-fn put_backend(server: &mut Server, name: &str, backend: &str, body: &[u8], now: Instant) -> Result<Vec<u8>, ApiError> {
-    writable_name("service", name)?;
-    writable_name("backend", backend)?;
-    let config = config::parse_backend(body, name, backend)?;
-    let key = find_service(server, name)?;
-    let mut backends = server.services.config(key).map(|c| c.backends).unwrap_or_default();
-    match backends.iter_mut().find(|b| b.name == backend) {
-        Some(slot) => *slot = config,
-        None => backends.push(config),
-    }
-    update_backends(server, key, backends, now)
-}
-
-fn delete_backend(server: &mut Server, name: &str, backend: &str, now: Instant) -> Result<Vec<u8>, ApiError> {
-    writable_name("service", name)?;
-    writable_name("backend", backend)?;
-    let key = find_service(server, name)?;
-    find_backend(server, key, name, backend)?;
-    let mut backends = server.services.config(key).map(|c| c.backends).unwrap_or_default();
-    backends.retain(|b| b.name != backend);
-    update_backends(server, key, backends, now)
-}
-
-/// Replaces a service's backends, keeping unchanged ones as they are (SPEC §5).
-fn update_backends(
-    server: &mut Server,
-    key: Key,
-    backends: Vec<BackendConfig>,
-    now: Instant,
-) -> Result<Vec<u8>, ApiError> {
-    let Some(mut config) = server.services.config(key) else {
+fn set_backends(services: &Services, key: Key, backends: Vec<BackendConfig>) -> Result<Draft, ApiError> {
+    let Some(mut config) = services.config(key) else {
         return Err(ApiError::NotFound("service vanished".into()));
     };
     config.backends = backends;
     config::validate_service(&config)?;
-    let mut all = others(server, &config.name);
-    all.push(config.clone());
-    let prepared = service::prepare(config).map_err(ApiError::BadRequest)?;
-    check_against_running(server, Some(key), &prepared)?;
-    let Prepared { config, backend_addrs, .. } = prepared;
-    persist(server, &all)?;
-    let changes = server.services.set_backends(key, config.backends, backend_addrs);
-    for removed in changes.removed {
-        if let Some(probe) = removed.probe {
-            server.remove_entry(probe);
+    Ok(Draft::SetBackends { key, config })
+}
+
+/// A change with every fallible step done: ready to be saved, then committed.
+#[derive(Debug)]
+pub struct Ready {
+    step: Apply,
+    /// Every service's config once the change is applied, sorted by name.
+    configs: Vec<ServiceConfig>,
+    /// What the log says once it is applied.
+    summary: String,
+}
+
+#[derive(Debug)]
+enum Apply {
+    Add { prepared: Prepared, listener: Staged },
+    Replace { key: Key, prepared: Prepared, listener: Option<Staged> },
+    Backends { key: Key, prepared: Prepared },
+    Delete { key: Key },
+}
+
+impl Ready {
+    /// The state file's new text: the config list after the change.
+    pub fn state_text(&self) -> String {
+        config::to_json(&self.configs)
+    }
+}
+
+/// Resolves and checks a draft and binds what it needs: 400 or 409 on
+/// failure, and then nothing has changed.
+pub fn prepare(plane: &mut impl Plane, draft: Draft, lookups: &Lookups) -> Result<Ready, ApiError> {
+    let services = plane.services();
+    let (step, configs, summary) = match draft {
+        Draft::Delete { key, name } => {
+            let configs = others(services, &name);
+            (Apply::Delete { key }, configs, format!("service {name} removed; its open connections run on"))
+        }
+        Draft::SetBackends { key, config } => {
+            let prepared = service::prepare(config, lookups).map_err(ApiError::BadRequest)?;
+            check_against_running(plane, Some(key), &prepared, None)?;
+            let services = plane.services();
+            let summary = backends_summary(services, key, &prepared.config);
+            let mut configs = others(services, &prepared.config.name);
+            configs.push(prepared.config.clone());
+            (Apply::Backends { key, prepared }, configs, summary)
+        }
+        Draft::PutService { existing, config } => {
+            let prepared = service::prepare(config, lookups).map_err(ApiError::BadRequest)?;
+            check_against_running(plane, existing, &prepared, None)?;
+            let running_addr = existing.and_then(|k| plane.services().service(k)).map(|s| s.addr);
+            // A new address is bound and registered before anything changes: a
+            // failure leaves the old service running (409), and nothing after the
+            // state file can fail. The same address keeps its socket (SPEC §5).
+            let listener = if running_addr == Some(prepared.addr) {
+                None
+            } else {
+                let staged = plane.stage_listener(prepared.addr).map_err(|e| {
+                    ApiError::Conflict(format!("cannot listen on {} ({}): {e}", prepared.config.address, prepared.addr))
+                })?;
+                // A port-0 listener only now has its real port: check it too.
+                if let Err(e) = check_against_running(plane, existing, &prepared, Some(staged.local)) {
+                    plane.unstage(staged);
+                    return Err(e);
+                }
+                Some(staged)
+            };
+            let name = prepared.config.name.clone();
+            let mut configs = others(plane.services(), &name);
+            configs.push(prepared.config.clone());
+            match (existing, listener) {
+                (Some(key), listener) => {
+                    (Apply::Replace { key, prepared, listener }, configs, format!("service {name} updated"))
+                }
+                (None, Some(listener)) => (Apply::Add { prepared, listener }, configs, format!("service {name} added")),
+                // A new service has no running address, so it always gets a listener.
+                (None, None) => return Err(ApiError::Internal("no listener for a new service".into())),
+            }
+        }
+    };
+    Ok(Ready { step, configs: sorted(configs), summary })
+}
+
+/// Applies a ready change; cannot fail. Returns the 200 that answers it.
+pub fn commit(plane: &mut impl Plane, ready: Ready, now: Instant) -> Response {
+    let body = config::to_json(&ready.configs).into_bytes();
+    match ready.step {
+        Apply::Add { prepared, listener } => plane.add_service(prepared, listener, now),
+        Apply::Replace { key, prepared, listener } => plane.replace_service(key, prepared, listener, now),
+        Apply::Backends { key, prepared } => plane.set_backends(key, prepared, now),
+        Apply::Delete { key } => plane.remove_service(key, now),
+    }
+    log::info!("{}", ready.summary);
+    Response::ok(body)
+}
+
+/// Undoes what [`prepare`] staged for a change that will not happen.
+pub fn abandon(plane: &mut impl Plane, ready: Ready) {
+    match ready.step {
+        Apply::Add { listener, .. } | Apply::Replace { listener: Some(listener), .. } => plane.unstage(listener),
+        _ => {}
+    }
+}
+
+/// "service web backends updated: added b2, removed b0, changed b1".
+fn backends_summary(services: &Services, key: Key, new: &ServiceConfig) -> String {
+    let old = services.config(key).map(|c| c.backends).unwrap_or_default();
+    let mut parts = Vec::new();
+    let names = |f: &dyn Fn(&BackendConfig) -> bool, list: &[BackendConfig]| -> Vec<String> {
+        list.iter().filter(|b| f(b)).map(|b| b.name.clone()).collect()
+    };
+    let added = names(&|b| !old.iter().any(|o| o.name == b.name), &new.backends);
+    let removed = names(&|b| !new.backends.iter().any(|n| n.name == b.name), &old);
+    let changed = names(&|b| old.iter().any(|o| o.name == b.name && o != b), &new.backends);
+    for (label, list) in [("added", added), ("removed", removed), ("changed", changed)] {
+        if !list.is_empty() {
+            parts.push(format!("{label} {}", list.join(", ")));
         }
     }
-    reconcile_probes(server, key, now);
-    info!("service {} backends updated", config.name);
-    Ok(config::to_json(&sorted(all)).into_bytes())
+    if parts.is_empty() {
+        parts.push("unchanged".into());
+    }
+    format!("service {} backends updated: {}", new.name, parts.join("; "))
 }
 
 /// Checks a prepared service against everything else that runs: its listen
 /// address must not clash with another service's, and no backend, its own or
-/// another service's, may reach one of our listeners (it would loop). Uses the
-/// addresses resolved when those services were applied and the ports actually
-/// bound, so nothing is resolved again and port-0 listeners count too.
-fn check_against_running(server: &Server, key: Option<Key>, prepared: &Prepared) -> Result<(), ApiError> {
+/// another service's, may reach one of our listeners or the admin API (it
+/// would loop). Uses the addresses resolved when those services were applied
+/// and the ports actually bound, so nothing is resolved again and port-0
+/// listeners count too. `staged` is the new listener's real address, once bound.
+fn check_against_running(
+    plane: &impl Plane,
+    key: Option<Key>,
+    prepared: &Prepared,
+    staged: Option<SocketAddr>,
+) -> Result<(), ApiError> {
+    let services = plane.services();
     let name = &prepared.config.name;
     let new_backends = || prepared.config.backends.iter().zip(&prepared.backend_addrs);
     let looping = |backend: &str, addr: SocketAddr, listener: SocketAddr, owner: &str| {
         ApiError::BadRequest(format!(
-            "service {name:?}: backend {backend:?}: address: {addr} reaches {listener}, where service {owner:?} listens; it would loop"
+            "service {name:?}: backend {backend:?}: address: {addr} reaches {listener}, where {owner} listens; it would loop"
         ))
     };
+    let own = [Some(prepared.addr), staged];
     for (backend, (addr, _)) in new_backends() {
-        if config::loops_to(*addr, prepared.addr) {
-            return Err(looping(&backend.name, *addr, prepared.addr, name));
+        if let Some(listener) = own.iter().flatten().find(|&&l| address::loops_to(*addr, l)) {
+            return Err(looping(&backend.name, *addr, *listener, &format!("service {name:?}")));
+        }
+        if let Some(admin) = plane.admin_addr().filter(|&a| address::loops_to(*addr, a)) {
+            return Err(looping(&backend.name, *addr, admin, "the admin API"));
         }
     }
-    for other in server.services.keys().filter(|&k| Some(k) != key) {
-        let Some(s) = server.services.service(other) else { continue };
+    for other in services.keys().filter(|&k| Some(k) != key) {
+        let Some(s) = services.service(other) else { continue };
         let owner = s.settings.name.as_str();
-        if config::overlaps(s.addr, prepared.addr) {
+        if address::overlaps(s.addr, prepared.addr) {
             return Err(ApiError::BadRequest(format!(
                 "service {name:?}: address: {:?} conflicts with {}, where service {owner:?} listens",
                 prepared.config.address, s.addr
             )));
         }
-        for (backend, (addr, _)) in new_backends() {
-            if config::loops_to(*addr, s.addr) {
-                return Err(looping(&backend.name, *addr, s.addr, owner));
-            }
-        }
-        for b in s.backends.iter().filter_map(|&k| server.services.backend(k)) {
-            if config::loops_to(b.addr, prepared.addr) {
+        for b in s.backends.iter().filter_map(|&k| services.backend(k)) {
+            if let Some(listener) = own.iter().flatten().find(|&&l| address::loops_to(b.addr, l)) {
                 return Err(ApiError::BadRequest(format!(
-                    "service {name:?}: address: service {owner:?} has backend {:?} at {}, which would loop to it",
+                    "service {name:?}: address: {listener}: service {owner:?} has backend {:?} at {}, which would loop to it",
                     b.config.name, b.addr
                 )));
             }
@@ -330,63 +475,27 @@ fn check_against_running(server: &Server, key: Option<Key>, prepared: &Prepared)
     }
     // Ports actually bound: a listener on port 0 got its real port only then. A
     // service moving to a new address is leaving its current listener.
-    let moving = key.and_then(|k| server.services.service(k)).is_some_and(|s| s.addr != prepared.addr);
-    for (_, entry) in server.entries.iter() {
-        let Entry::Listener(listener) = entry else { continue };
-        if moving && Some(listener.service) == key {
+    let moving = key.and_then(|k| services.service(k)).is_some_and(|s| s.addr != prepared.addr);
+    for (owner_key, local) in plane.bound() {
+        if owner_key.is_none() || (moving && owner_key == key) {
             continue;
         }
-        let Ok(local) = listener.socket.local_addr() else { continue };
-        let owner = server.services.service(listener.service).map_or("?", |s| s.settings.name.as_str());
+        let owner = owner_key.and_then(|k| services.service(k)).map_or("?", |s| s.settings.name.as_str());
         for (backend, (addr, _)) in new_backends() {
-            if config::loops_to(*addr, local) {
-                return Err(looping(&backend.name, *addr, local, owner));
+            if address::loops_to(*addr, local) {
+                return Err(looping(&backend.name, *addr, local, &format!("service {owner:?}")));
             }
         }
     }
     Ok(())
 }
 
-/// Starts or stops probes so that exactly the checked backends of a checking
-/// service have one. A backend left without checks is up: nothing could ever
-/// bring it back otherwise.
-fn reconcile_probes(server: &mut Server, service: Key, now: Instant) {
-    let Some(s) = server.services.service(service) else { return };
-    let checks = config::seconds(s.settings.check_interval).is_some();
-    let name = s.settings.name.clone();
-    for backend in s.backends.clone() {
-        let Some(b) = server.services.backend(backend) else { continue };
-        let want = checks && b.check_addr.is_some();
-        let have = b.probe.filter(|&p| matches!(server.entries.get(p), Some(Entry::Probe(_))));
-        match (want, have) {
-            (true, None) => server.start_probe(backend, now),
-            (false, Some(probe)) => server.remove_entry(probe),
-            _ => {}
-        }
-        if let Some(b) = server.services.backend_mut(backend).filter(|_| !want) {
-            b.probe = None;
-            if !b.health.is_up() {
-                b.health = Health::default();
-                info!("{name}/{} is up: health checks are off", b.config.name);
-            }
-        }
-    }
-}
-
 /// Every running service's config but `name`'s.
-fn others(server: &Server, name: &str) -> Vec<ServiceConfig> {
-    server.services.configs().into_iter().filter(|c| c.name != name).collect()
+fn others(services: &Services, name: &str) -> Vec<ServiceConfig> {
+    services.configs().into_iter().filter(|c| c.name != name).collect()
 }
 
 fn sorted(mut all: Vec<ServiceConfig>) -> Vec<ServiceConfig> {
     all.sort_by(|a, b| a.name.cmp(&b.name));
     all
-}
-
-/// Writes the state file (if any) with the config about to run; a failure is 500 and stops the change.
-fn persist(server: &Server, all: &[ServiceConfig]) -> Result<(), ApiError> {
-    let Some(path) = &server.options.state else { return Ok(()) };
-    config::save_atomic(path, &sorted(all.to_vec())).map_err(|e| {
-        ApiError::Internal(format!("cannot write the state file {}: {e}; nothing was changed", path.display()))
-    })
 }

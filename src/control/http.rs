@@ -39,6 +39,22 @@ pub struct Request {
     pub body: Vec<u8>,
     /// Whether the connection may carry another request after this one's response.
     pub keep_alive: bool,
+    /// The fields that say who is asking, for the admin API's access checks.
+    pub from: Caller,
+}
+
+/// The request fields that tell a browser (or a page it runs) from curl, and
+/// carry the admin token. Values are kept as sent, lossily decoded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller {
+    /// `Host`.
+    pub host: Option<String>,
+    /// `Origin`: only browsers send it.
+    pub origin: Option<String>,
+    /// `Sec-Fetch-Site`: a browser's word on where the request comes from.
+    pub fetch_site: Option<String>,
+    /// `Authorization`.
+    pub authorization: Option<String>,
 }
 
 /// Why a request cannot be decoded; the caller answers [`HttpError::status`] and closes.
@@ -109,7 +125,7 @@ enum Phase {
     /// Looking for the blank line: `start` is past any leading empty lines, `scanned` is where to resume.
     Head { start: usize, scanned: usize, line_checked: bool },
     /// The head is parsed; the body is arriving.
-    Body(Pending),
+    Body(Box<Pending>),
 }
 
 impl Default for Phase {
@@ -119,6 +135,9 @@ impl Default for Phase {
 }
 
 /// A parsed head and its body so far; `pos` is the next unread input index.
+/// Body bytes are copied out as they arrive and their framing is dropped from
+/// the input, so the input never holds more than a read's worth: the body
+/// limit is on the body alone, however it is chunked.
 #[derive(Debug)]
 struct Pending {
     /// Owned at once, since httparse's view borrows the input; the body grows in place.
@@ -133,8 +152,8 @@ struct Pending {
 
 #[derive(Debug, Clone, Copy)]
 enum Step {
-    /// `Content-Length` (0 without one): the request ends with these bytes.
-    Length { len: usize },
+    /// `Content-Length` (0 without one): this many body bytes are still to come.
+    Length { left: usize },
     /// Looking for a chunk-size line's LF.
     Size { scanned: usize },
     /// Inside a chunk, with this many data bytes left.
@@ -158,7 +177,7 @@ impl Decoder {
         let mut pending = match std::mem::take(&mut self.phase) {
             Phase::Head { mut start, mut scanned, mut line_checked } => {
                 match decode_head(input, &mut start, &mut scanned)? {
-                    Some(pending) => pending,
+                    Some(pending) => Box::new(pending),
                     None => {
                         check_early(input, start, &mut line_checked)?;
                         self.phase = Phase::Head { start, scanned, line_checked };
@@ -172,6 +191,7 @@ impl Decoder {
             input.drain(..end);
             return Ok(Progress::Request(pending.request));
         }
+        pending.forget_read(input);
         // Only while the body is incomplete: curl would otherwise wait 1 s before sending it (pitfall 18).
         let send = std::mem::take(&mut pending.expect_continue);
         self.phase = Phase::Body(pending);
@@ -206,7 +226,7 @@ fn decode_head(input: &[u8], start: &mut usize, scanned: &mut usize) -> Result<O
     let fields = Fields::read(req.headers, version)?;
     let step = match (fields.codings, fields.length) {
         (None, length) => match usize::try_from(length.unwrap_or(0)) {
-            Ok(len) if len <= MAX_BODY => Step::Length { len },
+            Ok(len) if len <= MAX_BODY => Step::Length { left: len },
             _ => return Err(HttpError::BodyTooLarge),
         },
         // RFC 9112 §6.1: HTTP/1.0 has no chunked coding, so its framing cannot be trusted.
@@ -221,7 +241,7 @@ fn decode_head(input: &[u8], start: &mut usize, scanned: &mut usize) -> Result<O
     };
     // HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 closes unless told to keep it.
     let keep_alive = !fields.close && (version >= 1 || fields.keep_alive);
-    let request = Request { method: method.to_owned(), path, query, body: Vec::new(), keep_alive };
+    let request = Request { method: method.to_owned(), path, query, body: Vec::new(), keep_alive, from: fields.from };
     let expect_continue = fields.expect_continue;
     Ok(Some(Pending { request, pos: end, step, ext_budget: MAX_HEAD, expect_continue }))
 }
@@ -235,6 +255,7 @@ struct Fields {
     close: bool,
     keep_alive: bool,
     expect_continue: bool,
+    from: Caller,
 }
 
 impl Fields {
@@ -258,6 +279,17 @@ impl Fields {
             } else if name.eq_ignore_ascii_case("connection") {
                 f.close |= list(value).any(|t| t.eq_ignore_ascii_case(b"close"));
                 f.keep_alive |= list(value).any(|t| t.eq_ignore_ascii_case(b"keep-alive"));
+            } else if name.eq_ignore_ascii_case("host") {
+                // RFC 9112 §3.2: a request with more than one Host is invalid.
+                if f.from.host.replace(lossy(value)).is_some() {
+                    return Err(malformed("more than one host field"));
+                }
+            } else if name.eq_ignore_ascii_case("origin") {
+                f.from.origin = Some(lossy(value));
+            } else if name.eq_ignore_ascii_case("sec-fetch-site") {
+                f.from.fetch_site = Some(lossy(value));
+            } else if name.eq_ignore_ascii_case("authorization") {
+                f.from.authorization = Some(lossy(value));
             } else if name.eq_ignore_ascii_case("expect") {
                 if !value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
                     return Err(HttpError::UnsupportedExpect(String::from_utf8_lossy(value.trim_ascii()).into()));
@@ -270,17 +302,40 @@ impl Fields {
     }
 }
 
+fn lossy(value: &[u8]) -> String {
+    String::from_utf8_lossy(value.trim_ascii()).into_owned()
+}
+
 impl Pending {
+    /// Drops the input bytes already decoded (the head, body bytes copied out,
+    /// chunk framing), keeping what a scan still needs, and shifts the indices.
+    fn forget_read(&mut self, input: &mut Vec<u8>) {
+        let keep = match self.step {
+            // The blank line ending the trailers may begin with the size line's LF.
+            Step::Size { scanned } | Step::Trailers { scanned } => scanned.min(self.pos),
+            _ => self.pos,
+        };
+        input.drain(..keep);
+        self.pos -= keep;
+        if let Step::Size { scanned } | Step::Trailers { scanned } = &mut self.step {
+            *scanned -= keep;
+        }
+    }
+
     /// Reads whatever body bytes arrived; `Some(end)` once the request ends at input index `end`.
     fn advance(&mut self, input: &[u8]) -> Result<Option<usize>, HttpError> {
         loop {
             match self.step {
-                Step::Length { len } => {
-                    let Some(body) = input.get(self.pos..self.pos + len) else {
+                Step::Length { left } => {
+                    let arrived = input.get(self.pos..).unwrap_or_default();
+                    let take = left.min(arrived.len());
+                    self.request.body.extend_from_slice(&arrived[..take]);
+                    self.pos += take;
+                    if take < left {
+                        self.step = Step::Length { left: left - take };
                         return Ok(None);
-                    };
-                    self.request.body = body.to_vec();
-                    return Ok(Some(self.pos + len));
+                    }
+                    return Ok(Some(self.pos));
                 }
                 Step::Size { scanned } => {
                     let limit = self.pos + BARE_SIZE_LINE + self.ext_budget;

@@ -1,7 +1,10 @@
 //! The control plane: the admin API (HTTP framing, connections, routes) and
 //! the health probes.
 
+pub mod access;
 pub mod admin;
 pub mod api;
+pub mod change;
 pub mod http;
 pub mod probe;
+pub mod state;

@@ -21,6 +21,7 @@ use crate::model::health::Transition;
 use crate::runtime::key::{Key, Side};
 use crate::runtime::net::{self, ConnectOutcome};
 use crate::runtime::ready::{Ready, Step};
+use crate::runtime::throttle;
 use crate::runtime::timer::{TimerKey, Wheel};
 
 /// The most of a reply a check reads while looking for `check_expect`.
@@ -41,6 +42,8 @@ enum ProbeState {
 pub struct Probe {
     backend: Key,
     state: ProbeState,
+    /// Whether it holds one of the probes' descriptor slots (`FdBudget`).
+    holds_slot: bool,
     ready: Ready,
     /// When the check in flight fails for lack of an answer, if ever.
     deadline: Option<Instant>,
@@ -79,13 +82,29 @@ impl Probe {
     pub fn new(key: Key, backend: Key, interval: Duration, now: Instant, timers: &mut Wheel<Key>) -> Probe {
         let due = now + first_check_offset(u64::from(key.index()), interval);
         let timer = Some(timers.insert(due, key));
-        Probe { backend, state: ProbeState::Idle, ready: Ready::default(), deadline: None, timer, due }
+        Probe {
+            backend,
+            state: ProbeState::Idle,
+            holds_slot: false,
+            ready: Ready::default(),
+            deadline: None,
+            timer,
+            due,
+        }
     }
 
-    /// Gives back the probe's timer before it is dropped (its socket closes with it).
-    pub fn close(&mut self, cx: &mut Cx<'_>) {
+    /// Gives back the probe's timer and descriptor slot before it is dropped (its socket closes with it).
+    pub fn close(&mut self, key: Key, cx: &mut Cx<'_>) {
         if let Some(timer) = self.timer.take() {
             cx.timers.cancel(timer);
+        }
+        self.release_slot(cx);
+        cx.fds.forget(key);
+    }
+
+    fn release_slot(&mut self, cx: &mut Cx<'_>) {
+        if std::mem::take(&mut self.holds_slot) {
+            cx.fds.check_done();
         }
     }
 
@@ -93,12 +112,31 @@ impl Probe {
     pub fn on_timer(&mut self, key: Key, cx: &mut Cx<'_>) -> Step {
         self.timer = None;
         match self.state {
-            ProbeState::Idle => self.start(key, cx),
+            // A check holds a descriptor: it waits its turn when the probes' share is in use.
+            ProbeState::Idle if !self.holds_slot && !cx.fds.start_check(key, cx.now) => Step::Wait,
+            ProbeState::Idle => {
+                self.holds_slot = true;
+                self.start(key, cx)
+            }
             _ if self.deadline.is_some_and(|d| cx.now >= d) => self.finish(key, Err("timeout".into()), cx),
             _ => {
                 self.arm(key, self.deadline, cx);
                 Step::Wait
             }
+        }
+    }
+
+    /// The probe's turn came after it waited for a descriptor slot, which it now holds.
+    pub fn on_slot(&mut self, key: Key, cx: &mut Cx<'_>) -> Step {
+        self.holds_slot = true;
+        match self.state {
+            ProbeState::Idle => {
+                if let Some(timer) = self.timer.take() {
+                    cx.timers.cancel(timer);
+                }
+                self.start(key, cx)
+            }
+            _ => Step::Wait,
         }
     }
 
@@ -134,7 +172,10 @@ impl Probe {
             }
             Err(e) if net::is_local_shortage(&e) => {
                 // Our shortage says nothing about the backend: skip this check (pitfall 15).
-                warn!("health check of {addr} skipped: {e}");
+                if let Some(held) = cx.fds.skipped_checks.ready(cx.now) {
+                    warn!("health check of {addr} skipped: {e}{}", throttle::more(held));
+                }
+                self.release_slot(cx);
                 self.schedule_next(key, cx);
                 Step::Wait
             }
@@ -194,6 +235,7 @@ impl Probe {
 
     fn finish(&mut self, key: Key, result: CheckResult, cx: &mut Cx<'_>) -> Step {
         self.state = ProbeState::Idle; // drops the socket
+        self.release_slot(cx);
         self.deadline = None;
         if let Some(timer) = self.timer.take() {
             cx.timers.cancel(timer);

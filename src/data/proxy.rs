@@ -16,6 +16,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use log::{debug, info, warn};
@@ -256,6 +257,12 @@ pub struct Pair {
     holds: Option<Key>,
     /// When the client was accepted, for the close log.
     accepted: Instant,
+    /// The client's address, for the close log.
+    peer: SocketAddr,
+    /// How long the backend connect took in ms, once it succeeded.
+    connect_ms: Option<u32>,
+    /// Why the pair ended early, for the close log.
+    ended: Option<Fault>,
     /// The armed timer and its deadline: at most one, at the earliest deadline.
     timer: Option<(TimerKey, Instant)>,
 }
@@ -315,7 +322,14 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 impl Pair {
     /// Takes a freshly accepted client and starts connecting it along `plan`.
     /// On failure the client is dropped (a normal close) and the fault returned.
-    pub fn open(key: Key, mut client: TcpStream, service: Key, mut plan: Plan, cx: &mut Cx<'_>) -> Result<Pair, Fault> {
+    pub fn open(
+        key: Key,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        service: Key,
+        mut plan: Plan,
+        cx: &mut Cx<'_>,
+    ) -> Result<Pair, Fault> {
         let limits = cx.services.limits(service);
         cx.registry
             .register(&mut client, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE)
@@ -337,6 +351,9 @@ impl Pair {
             limits,
             holds: Some(attempt.target),
             accepted: now,
+            peer,
+            connect_ms: None,
+            ended: None,
             timer: None,
         };
         pair.rearm(key, cx);
@@ -387,14 +404,25 @@ impl Pair {
         }
         self.up.release(cx.pool);
         self.down.release(cx.pool);
-        let (sent, received) = (self.up.total, self.down.total);
         self.report(cx);
         self.release_backend(cx);
+        if log::log_enabled!(log::Level::Debug) {
+            debug!("{}", self.summary(cx));
+        }
+    }
+
+    /// The one line a finished connection gets at debug level.
+    fn summary(&self, cx: &Cx<'_>) -> String {
         let service = cx.services.service(self.service).map_or("?", |s| s.settings.name.as_str());
-        debug!(
-            "{service}: closed after {} ms, {sent} bytes sent, {received} bytes received",
-            cx.now.saturating_duration_since(self.accepted).as_millis()
-        );
+        let lasted = cx.now.saturating_duration_since(self.accepted).as_millis();
+        let (sent, received) = (self.up.total, self.down.total);
+        let backend = match &self.phase {
+            Phase::Relaying { target } | Phase::Connecting { target, .. } => cx.services.backend(*target),
+        };
+        let to = backend.map_or_else(String::new, |b| format!(" -> {} ({})", b.config.name, b.addr));
+        let connected = self.connect_ms.map_or_else(String::new, |ms| format!("connected in {ms} ms, "));
+        let how = self.ended.as_ref().map_or_else(|| "both sides closed".to_string(), Fault::to_string);
+        format!("{service}: {}{to}: {connected}closed after {lasted} ms ({how}), {sent} bytes sent, {received} bytes received", self.peer)
     }
 
     /// Takes this pair off its backend's `active` count.
@@ -405,6 +433,16 @@ impl Pair {
     }
 
     fn advance(&mut self, key: Key, backend_event: bool, cx: &mut Cx<'_>) -> Step {
+        // A reset must close the pair even when nothing would read or write the
+        // socket now (a full buffer towards a stalled peer): SPEC §3.
+        if let Some(e) = pending_error(&mut self.client) {
+            return self.fail(Fault::Client(e), cx);
+        }
+        if matches!(self.phase, Phase::Relaying { .. }) {
+            if let Some(e) = pending_error(&mut self.backend) {
+                return self.fail(Fault::Backend(e), cx);
+            }
+        }
         if let Phase::Connecting { target, .. } = &mut self.phase {
             if backend_event || self.backend.ready.writable {
                 let ready = self.backend.ready;
@@ -425,8 +463,7 @@ impl Pair {
         let Phase::Connecting { target, started, .. } = self.phase else { return };
         cx.services.connect_succeeded(target);
         self.backend.last_progress = cx.now;
-        let (service, name) = cx.services.names(target);
-        debug!("{service}: connected to {name} in {} ms", cx.now.duration_since(started).as_millis());
+        self.connect_ms = Some(u32::try_from(cx.now.duration_since(started).as_millis()).unwrap_or(u32::MAX));
         self.set_phase(Phase::Relaying { target });
     }
 
@@ -500,12 +537,12 @@ impl Pair {
         match &fault {
             Fault::Local(_) => warn!("{service}: {fault}"),
             Fault::NoBackend => {
-                info!("{service}: closing client: {fault}");
+                info!("{service}: closing client {}: {fault}", self.peer);
                 net::close_gently(&self.client.stream);
             }
-            _ => debug!("{service}: closing pair: {fault}"),
+            _ => {}
         }
-        match fault {
+        match &fault {
             Fault::Backend(_) | Fault::Timeout(Side::Backend) => {
                 if let Phase::Relaying { target, .. } = &self.phase {
                     if let Some(b) = cx.services.backend_mut(*target) {
@@ -520,6 +557,7 @@ impl Pair {
             }
             _ => {}
         }
+        self.ended = Some(fault);
         Step::Close
     }
 
@@ -566,6 +604,18 @@ impl Pair {
             cx.timers.cancel(timer);
         }
         self.timer = Some((cx.timers.insert(want, key), want));
+    }
+}
+
+/// The socket's pending error (`SO_ERROR`), once an event flagged one. Read
+/// once per flag: the flag is cleared, and the kernel clears the error.
+fn pending_error(peer: &mut Peer<TcpStream>) -> Option<io::Error> {
+    if !std::mem::take(&mut peer.ready.error) {
+        return None;
+    }
+    match peer.stream.take_error() {
+        Ok(Some(e)) | Err(e) => Some(e),
+        Ok(None) => None,
     }
 }
 

@@ -6,14 +6,14 @@
 //! rather than as serde's "expected u32". Invariant: every `ServiceConfig`
 //! returned by `parse_*`/`load` has every default applied and has passed
 //! `validate_service` (and, for whole lists, `validate_all`). Host names are
-//! kept as written; `resolve` is called again when a config is applied.
+//! kept as written and never resolved here: `runtime::resolver` looks them up
+//! when a config is applied, off the loop.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::marker::PhantomData;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -21,6 +21,9 @@ use std::time::Duration;
 use serde::de::{value::MapAccessDeserializer, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
+
+use crate::model::address::{self, clip, overlaps, Address, Host};
+use crate::runtime::files::{self, FileError};
 
 /// Default seconds between health checks.
 pub const DEFAULT_CHECK_INTERVAL: f64 = 2.0;
@@ -38,7 +41,6 @@ pub const MAX_SECONDS: f64 = 1e9;
 pub const MIN_SECONDS: f64 = 0.001;
 /// Longest `check_expect`: a check only looks at the first 4 KiB of the reply (SPEC §2).
 pub const MAX_CHECK_EXPECT: usize = 4096;
-const ADDRESS_FORM: &str = r#"expected "host:port", "v4:port" or "[v6]:port""#;
 const NAME_RULE: &str = r#"letters, digits, ".", "_" and "-", starting with a letter or digit"#;
 
 /// One service: a listener, its balancing settings and its backends.
@@ -366,9 +368,15 @@ pub fn parse_backend(body: &[u8], service: &str, url_name: &str) -> Result<Backe
     Ok(backend)
 }
 
-/// Reads and parses a config or state file.
+/// Reads and parses a config or state file: a regular file of at most 64 MiB.
 pub fn load(path: &Path) -> Result<Vec<ServiceConfig>, ConfigError> {
-    let text = fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+    let io = |source| ConfigError::Io { path: path.to_path_buf(), source };
+    let bytes = files::read_regular(path, files::MAX_FILE).map_err(|e| match e {
+        FileError::Io(e) => io(e),
+        other => io(io::Error::new(io::ErrorKind::InvalidData, other.to_string())),
+    })?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| io(io::Error::new(io::ErrorKind::InvalidData, format!("is not UTF-8 text ({e})"))))?;
     parse_services(&text)
 }
 
@@ -377,8 +385,14 @@ fn json_error(e: serde_json::Error) -> ConfigError {
     let suffix = format!(" at line {} column {}", e.line(), e.column());
     let message = full.strip_suffix(&suffix).unwrap_or(&full);
     // serde quotes names and values with backticks; the rest of our messages use double quotes.
-    let message = message.replace('`', "\"");
+    let message = one_line(&message.replace('`', "\""));
     ConfigError::Json { line: e.line(), column: e.column(), message }
+}
+
+/// `text` with control characters escaped (`\n` → `\\n`), so a message
+/// quoting user input (serde quotes unknown keys raw) stays on one line.
+pub fn one_line(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 fn build_service(raw: RawService, index: usize, url_name: Option<&str>) -> Result<ServiceConfig, ConfigError> {
@@ -443,7 +457,7 @@ fn pick_name(given: Option<String>, url_name: Option<&str>, at: &At<'_>) -> Resu
 }
 
 fn required_address(value: Option<Value>, at: &At<'_>) -> Result<String, ConfigError> {
-    text(value, at, "address")?.ok_or_else(|| at.err("address", format!("is required, {ADDRESS_FORM}")))
+    text(value, at, "address")?.ok_or_else(|| at.err("address", format!("is required, {}", address::FORM)))
 }
 
 /// A string field; `null` or absent is `None`.
@@ -492,13 +506,6 @@ fn seconds_problem(got: impl fmt::Display) -> String {
 /// A JSON value for a message: compact, one line, at most ~60 characters.
 fn shown(value: &Value) -> String {
     clip(&value.to_string()).into_owned()
-}
-
-fn clip(s: &str) -> std::borrow::Cow<'_, str> {
-    match s.char_indices().nth(60) {
-        Some((end, _)) => format!("{}…", &s[..end]).into(),
-        None => s.into(),
-    }
 }
 
 /// Checks a service or backend name: `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 128 bytes.
@@ -573,7 +580,9 @@ pub fn validate_backend(service: &str, backend: &BackendConfig) -> Result<(), Co
     Ok(())
 }
 
-/// Checks what only a whole list can break: unique names, distinct listen addresses, no loops.
+/// Checks what only a whole list can break and can be told without resolving
+/// names: unique names, and listen addresses given as IP literals that clash.
+/// Named addresses and loops are checked once resolved (`service::check_all`).
 pub fn validate_all(services: &[ServiceConfig]) -> Result<(), ConfigError> {
     let mut names = HashSet::with_capacity(services.len());
     // Listeners can only clash on the same port: group by it, so a big config stays linear.
@@ -583,7 +592,9 @@ pub fn validate_all(services: &[ServiceConfig]) -> Result<(), ConfigError> {
         if !names.insert(service.name.as_str()) {
             return Err(at.err("name", "is used by more than one service"));
         }
-        let addr = listen_address(&service.address).map_err(|p| at.err("address", p))?;
+        let Some(addr) = listen_address(&service.address).map_err(|p| at.err("address", p))?.literal() else {
+            continue;
+        };
         let same_port = by_port.entry(addr.port()).or_default();
         if let Some((other, taken)) = same_port.iter().find(|(_, taken)| overlaps(*taken, addr)) {
             let problem = format!("{:?} conflicts with {taken}, where service {other:?} listens", service.address);
@@ -591,89 +602,30 @@ pub fn validate_all(services: &[ServiceConfig]) -> Result<(), ConfigError> {
         }
         same_port.push((&service.name, addr));
     }
-    check_loops(services)
-}
-
-/// Rejects a backend whose address reaches one of the services' listeners: it would loop (SPEC §2).
-pub fn check_loops(services: &[ServiceConfig]) -> Result<(), ConfigError> {
-    let mut listeners: HashMap<u16, Vec<(&str, SocketAddr)>> = HashMap::new();
-    for service in services {
-        let addr = resolve(&service.address).map_err(|p| At(&service.name, None).err("address", p))?;
-        listeners.entry(addr.port()).or_default().push((service.name.as_str(), addr));
-    }
-    for service in services {
-        for backend in &service.backends {
-            let at = At(&service.name, Some(&backend.name));
-            let addr = resolve(&backend.address).map_err(|p| at.err("address", p))?;
-            let same_port = listeners.get(&addr.port()).map_or(&[][..], Vec::as_slice);
-            if let Some((owner, listener)) = same_port.iter().find(|(_, listener)| loops_to(addr, *listener)) {
-                let address = clip(&backend.address);
-                let problem = format!("{address:?} reaches {listener}, where service {owner:?} listens; it would loop");
-                return Err(at.err("address", problem));
-            }
-        }
-    }
     Ok(())
 }
 
-/// Whether connecting to `backend` would reach `listener` (a backend on our own listener loops).
-pub fn loops_to(backend: SocketAddr, listener: SocketAddr) -> bool {
-    backend.port() == listener.port()
-        && listener.port() != 0
-        && (backend.ip() == listener.ip()
-            || backend.ip().is_unspecified()
-            || (listener.ip().is_unspecified() && is_local(backend.ip())))
+fn listen_address(address: &str) -> Result<Address, String> {
+    address::parse(address)
 }
 
-/// Whether `ip` is one of this host's addresses: only a local address can be bound.
-fn is_local(ip: IpAddr) -> bool {
-    ip.is_loopback() || UdpSocket::bind((ip, 0)).is_ok()
+fn connect_address(address: &str) -> Result<Address, String> {
+    address::parse_connect(address)
 }
 
-/// Whether two listeners would fight over one port; `[::]` is dual-stack on Linux by default.
-pub fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
-    let covers = |x: SocketAddr, y: SocketAddr| x.ip().is_unspecified() && (x.is_ipv6() || y.is_ipv4());
-    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
-}
-
-fn listen_address(address: &str) -> Result<SocketAddr, String> {
-    if address.is_empty() {
-        return Err(format!("is required, {ADDRESS_FORM}"));
+/// The host names a service's addresses need looked up, each once.
+pub fn host_names(service: &ServiceConfig) -> Vec<String> {
+    let mut names = Vec::new();
+    let addresses = std::iter::once(service.address.as_str())
+        .chain(service.backends.iter().flat_map(|b| [b.address.as_str(), b.check_address.as_str()]));
+    for text in addresses.filter(|t| !t.is_empty()) {
+        if let Ok(Address { host: Host::Name(name), .. }) = address::parse(text) {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
     }
-    resolve(address)
-}
-
-fn connect_address(address: &str) -> Result<SocketAddr, String> {
-    let addr = listen_address(address)?;
-    match addr.port() {
-        0 => Err(format!("port 0 cannot be connected to, got {:?}", clip(address))),
-        _ => Ok(addr),
-    }
-}
-
-/// Resolves `host:port`, `v4:port` or `[v6]:port` (first result, IPv4 preferred); `:port` is `0.0.0.0:port` as in Go.
-pub fn resolve(address: &str) -> Result<SocketAddr, String> {
-    if let Ok(addr) = address.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let Some((host, port)) = address.rsplit_once(':') else {
-        return Err(format!("{ADDRESS_FORM}, got {:?} (no port)", clip(address)));
-    };
-    let Ok(port) = port.parse::<u16>() else {
-        return Err(format!("port must be a number from 0 to 65535, got {:?} in {address:?}", clip(port)));
-    };
-    if host.contains(':') || host.starts_with('[') {
-        return Err(format!("{ADDRESS_FORM} (IPv6 needs brackets), got {:?}", clip(address)));
-    }
-    if host.is_empty() {
-        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
-    }
-    let found: Vec<SocketAddr> = match (host, port).to_socket_addrs() {
-        Ok(found) => found.collect(),
-        Err(e) => return Err(format!("host {:?} does not resolve: {e}", clip(host))),
-    };
-    let best = found.iter().find(|a| a.is_ipv4()).or_else(|| found.first());
-    best.copied().ok_or_else(|| format!("host {host:?} resolves to no address"))
+    names
 }
 
 /// The config list as written to the state file and `GET /_config`: pretty JSON, sorted by name, trailing newline.
@@ -691,43 +643,6 @@ fn render(services: &[ServiceConfig]) -> serde_json::Result<String> {
     let mut text = serde_json::to_string_pretty(&sorted)?;
     text.push('\n');
     Ok(text)
-}
-
-/// Writes `to_json(services)` to `path` atomically: temp file in the same directory, fsync, rename, fsync the dir.
-pub fn save_atomic(path: &Path, services: &[ServiceConfig]) -> io::Result<()> {
-    let text = render(services).map_err(io::Error::other)?;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let Some(file_name) = path.file_name() else {
-        let message = format!("{} is not a file path", path.display());
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, message));
-    };
-    let tmp = dir.join(format!(".{}.tmp.{}", file_name.to_string_lossy(), std::process::id()));
-    let written = write_synced(&tmp, path, text.as_bytes()).and_then(|()| fs::rename(&tmp, path));
-    if let Err(e) = written {
-        // Best effort: the temp file may not exist, and the original error is what matters.
-        let _ = fs::remove_file(&tmp);
-        return Err(io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display())));
-    }
-    // The new file is in place, so the change counts as saved; a failed directory fsync
-    // only weakens durability across a crash, and reporting failure now would make the
-    // running config and the file disagree (SPEC §5).
-    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
-        log::warn!("state file {}: cannot fsync its directory: {e}", path.display());
-    }
-    Ok(())
-}
-
-fn write_synced(tmp: &Path, target: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(tmp)?;
-    if let Ok(meta) = fs::metadata(target) {
-        // Keep the state file's permissions across the replace.
-        file.set_permissions(meta.permissions())?;
-    }
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! no sockets. Config files and API bodies, addresses, services and their
 //! counters, the balancer, and health bookkeeping.
 
+pub mod address;
 pub mod balance;
 pub mod config;
 pub mod health;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
+use crate::model::address::{self, Lookups};
 use crate::model::balance::{self, Candidate, Cursor};
 use crate::model::config::{self, BackendConfig, ServiceConfig};
 use crate::model::health::{Health, Transition};
@@ -70,6 +71,8 @@ pub struct Service {
     /// The timeouts new connections get, converted once per config change.
     limits: Limits,
     cursor: Cursor,
+    /// Deleted: hidden from the API, kept while its listener hands over queued clients.
+    retired: bool,
 }
 
 /// A config checked and resolved, ready to be applied without failing.
@@ -83,26 +86,79 @@ pub struct Prepared {
     pub backend_addrs: Vec<(SocketAddr, Option<SocketAddr>)>,
 }
 
-/// Resolves every address of a validated config (SPEC §2: names resolve once, when applied).
-pub fn prepare(config: ServiceConfig) -> Result<Prepared, String> {
-    let addr = config::resolve(&config.address).map_err(|e| format!("service {:?}: address: {e}", config.name))?;
+/// Resolves every address of a validated config with names already looked
+/// up (SPEC §2: names resolve once, when applied, never on the loop).
+pub fn prepare(config: ServiceConfig, lookups: &Lookups) -> Result<Prepared, String> {
+    let addr =
+        resolve_text(&config.address, lookups).map_err(|e| format!("service {:?}: address: {e}", config.name))?;
     let mut backend_addrs = Vec::with_capacity(config.backends.len());
     for b in &config.backends {
-        backend_addrs.push(resolve_backend(&config.name, b)?);
+        backend_addrs.push(resolve_backend(&config.name, b, lookups)?);
     }
     Ok(Prepared { config, addr, backend_addrs })
 }
 
+fn resolve_text(text: &str, lookups: &Lookups) -> Result<SocketAddr, String> {
+    address::parse(text)?.resolve(lookups)
+}
+
 /// Resolves one backend's address and check address.
-pub fn resolve_backend(service: &str, b: &BackendConfig) -> Result<(SocketAddr, Option<SocketAddr>), String> {
+pub fn resolve_backend(
+    service: &str,
+    b: &BackendConfig,
+    lookups: &Lookups,
+) -> Result<(SocketAddr, Option<SocketAddr>), String> {
     let err = |field: &str, e: String| format!("service {service:?}: backend {:?}: {field}: {e}", b.name);
-    let addr = config::resolve(&b.address).map_err(|e| err("address", e))?;
+    let addr = resolve_text(&b.address, lookups).map_err(|e| err("address", e))?;
     let check = if b.check_address.is_empty() {
         None
     } else {
-        Some(config::resolve(&b.check_address).map_err(|e| err("check_address", e))?)
+        Some(resolve_text(&b.check_address, lookups).map_err(|e| err("check_address", e))?)
     };
     Ok((addr, check))
+}
+
+/// Checks a whole prepared config, as at start-up, for what needs resolved
+/// addresses: listeners that clash, and backends that would loop to one of
+/// the listeners or to the admin API (SPEC §2).
+pub fn check_all(services: &[Prepared], admin: Option<SocketAddr>) -> Result<(), String> {
+    // Listeners and loops can only clash on the same port: group by it, so a big config stays linear.
+    let mut by_port: HashMap<u16, Vec<(&str, SocketAddr)>> = HashMap::new();
+    for p in services {
+        let same_port = by_port.entry(p.addr.port()).or_default();
+        if let Some((other, taken)) = same_port.iter().find(|(_, taken)| address::overlaps(*taken, p.addr)) {
+            return Err(format!(
+                "service {:?}: address: {:?} conflicts with {taken}, where service {other:?} listens",
+                p.config.name, p.config.address
+            ));
+        }
+        same_port.push((&p.config.name, p.addr));
+    }
+    for p in services {
+        for (b, (addr, _)) in p.config.backends.iter().zip(&p.backend_addrs) {
+            if let Some(why) = loop_problem(*addr, &by_port, admin) {
+                return Err(format!("service {:?}: backend {:?}: address: {why}", p.config.name, b.name));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn loop_problem(
+    addr: SocketAddr,
+    by_port: &HashMap<u16, Vec<(&str, SocketAddr)>>,
+    admin: Option<SocketAddr>,
+) -> Option<String> {
+    let same_port = by_port.get(&addr.port()).map_or(&[][..], Vec::as_slice);
+    if let Some((owner, listener)) = same_port.iter().find(|(_, listener)| address::loops_to(addr, *listener)) {
+        return Some(format!("{addr} reaches {listener}, where service {owner:?} listens; it would loop"));
+    }
+    match admin {
+        Some(admin) if address::loops_to(addr, admin) => {
+            Some(format!("{addr} reaches {admin}, where the admin API listens"))
+        }
+        _ => None,
+    }
 }
 
 /// The connect, client and server timeouts a pair keeps from its accept on.
@@ -233,6 +289,7 @@ impl Services {
             errors: 0,
             listener: None,
             cursor: Cursor::default(),
+            retired: false,
         });
         self.by_name.insert(name, key);
         let changes = self.set_backends(key, backends, backend_addrs);
@@ -301,10 +358,28 @@ impl Services {
         changes
     }
 
+    /// Hides a deleted service from the API (its name is free again) while it
+    /// still serves the clients its listener had queued.
+    pub fn retire(&mut self, key: Key) -> Option<&Service> {
+        let service = self.services.get_mut(key)?;
+        service.retired = true;
+        if self.by_name.get(&service.settings.name) == Some(&key) {
+            self.by_name.remove(&service.settings.name);
+        }
+        Some(service)
+    }
+
+    /// Whether a service was deleted and only hands over its last clients.
+    pub fn is_retired(&self, key: Key) -> bool {
+        self.services.get(key).is_some_and(|s| s.retired)
+    }
+
     /// Removes a service and its backends, which are returned.
     pub fn remove(&mut self, key: Key) -> Option<(Service, Vec<Backend>)> {
         let service = self.services.remove(key)?;
-        self.by_name.remove(&service.settings.name);
+        if self.by_name.get(&service.settings.name) == Some(&key) {
+            self.by_name.remove(&service.settings.name);
+        }
         let backends = service.backends.iter().filter_map(|&k| self.backends.remove(k)).collect();
         Some((service, backends))
     }
@@ -516,7 +591,41 @@ mod tests {
             b.weight = 1;
             config.backends.push(b);
         }
-        prepare(config).unwrap()
+        prepare(config, &Lookups::new()).unwrap()
+    }
+
+    fn prepared(name: &str, address: &str, backend: &str) -> Prepared {
+        let config =
+            ServiceConfig { backends: vec![BackendConfig::new("b", backend)], ..ServiceConfig::new(name, address) };
+        let mut lookups = Lookups::new();
+        lookups.insert("localhost".into(), Ok(std::net::IpAddr::from([127, 0, 0, 1])));
+        prepare(config, &lookups).unwrap()
+    }
+
+    #[test]
+    fn backends_that_reach_a_listener_or_the_admin_api_are_loops() {
+        let one = |a: &str, b: &str| check_all(&[prepared("a", a, b)], None);
+        let same = one("127.0.0.1:8080", "127.0.0.1:8080").unwrap_err();
+        let expected = "address: 127.0.0.1:8080 reaches 127.0.0.1:8080, where service \"a\" listens; it would loop";
+        assert_eq!(same, format!("service \"a\": backend \"b\": {expected}"));
+        let other = [prepared("a", "0.0.0.0:8080", "127.0.0.1:1"), prepared("c", "0.0.0.0:8081", "localhost:8080")];
+        assert!(check_all(&other, None)
+            .unwrap_err()
+            .starts_with("service \"c\": backend \"b\": address: 127.0.0.1:8080 reaches 0.0.0.0:8080"));
+        assert!(one("127.0.0.1:8080", "0.0.0.0:8080").is_err());
+        assert!(one("127.0.0.1:8080", "[::ffff:127.0.0.1]:8080").is_err(), "v4-mapped is the v4 address");
+        assert!(one("127.0.0.1:8080", "127.0.0.1:8081").is_ok());
+        assert!(one("127.0.0.1:8080", "127.0.0.2:8080").is_ok());
+        assert!(one("0.0.0.0:8080", "192.0.2.1:8080").is_ok()); // TEST-NET-1: not local
+        assert!(one("127.0.0.1:0", "127.0.0.1:0").is_ok());
+        let admin = "127.0.0.1:9090".parse().ok();
+        let to_admin = check_all(&[prepared("a", "127.0.0.1:80", "[::ffff:127.0.0.1]:9090")], admin).unwrap_err();
+        assert!(to_admin.ends_with("where the admin API listens"), "{to_admin}");
+        let clash = check_all(
+            &[prepared("a", "127.0.0.1:80", "127.0.0.1:1"), prepared("b", "0.0.0.0:80", "127.0.0.1:1")],
+            None,
+        );
+        assert!(clash.unwrap_err().contains("conflicts with 127.0.0.1:80"));
     }
 
     #[test]

@@ -2,7 +2,12 @@
 //! cached readiness and steps, socket plumbing, and the helper threads that
 //! take blocking calls off the loop.
 
+pub mod fds;
+pub mod files;
+pub mod helpers;
 pub mod key;
+pub mod logsink;
 pub mod net;
 pub mod ready;
+pub mod throttle;
 pub mod timer;

@@ -28,6 +28,32 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(TcpListener::from_std(socket.into()))
 }
 
+/// Makes a listener drop new connection attempts (SYNs) while it still
+/// completes the handshakes already under way and keeps its accept queue:
+/// what is queued can then be accepted before the socket closes, instead of
+/// being reset by the close. A client whose SYN is dropped retries it about
+/// a second later, and by then meets whatever listens at the address.
+///
+/// A classic BPF socket filter sees the TCP header first: byte 13 holds the
+/// flags, and 0x02 is SYN. Accepted sockets inherit the filter, which is
+/// harmless: an established connection never receives a SYN.
+pub fn refuse_new_connections(listener: &TcpListener) -> io::Result<()> {
+    const TCP_FLAGS: u32 = 13;
+    const SYN: u32 = 0x02;
+    let program = [
+        bpf(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0, 0, TCP_FLAGS),
+        bpf(libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K, 0, 1, SYN),
+        bpf(libc::BPF_RET | libc::BPF_K, 0, 0, 0),        // SYN: drop
+        bpf(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX), // anything else: keep
+    ];
+    socket2::SockRef::from(listener).attach_filter(&program)
+}
+
+fn bpf(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    // The opcode constants are small; they fit the field.
+    libc::sock_filter { code: code as u16, jt, jf, k }
+}
+
 /// Starts a nonblocking connect to `addr`; an error here is a synchronous failure.
 pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     let stream = TcpStream::connect(addr)?;
@@ -145,6 +171,50 @@ mod tests {
         assert_eq!(classify_accept(&io::ErrorKind::ConnectionAborted.into()), AcceptError::Skip);
         assert_eq!(classify_accept(&io::Error::from_raw_os_error(libc::EMFILE)), AcceptError::Exhausted);
         assert_eq!(classify_accept(&io::Error::from_raw_os_error(libc::ENFILE)), AcceptError::Exhausted);
+    }
+
+    #[test]
+    fn a_refusing_listener_keeps_its_queue_and_drops_new_syns() {
+        use std::time::{Duration, Instant};
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let queued = std::net::TcpStream::connect(addr).unwrap();
+        refuse_new_connections(&listener).unwrap();
+        let started = Instant::now();
+        let late = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+        assert!(late.is_err_and(|e| e.kind() == io::ErrorKind::TimedOut), "a new SYN is dropped, not answered");
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (mut accepted, _) = loop {
+            match listener.accept() {
+                Ok(pair) => break pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        // The queued connection works both ways after the filter went on.
+        use std::io::Write;
+        (&queued).write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match accepted.read(&mut got) {
+                Ok(4) => break,
+                Ok(n) => panic!("short read {n}"),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        assert_eq!(&got, b"ping");
+        accepted.write_all(b"pong").unwrap();
+        let mut back = [0u8; 4];
+        queued.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (&queued).read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"pong");
     }
 
     #[test]

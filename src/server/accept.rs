@@ -4,6 +4,11 @@
 //! pitfall 5): a service listener also pauses before pairs would exhaust the
 //! fd limit, so clients wait in the listen queue rather than being accepted
 //! and dropped.
+//!
+//! Admin connections are capped. At the cap a newcomer takes the place of the
+//! connection making the least progress, so clients that trickle their
+//! requests in (slowloris) can't lock the API; one that is too young to judge
+//! is left alone, and while none can go the newcomers wait in the queue.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,56 +16,64 @@ use std::time::Instant;
 
 use log::{debug, info, warn};
 
-use super::{Cx, Entry, Server, ACCEPT_BATCH, ACCEPT_PAUSE, FIXED_FDS, MAX_ADMIN_CONNS};
-use crate::control::admin::AdminConn;
+use super::{Entry, Server, ACCEPT_BATCH, ACCEPT_PAUSE, MAX_ADMIN_CONNS};
+use crate::context::Cx;
+use crate::control::admin::{AdminConn, EVICTION_GRACE};
 use crate::data::proxy::{Fault, Pair};
 use crate::runtime::key::Key;
 use crate::runtime::net::{self, AcceptError};
 
 impl Server {
-    /// Whether one more pair (two descriptors) fits under the fd limit. Like
-    /// HAProxy's maxconn, this keeps clients waiting in the listen queue
-    /// instead of accepting them only to fail their backend connect.
-    fn has_fds_for_a_pair(&self) -> bool {
-        // A pair holds two descriptors, a listener or admin client one; idle probes
-        // hold none (a check in flight borrows one from the slack, with stdio,
-        // epoll and the signal pipe).
-        let listeners = self.services.len() + 1;
-        let in_use = (2 * self.pairs + self.admin_conns + listeners) as u64 + FIXED_FDS;
-        in_use + 2 <= self.options.fd_limit
-    }
-
     pub(super) fn accept(&mut self, key: Key, now: Instant) {
         for _ in 0..ACCEPT_BATCH {
-            if !self.has_fds_for_a_pair() {
-                let full = io::Error::other(format!(
-                    "{} connections fill the file descriptor limit of {}",
-                    self.pairs, self.options.fd_limit
-                ));
-                return self.pause(key, &full, now);
-            }
-            let Some(Entry::Listener(listener)) = self.entries.get_mut(key) else { return };
-            match listener.socket.accept() {
-                Ok((stream, peer)) => {
-                    let service = listener.service;
-                    if let Err(shortage) = self.start_pair(service, stream, peer, now) {
-                        return self.pause(key, &shortage, now);
-                    }
-                    if let Some(Entry::Listener(listener)) = self.entries.get_mut(key) {
-                        if let Some(since) = listener.short_since.take() {
-                            info!("accepting again after {} ms short of resources", since.elapsed().as_millis());
-                        }
-                    }
-                }
-                Err(e) => match net::classify_accept(&e) {
-                    AcceptError::Drained => return,
-                    AcceptError::Skip => debug!("accept failed: {e}"),
-                    AcceptError::Exhausted => return self.pause(key, &e, now),
-                },
+            if !self.accept_one(key, now) {
+                return;
             }
         }
         // Batch spent with connections possibly still queued: come back after others had a turn.
         self.enqueue(key);
+    }
+
+    /// Accepts one client of a service listener; `false` once there is nothing
+    /// more to accept now (queue empty, paused, or not serving yet).
+    pub(super) fn accept_one(&mut self, key: Key, now: Instant) -> bool {
+        if !self.fds.has_room_for_pair() {
+            let full = io::Error::other(format!(
+                "{} connections fill the file descriptor limit of {}",
+                self.fds.pairs,
+                self.fds.limit()
+            ));
+            self.pause(key, &full, now);
+            return false;
+        }
+        let Some(Entry::Listener(listener)) = self.entries.get_mut(key) else { return false };
+        // A staged listener serves nobody until its change is committed (which queues it).
+        let Some(service) = listener.service else { return false };
+        match listener.socket.accept() {
+            Ok((stream, peer)) => {
+                if let Err(shortage) = self.start_pair(service, stream, peer, now) {
+                    self.pause(key, &shortage, now);
+                    return false;
+                }
+                if let Some(Entry::Listener(listener)) = self.entries.get_mut(key) {
+                    if let Some(since) = listener.short_since.take() {
+                        info!("accepting again after {} ms short of resources", since.elapsed().as_millis());
+                    }
+                }
+                true
+            }
+            Err(e) => match net::classify_accept(&e) {
+                AcceptError::Drained => false,
+                AcceptError::Skip => {
+                    debug!("accept failed: {e}");
+                    true
+                }
+                AcceptError::Exhausted => {
+                    self.pause(key, &e, now);
+                    false
+                }
+            },
+        }
     }
 
     /// Rests a listener that ran short of fds (or memory, or ports). Edge-triggered,
@@ -70,7 +83,8 @@ impl Server {
         let Some(Entry::Listener(listener)) = self.entries.get_mut(key) else { return };
         if listener.short_since.is_none() {
             listener.short_since = Some(now);
-            let name = self.services.service(listener.service).map_or("?", |s| s.settings.name.as_str());
+            let name =
+                listener.service.and_then(|s| self.services.service(s)).map_or("?", |s| s.settings.name.as_str());
             warn!("{name}: cannot accept: {why}; pausing accepts until connections close");
         }
         // Our own fds come back when our pairs close, which wakes the listener at
@@ -96,19 +110,19 @@ impl Server {
         if plan.is_empty() {
             if let Some(s) = self.services.service_mut(service) {
                 s.errors += 1;
-                debug!("{}: no backend available for {peer}; closing", s.settings.name);
+                debug!("{}: {peer}: closed at once (no backend available)", s.settings.name);
             }
             net::close_gently(&stream);
             return Ok(());
         }
-        let Server { poll, entries, timers, services, pool, .. } = self;
-        let mut cx = Cx { now, registry: poll.registry(), timers, services, pool };
-        let opened = entries.try_insert_with(|key| Pair::open(key, stream, service, plan, &mut cx).map(Entry::Pair));
+        let Server { poll, entries, timers, services, pool, fds, .. } = self;
+        let mut cx = Cx { now, registry: poll.registry(), timers, services, pool, fds };
+        let opened =
+            entries.try_insert_with(|key| Pair::open(key, stream, peer, service, plan, &mut cx).map(Entry::Pair));
         let name = self.services.service(service).map_or("?", |s| s.settings.name.as_str());
         match opened {
-            Ok(key) => {
-                self.pairs += 1;
-                debug!("{name}: {key} accepted {peer}");
+            Ok(_) => {
+                self.fds.pairs += 1;
                 Ok(())
             }
             Err(Fault::Local(e)) => {
@@ -119,7 +133,7 @@ impl Server {
                 Err(e)
             }
             Err(fault) => {
-                debug!("{name}: {peer}: {fault}");
+                debug!("{name}: {peer}: closed after 0 ms ({fault})");
                 Ok(())
             }
         }
@@ -127,27 +141,34 @@ impl Server {
 
     pub(super) fn accept_admin(&mut self, key: Key, now: Instant) {
         for _ in 0..ACCEPT_BATCH {
+            // Bounded, so admin clients can't take the fds proxying needs. At the
+            // bound, the slowest connection makes room; if every one is busy or
+            // too young to judge, newcomers wait in the listen queue for a while.
+            if self.fds.admin_conns >= MAX_ADMIN_CONNS && !self.evict_slowest_admin(now) {
+                if self.admin_retry.is_none() {
+                    self.admin_retry = Some(self.timers.insert(now + EVICTION_GRACE / 5, key));
+                }
+                return;
+            }
             let Some(Entry::AdminListener(listener)) = self.entries.get(key) else { return };
             match listener.accept() {
-                Ok(stream) => {
-                    // Bounded, so idle admin clients can't take the fds proxying needs;
-                    // at the bound the oldest idle one makes room for the newcomer.
-                    if self.admin_conns >= MAX_ADMIN_CONNS && !self.evict_idle_admin() {
-                        debug!("admin: {MAX_ADMIN_CONNS} connections busy; closing a new one");
-                        continue;
-                    }
+                Ok((stream, peer)) => {
+                    self.admin_short = false;
                     let Server { poll, entries, timers, .. } = self;
                     let registry = poll.registry();
-                    let made = entries
-                        .try_insert_with(|conn| AdminConn::new(conn, stream, registry, now, timers).map(Entry::Admin));
+                    let made = entries.try_insert_with(|conn| {
+                        AdminConn::new(conn, stream, peer, registry, now, timers).map(Entry::Admin)
+                    });
                     match made {
                         Ok(conn) => {
-                            self.admin_conns += 1;
-                            self.admin_order.push_back(conn);
+                            self.fds.admin_conns += 1;
+                            self.admin.push(conn);
+                            // Its request has likely arrived already: read it before
+                            // the next accept could take its place.
+                            self.resume(conn, now);
                         }
                         Err(e) => warn!("admin: cannot register a connection: {e}"),
                     }
-                    self.admin_short = false;
                 }
                 Err(e) => match net::classify_accept(&e) {
                     AcceptError::Drained => return,
@@ -170,15 +191,29 @@ impl Server {
         self.enqueue(key);
     }
 
-    /// Closes the oldest admin connection that waits for a request with nothing
-    /// received; `false` if every one is busy.
-    fn evict_idle_admin(&mut self) -> bool {
-        self.admin_order.retain(|&k| matches!(self.entries.get(k), Some(Entry::Admin(_))));
-        let idle =
-            self.admin_order.iter().position(|&k| matches!(self.entries.get(k), Some(Entry::Admin(c)) if c.is_idle()));
-        let Some(key) = idle.and_then(|i| self.admin_order.remove(i)) else { return false };
-        debug!("admin: {MAX_ADMIN_CONNS} connections open; closing the oldest idle one");
+    /// Closes the admin connection making the least progress (bytes per second
+    /// of its current request or response: idle ones first), if any may go.
+    fn evict_slowest_admin(&mut self, now: Instant) -> bool {
+        let rate = |key: Key| match self.entries.get(key) {
+            Some(Entry::Admin(conn)) => conn.eviction_rate(now),
+            _ => None,
+        };
+        let slowest = self.admin.iter().filter_map(|&k| rate(k).map(|r| (k, r))).min_by(|a, b| a.1.total_cmp(&b.1));
+        let Some((key, rate)) = slowest else { return false };
+        if let Some(Entry::Admin(conn)) = self.entries.get(key) {
+            debug!(
+                "admin: {MAX_ADMIN_CONNS} connections open; closing the slowest, {} ({rate:.1} bytes/s)",
+                conn.peer()
+            );
+        }
         self.remove_entry(key);
         true
+    }
+
+    /// Lets the admin listener accept again now that a slot is free.
+    pub(super) fn wake_admin_listener(&mut self) {
+        if let Some(listener) = self.admin_listener {
+            self.enqueue(listener);
+        }
     }
 }

@@ -141,7 +141,7 @@ pub(crate) struct Http {
 
 /// The bytes of a request with `Host` and, when there is a body, `Content-Length`.
 pub(crate) fn request_bytes(method: &str, target: &str, body: Option<&[u8]>, extra: &[&str]) -> Vec<u8> {
-    let mut head = format!("{method} {target} HTTP/1.1\r\nHost: shuttle\r\nUser-Agent: shuttle-tests\r\n");
+    let mut head = format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: shuttle-tests\r\n");
     for field in extra {
         head.push_str(field);
         head.push_str("\r\n");
@@ -992,12 +992,12 @@ fn admin_body_over_1mib_is_413_and_exactly_1mib_is_not() {
 
     // Announced too big: answered from the head alone.
     let mut http = Http::tcp(admin);
-    http.send(format!("PUT /api HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", MIB + 1).as_bytes());
+    http.send(format!("PUT /api HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n", MIB + 1).as_bytes());
     http.response().expect(413);
     // With `Expect: 100-continue` (as curl sends for a big upload): a 413 instead of the 100.
     let mut http = Http::tcp(admin);
     http.send(
-        format!("PUT /api HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n", MIB + 1)
+        format!("PUT /api HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n", MIB + 1)
             .as_bytes(),
     );
     http.any_response().expect(413);
@@ -1007,7 +1007,7 @@ fn admin_body_over_1mib_is_413_and_exactly_1mib_is_not() {
     // Too big, chunked: the limit is on the decoded body.
     let big = padded(&body, MIB + 1);
     let mut http = Http::tcp(admin);
-    http.send(b"PUT /api HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+    http.send(b"PUT /api HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n");
     for piece in big.chunks(64 * 1024) {
         http.send(format!("{:x}\r\n", piece.len()).as_bytes());
         http.send(piece);
@@ -1023,7 +1023,7 @@ fn admin_body_over_1mib_is_413_and_exactly_1mib_is_not() {
     let response = call(admin, "PUT", "/api", Some(std::str::from_utf8(&exact).unwrap())).expect(200);
     assert_eq!(response.body, config_bytes(admin));
     let mut http = Http::tcp(admin);
-    http.send(b"PUT /api2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+    http.send(b"PUT /api2 HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n");
     for piece in exact.chunks(100_000) {
         http.send(format!("{:x}\r\n", piece.len()).as_bytes());
         http.send(piece);
@@ -1041,8 +1041,8 @@ fn admin_head_over_16kib_is_431() {
     let admin = shuttle.admin_addr();
 
     let head_of = |len: usize| {
-        let fixed = "GET /web HTTP/1.1\r\nHost: x\r\nX-Pad: \r\n\r\n".len();
-        format!("GET /web HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "a".repeat(len - fixed))
+        let fixed = "GET /web HTTP/1.1\r\nHost: localhost\r\nX-Pad: \r\n\r\n".len();
+        format!("GET /web HTTP/1.1\r\nHost: localhost\r\nX-Pad: {}\r\n\r\n", "a".repeat(len - fixed))
     };
     let mut http = Http::tcp(admin);
     http.send(head_of(HEAD_LIMIT + 1).as_bytes());
@@ -1134,7 +1134,7 @@ fn admin_chunked_request_body_is_accepted() {
     let (b, c) = rest.split_at(rest.len() / 2);
 
     let mut http = Http::tcp(admin);
-    http.send(b"PUT /api HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+    http.send(b"PUT /api HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n");
     for (i, piece) in [a, b, c].into_iter().enumerate() {
         // Pieces in separate writes, one with a chunk extension.
         let size = if i == 1 { format!("{:X};ext=1\r\n", piece.len()) } else { format!("{:x}\r\n", piece.len()) };
@@ -1151,7 +1151,7 @@ fn admin_chunked_request_body_is_accepted() {
 
     // A backend, chunked, on the same keep-alive connection.
     let body = json!({ "address": echo.address(), "weight": 4 }).to_string();
-    http.send(b"PUT /api/b1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+    http.send(b"PUT /api/b1 HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n");
     http.send(format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len()).as_bytes());
     http.response().expect(200);
     assert_eq!(stats(admin, "/api/b1")["weight"], 4);
@@ -1168,8 +1168,11 @@ fn admin_expect_100_continue_is_answered_before_the_body() {
     let mut http = Http::tcp(admin);
     let started = Instant::now();
     http.send(
-        format!("PUT /api HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n", body.len())
-            .as_bytes(),
+        format!(
+            "PUT /api HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
     );
     let interim = http.any_response();
     assert_eq!(interim.status, 100, "{interim:?}");
@@ -1179,7 +1182,7 @@ fn admin_expect_100_continue_is_answered_before_the_body() {
     assert_eq!(response.body, config_bytes(admin));
 
     // Chunked, as `curl -T -` sends it, on the same connection.
-    http.send(b"PUT /api2 HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n");
+    http.send(b"PUT /api2 HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n");
     let interim = http.any_response();
     assert_eq!(interim.status, 100, "{interim:?}");
     http.send(format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len()).as_bytes());
@@ -1238,9 +1241,9 @@ fn admin_stalled_requests_delay_nobody_and_are_dropped_after_10s() {
     // Half a head; a whole head and half its body; and one that dribbles a byte every 300 ms.
     let started = Instant::now();
     let mut half_head = Http::tcp(admin);
-    half_head.send(b"PUT /web HTTP/1.1\r\nHost: x\r\nContent-Le");
+    half_head.send(b"PUT /web HTTP/1.1\r\nHost: localhost\r\nContent-Le");
     let mut half_body = Http::tcp(admin);
-    half_body.send(b"PUT /api HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"address\": ");
+    half_body.send(b"PUT /api HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{\"address\": ");
     let mut dribble = Http::tcp(admin);
     dribble.send(b"GET / HTTP/1.1\r\nX-Slow: ");
     let Conn::Tcp(dribble_socket) = &dribble.conn else { unreachable!() };

@@ -40,7 +40,7 @@ fn admin_request(admin: SocketAddr, method: &str, path: &str, body: Option<&Valu
     let body = body.map(|b| serde_json::to_vec(b).expect("serialize the request body")).unwrap_or_default();
     let mut stream = connect(admin);
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: shuttle\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );

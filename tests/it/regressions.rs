@@ -15,7 +15,7 @@ use crate::support::{
 fn request_then_fin(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
     let mut stream = TcpStream::connect(admin).expect("connect to admin");
     stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     stream.write_all(head.as_bytes()).expect("send");
     stream.shutdown(Shutdown::Write).expect("shut write");
     let mut reply = Vec::new();
@@ -141,7 +141,9 @@ fn pipelined_requests_followed_by_fin_are_all_answered() {
     let shuttle = Shuttle::start(&[]);
     let mut stream = TcpStream::connect(shuttle.admin_addr()).expect("connect to admin");
     stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /_config HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\nGET /_config HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("send");
     stream.shutdown(Shutdown::Write).expect("shut write");
     let mut reply = String::new();
     stream.read_to_string(&mut reply).expect("read the answers");
@@ -171,7 +173,7 @@ fn a_flood_of_pipelined_admin_requests_does_not_stall_proxying() {
         let mut sink = vec![0u8; 1 << 16];
         while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
     });
-    let request = b"GET /nope/nope HTTP/1.1\r\nHost: x\r\n\r\n".repeat(20_000);
+    let request = b"GET /nope/nope HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(20_000);
     let writer = std::thread::spawn(move || {
         let _ = flood.write_all(&request);
         let _ = flood.shutdown(Shutdown::Write);

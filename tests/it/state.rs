@@ -86,7 +86,11 @@ fn state_file_follows_every_change_and_matches_get_config() {
         assert_eq!(state_json(&state), response.json(), "{method} {target}: the state file is the new config");
         assert_eq!(state_json(&state), config_json(admin), "{method} {target}: the state file is GET /_config");
     }
-    assert_eq!(listing(dir.path()), BTreeSet::from(["config.json".into(), "state.json".into()]), "no temp files left");
+    assert_eq!(
+        listing(dir.path()),
+        BTreeSet::from(["config.json".into(), "state.json".into(), "state.json.lock".into()]),
+        "no temp files left"
+    );
 }
 
 #[test]
@@ -150,7 +154,11 @@ fn state_failed_requests_leave_the_file_untouched() {
 
     assert!(snapshot(&state) == before, "a failed request rewrote the state file");
     assert_eq!(config_bytes(admin), config_before, "a failed request changed the running config");
-    assert_eq!(listing(dir.path()), BTreeSet::from(["config.json".into(), "state.json".into()]), "no temp files left");
+    assert_eq!(
+        listing(dir.path()),
+        BTreeSet::from(["config.json".into(), "state.json".into(), "state.json.lock".into()]),
+        "no temp files left"
+    );
 }
 
 #[test]

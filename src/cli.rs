@@ -1,0 +1,277 @@
+//! The command line (SPEC §1): Go-style flags, one dash or two, through
+//! pico-args. Every error names the flag as the user typed it, and exits 2.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::model::config::{one_line, MAX_SECONDS};
+
+/// The help text.
+pub const USAGE: &str = "\
+shuttle: a TCP proxy and load balancer, reconfigured live over HTTP/JSON
+
+usage: shuttle [-config FILE] [-state FILE] [-http ADDR] [-http-mode MODE]
+               [-admin-host NAME] [-admin-token-file FILE] [-grace SECONDS] [-debug]
+
+  -config FILE            default config (a JSON list of services); never written
+  -state FILE             live config: loaded at start if it exists, written after every change
+  -http ADDR              admin API address, host:port or a unix socket path (default 127.0.0.1:9090)
+  -http-mode MODE         permissions of a unix admin socket, in octal (default 0600)
+  -admin-host NAME        a host name the admin API answers for besides IP addresses and
+                          localhost; repeat it, or separate names with commas
+  -admin-token-file FILE  require `Authorization: Bearer TOKEN`, TOKEN being the file's first line
+  -grace SECONDS          how long open connections may finish after SIGTERM (default 10)
+  -debug                  log at debug level, one line per connection (otherwise RUST_LOG
+                          rules, default info); -debug=false turns it off
+  -h, -help               print this help
+  -V, -version            print the version
+
+Flags take one dash or two (-config or --config). Exit status: 0 after a clean
+shutdown, 1 when start-up fails, 2 for a bad command line.";
+
+/// What the command line asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Flags {
+    /// `-config`.
+    pub config: Option<PathBuf>,
+    /// `-state`.
+    pub state: Option<PathBuf>,
+    /// `-http`.
+    pub http: String,
+    /// `-http-mode`.
+    pub http_mode: u32,
+    /// Every `-admin-host` name.
+    pub admin_hosts: Vec<String>,
+    /// `-admin-token-file`.
+    pub token_file: Option<PathBuf>,
+    /// `-grace`.
+    pub grace: Duration,
+    /// `-debug`.
+    pub debug: bool,
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Run the proxy.
+    Run(Flags),
+    /// Print the help.
+    Help,
+    /// Print the version.
+    Version,
+}
+
+/// Flags that take no value; Go also accepts `-flag=true` for them.
+const SWITCHES: &[&str] = &["--debug", "--help", "--version"];
+
+/// One argument, normalised for pico-args, and how the user wrote it.
+struct Arg {
+    long: OsString,
+    typed: String,
+}
+
+/// Go-style flags: `-word` means `--word`, and `--flag=value` is split, so
+/// pico-args only ever sees long keys (pitfall 21); Go's `-debug=false` is honoured.
+fn normalise(args: Vec<String>) -> Result<Vec<Arg>, String> {
+    let mut out = Vec::new();
+    let mut values_follow = false;
+    for arg in args {
+        // A flag's value is taken as written: `-config -odd-name.json` is a file name.
+        if values_follow {
+            out.push(Arg { long: arg.clone().into(), typed: arg });
+            values_follow = false;
+            continue;
+        }
+        let long = if arg.starts_with('-') && !arg.starts_with("--") && arg.len() > 2 {
+            format!("-{arg}")
+        } else {
+            arg.clone()
+        };
+        let shown = arg.split('=').next().unwrap_or(&arg).to_string();
+        match long.split_once('=') {
+            Some((flag, value)) if SWITCHES.contains(&flag) => match go_bool(value) {
+                Some(true) => out.push(Arg { long: flag.into(), typed: shown }),
+                Some(false) => {}
+                None => return Err(format!("{shown}: expected true or false, got {value:?}")),
+            },
+            Some((flag, value)) if flag.starts_with("--") => {
+                out.push(Arg { long: flag.into(), typed: shown });
+                out.push(Arg { long: value.into(), typed: value.to_string() });
+            }
+            _ => {
+                values_follow = long.starts_with("--") && !SWITCHES.contains(&long.as_str());
+                out.push(Arg { long: long.into(), typed: arg });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The values Go's `strconv.ParseBool` takes.
+fn go_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(args: Vec<String>) -> Result<Command, String> {
+    let normalised = normalise(args)?;
+    let typed: Vec<(OsString, String)> = normalised.iter().map(|a| (a.long.clone(), a.typed.clone())).collect();
+    let mut args = pico_args::Arguments::from_vec(normalised.into_iter().map(|a| a.long).collect());
+    if args.contains(["-h", "--help"]) {
+        return Ok(Command::Help);
+    }
+    if args.contains(["-V", "--version"]) {
+        return Ok(Command::Version);
+    }
+    let grace = match value(&mut args, "--grace", parse_seconds)? {
+        None => Duration::from_secs(10),
+        Some(seconds) => Duration::from_secs_f64(seconds),
+    };
+    let mut admin_hosts = Vec::new();
+    while let Some(names) = value(&mut args, "--admin-host", non_empty)? {
+        for name in names.split(',').map(str::trim) {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+                return Err(format!(
+                    "-admin-host: expected host names separated by commas, got {:?}",
+                    one_line(&names)
+                ));
+            }
+            admin_hosts.push(name.to_string());
+        }
+    }
+    let flags = Flags {
+        config: value(&mut args, "--config", path)?,
+        state: value(&mut args, "--state", path)?,
+        http: value(&mut args, "--http", non_empty)?.unwrap_or_else(|| "127.0.0.1:9090".into()),
+        http_mode: value(&mut args, "--http-mode", parse_mode)?.unwrap_or(0o600),
+        admin_hosts,
+        token_file: value(&mut args, "--admin-token-file", path)?,
+        grace,
+        debug: args.contains("--debug"),
+    };
+    let rest = args.finish();
+    if let Some(first) = rest.first() {
+        let shown = typed
+            .iter()
+            .find(|(long, _)| long == first)
+            .map_or_else(|| first.to_string_lossy().into_owned(), |(_, t)| t.clone());
+        let what = if shown.starts_with('-') { "unknown flag" } else { "unexpected argument" };
+        return Err(format!("{what} {}", one_line(&shown)));
+    }
+    Ok(Command::Run(flags))
+}
+
+/// The value of `--flag`, parsed by `f`; every error names the flag as `-flag`.
+fn value<T>(
+    args: &mut pico_args::Arguments,
+    flag: &'static str,
+    f: fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    let shown = &flag[1..];
+    args.opt_value_from_fn(flag, f).map_err(|e| match e {
+        pico_args::Error::OptionWithoutAValue(_) => format!("{shown}: needs a value"),
+        pico_args::Error::Utf8ArgumentParsingFailed { cause, .. } => format!("{shown}: {cause}"),
+        pico_args::Error::NonUtf8Argument => format!("{shown}: the value is not UTF-8"),
+        other => format!("{shown}: {other}"),
+    })
+}
+
+fn path(s: &str) -> Result<PathBuf, String> {
+    non_empty(s).map(PathBuf::from)
+}
+
+fn non_empty(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("needs a value, got an empty one".into());
+    }
+    Ok(s.to_string())
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=MAX_SECONDS).contains(&v) => Ok(v),
+        _ => Err(format!("expected a number of seconds from 0 to {MAX_SECONDS:e}, got {s:?}")),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if !digits.is_empty() && mode <= 0o777 => Ok(mode),
+        _ => Err(format!("expected permissions in octal such as 0600 or 0660, got {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Flags, String> {
+        match parse(args.iter().map(|s| s.to_string()).collect())? {
+            Command::Run(flags) => Ok(flags),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_with_no_arguments() {
+        let flags = run(&[]).unwrap();
+        assert_eq!(flags.http, "127.0.0.1:9090");
+        assert_eq!((flags.http_mode, flags.grace, flags.debug), (0o600, Duration::from_secs(10), false));
+        assert!(flags.config.is_none() && flags.state.is_none() && flags.token_file.is_none());
+    }
+
+    #[test]
+    fn one_dash_two_dashes_and_equals_signs() {
+        let flags = run(&["-config", "a.json", "--state=s.json", "-grace=2.5", "-http", "/run/s.sock"]).unwrap();
+        assert_eq!(flags.config, Some("a.json".into()));
+        assert_eq!(flags.state, Some("s.json".into()));
+        assert_eq!(flags.grace, Duration::from_millis(2500));
+        assert_eq!(flags.http, "/run/s.sock");
+        assert_eq!(run(&["-config", "-odd.json"]).unwrap().config, Some("-odd.json".into()));
+    }
+
+    #[test]
+    fn go_booleans() {
+        assert!(run(&["-debug"]).unwrap().debug);
+        assert!(run(&["-debug=true"]).unwrap().debug);
+        assert!(run(&["--debug=1"]).unwrap().debug);
+        assert!(!run(&["-debug=false"]).unwrap().debug);
+        assert_eq!(run(&["-debug=maybe"]).unwrap_err(), r#"-debug: expected true or false, got "maybe""#);
+    }
+
+    #[test]
+    fn errors_name_the_flag_as_typed() {
+        assert_eq!(
+            run(&["-grace", "abc"]).unwrap_err(),
+            r#"-grace: expected a number of seconds from 0 to 1e9, got "abc""#
+        );
+        assert_eq!(run(&["-grace"]).unwrap_err(), "-grace: needs a value");
+        assert_eq!(run(&["-bogus"]).unwrap_err(), "unknown flag -bogus");
+        assert_eq!(run(&["--bogus=1"]).unwrap_err(), "unknown flag --bogus");
+        assert_eq!(run(&["stray"]).unwrap_err(), "unexpected argument stray");
+        assert!(run(&["-http-mode", "999"]).unwrap_err().starts_with("-http-mode: expected permissions in octal"));
+        assert_eq!(run(&["-http-mode", "0660"]).unwrap().http_mode, 0o660);
+        assert!(run(&["-grace", "a\nb"]).unwrap_err().contains(r"a\nb"), "control characters are escaped");
+    }
+
+    #[test]
+    fn admin_hosts_repeat_or_use_commas() {
+        let flags = run(&["-admin-host", "a.example,b.example", "-admin-host=c"]).unwrap();
+        assert_eq!(flags.admin_hosts, ["a.example", "b.example", "c"]);
+        assert!(run(&["-admin-host", "a b"]).is_err());
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert_eq!(parse(vec!["-h".into()]), Ok(Command::Help));
+        assert_eq!(parse(vec!["-help".into()]), Ok(Command::Help));
+        assert_eq!(parse(vec!["-version".into()]), Ok(Command::Version));
+        assert_eq!(parse(vec!["-V".into()]), Ok(Command::Version));
+    }
+}

@@ -1,0 +1,214 @@
+//! Admin changes take turns: one is in flight at a time, the others wait in
+//! arrival order. A change in flight waits for the resolver, then for the
+//! state file's write, both on helper threads, while the loop goes on
+//! proxying and answering reads (SPEC §5's order is kept: persist, apply,
+//! answer).
+//!
+//! ```text
+//! waiting ──▶ draft ──▶ Resolving ──▶ prepare ──▶ Saving ──▶ commit ──▶ 200
+//!               │ 4xx        │ 400 (deadline)│ 4xx      │ 500
+//! ```
+//!
+//! Once a save has started, the change is applied whatever happens to the
+//! client that asked for it: the file and the running config must agree.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use log::{debug, warn};
+
+use crate::control::api::{self, ApiError, Draft, Plane, Ready, Response};
+use crate::control::http::Request;
+use crate::control::state::StateFile;
+use crate::model::address::Lookups;
+use crate::runtime::helpers::{self, Answer, Busy, Resolver, Worker, RESOLVE_DEADLINE};
+use crate::runtime::key::Key;
+
+/// A response for the admin connection `conn`.
+#[derive(Debug)]
+pub struct Reply {
+    /// The admin connection that asked.
+    pub conn: Key,
+    /// Its answer.
+    pub response: Response,
+}
+
+/// The change in flight, by what it waits for.
+#[derive(Debug)]
+enum Current {
+    /// Names are being looked up; past `deadline` the change gets a 400.
+    Resolving { conn: Key, job: u64, deadline: Instant, draft: Draft, names: Vec<String> },
+    /// The state file is being written; once it is, the change is applied.
+    Saving { conn: Key, job: u64, ready: Ready },
+}
+
+/// The queue of admin changes and the one in flight.
+#[derive(Debug)]
+pub struct Changes {
+    waiting: VecDeque<(Key, Request)>,
+    current: Option<Current>,
+    next_job: u64,
+    resolver: Resolver,
+    /// The state file and the thread that writes it, when there is one.
+    state: Option<(StateFile, Worker)>,
+}
+
+impl Changes {
+    /// A queue whose lookups and saves run on these helpers.
+    pub fn new(resolver: Resolver, state: Option<(StateFile, Worker)>) -> Changes {
+        Changes { waiting: VecDeque::new(), current: None, next_job: 1, resolver, state }
+    }
+
+    /// Takes a change request from admin connection `conn`; replies that are ready come back.
+    pub fn submit(&mut self, plane: &mut impl Plane, conn: Key, request: Request, now: Instant) -> Vec<Reply> {
+        self.waiting.push_back((conn, request));
+        let mut replies = Vec::new();
+        self.pump(plane, now, &mut replies);
+        replies
+    }
+
+    /// A helper answered.
+    pub fn on_answer(&mut self, plane: &mut impl Plane, answer: Answer, now: Instant) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        match (answer, self.current.take()) {
+            (Answer::Resolved { job, found }, Some(Current::Resolving { conn, job: expected, draft, .. }))
+                if job == expected =>
+            {
+                replies.extend(self.resolved(plane, conn, draft, &found, now));
+            }
+            (Answer::Done { job, result }, Some(Current::Saving { conn, job: expected, ready })) if job == expected => {
+                let response = match result {
+                    Ok(()) => api::commit(plane, ready, now),
+                    Err(e) => {
+                        api::abandon(plane, ready);
+                        let path = self.state.as_ref().map(|(s, _)| s.path().display().to_string()).unwrap_or_default();
+                        warn!("admin: cannot write the state file {path}: {e}; the change was not applied");
+                        ApiError::Internal(format!("cannot write the state file {path}: {e}; nothing was changed"))
+                            .into_response()
+                    }
+                };
+                replies.push(Reply { conn, response });
+            }
+            // A late answer to a change given up on (deadline, client gone).
+            (answer, current) => {
+                debug!("admin: dropping a late helper answer: {answer:?}");
+                self.current = current;
+            }
+        }
+        self.pump(plane, now, &mut replies);
+        replies
+    }
+
+    /// Time passed: a lookup may have run out its deadline.
+    pub fn on_time(&mut self, plane: &mut impl Plane, now: Instant) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        if let Some(Current::Resolving { deadline, .. }) = &self.current {
+            if now >= *deadline {
+                if let Some(Current::Resolving { conn, names, .. }) = self.current.take() {
+                    let slow = names.first().map_or_else(String::new, |n| helpers::timed_out(n));
+                    warn!("admin: {slow}; the change was refused");
+                    replies.push(Reply { conn, response: ApiError::BadRequest(slow).into_response() });
+                }
+            }
+        }
+        self.pump(plane, now, &mut replies);
+        replies
+    }
+
+    /// When [`Changes::on_time`] must next be called.
+    pub fn deadline(&self) -> Option<Instant> {
+        match &self.current {
+            Some(Current::Resolving { deadline, .. }) => Some(*deadline),
+            _ => None,
+        }
+    }
+
+    /// Admin connection `conn` is gone: its waiting requests go too, and a
+    /// change of its still being resolved is given up. A save in flight is not.
+    pub fn forget(&mut self, conn: Key) {
+        self.waiting.retain(|(c, _)| *c != conn);
+        if matches!(&self.current, Some(Current::Resolving { conn: c, .. }) if *c == conn) {
+            self.current = None;
+        }
+    }
+
+    /// Whether a change is still to be answered (the drain waits for a save in flight).
+    pub fn is_saving(&self) -> bool {
+        matches!(self.current, Some(Current::Saving { .. }))
+    }
+
+    /// Whether nothing is in flight and nothing waits, so a new change can start now.
+    pub fn is_idle(&self) -> bool {
+        self.current.is_none() && self.waiting.is_empty()
+    }
+
+    /// Starts waiting changes until one has to wait for a helper.
+    pub fn pump(&mut self, plane: &mut impl Plane, now: Instant, replies: &mut Vec<Reply>) {
+        while self.current.is_none() {
+            let Some((conn, request)) = self.waiting.pop_front() else { return };
+            if let Some(reply) = self.start(plane, conn, &request, now) {
+                replies.push(reply);
+            }
+        }
+    }
+
+    fn start(&mut self, plane: &mut impl Plane, conn: Key, request: &Request, now: Instant) -> Option<Reply> {
+        let draft = match api::draft(plane, request) {
+            Ok(draft) => draft,
+            Err(e) => return Some(Reply { conn, response: e.into_response() }),
+        };
+        let names = draft.host_names();
+        if names.is_empty() {
+            return self.resolved(plane, conn, draft, &Lookups::new(), now);
+        }
+        let job = self.job();
+        match self.resolver.submit(job, names.clone()) {
+            Ok(()) => {
+                let deadline = now + RESOLVE_DEADLINE;
+                self.current = Some(Current::Resolving { conn, job, deadline, draft, names });
+                None
+            }
+            Err(Busy(n)) => {
+                let message = format!("name resolution is busy: {n} lookups have not answered yet; try again later");
+                Some(Reply { conn, response: ApiError::Unavailable(message).into_response() })
+            }
+        }
+    }
+
+    fn resolved(
+        &mut self,
+        plane: &mut impl Plane,
+        conn: Key,
+        draft: Draft,
+        lookups: &Lookups,
+        now: Instant,
+    ) -> Option<Reply> {
+        let ready = match api::prepare(plane, draft, lookups) {
+            Ok(ready) => ready,
+            Err(e) => return Some(Reply { conn, response: e.into_response() }),
+        };
+        let Some((state, worker)) = &self.state else {
+            return Some(Reply { conn, response: api::commit(plane, ready, now) });
+        };
+        let job = self.next_job;
+        self.next_job += 1;
+        match worker.submit(job, state.save_job(ready.state_text())) {
+            Ok(()) => {
+                self.current = Some(Current::Saving { conn, job, ready });
+                None
+            }
+            Err(e) => {
+                api::abandon(plane, ready);
+                let message =
+                    format!("cannot write the state file {}: {e}; nothing was changed", state.path().display());
+                Some(Reply { conn, response: ApiError::Internal(message).into_response() })
+            }
+        }
+    }
+
+    fn job(&mut self) -> u64 {
+        let job = self.next_job;
+        self.next_job += 1;
+        job
+    }
+}

@@ -1,0 +1,180 @@
+//! The descriptor budget: who may open a socket when the process's fd limit
+//! is near. Proxied pairs (two fds each), admin connections, listeners and
+//! health probes share one limit; without a budget, a few hundred probes
+//! hanging on connect would take the fds that clients need (a pair's connect
+//! fails, the client is dropped).
+//!
+//! - Probes get at most a quarter of the limit at once; a probe due while
+//!   that share is used waits its turn in a FIFO and starts when another
+//!   probe's check ends, so every backend is still checked, later.
+//! - Pairs may use what is left after the probes' share (as much of it as
+//!   there are probes to use it), the admin connections and the listeners:
+//!   accepting pauses before that runs out, so clients wait in the listen
+//!   queue instead of being accepted and dropped (as HAProxy's maxconn does).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use crate::runtime::key::Key;
+use crate::runtime::throttle::Throttle;
+
+/// Descriptors held besides the entries': stdio, epoll, the signal pipe, the
+/// waker, the state lock, helper threads' files, slack.
+pub const FIXED_FDS: u64 = 32;
+
+/// Who holds descriptors now, and the probes waiting for one.
+#[derive(Debug)]
+pub struct FdBudget {
+    limit: u64,
+    /// Proxied pairs open (two fds each).
+    pub pairs: usize,
+    /// Admin connections open.
+    pub admin_conns: usize,
+    /// Listening sockets (service listeners and the admin one).
+    pub listeners: usize,
+    /// Probe entries, checking or not.
+    pub probes: usize,
+    /// Probe checks in flight, each holding one fd.
+    checking: usize,
+    /// Probes due but waiting for a slot, oldest first.
+    waiting: VecDeque<Key>,
+    /// Since when probes have been waiting, and how many checks waited.
+    short: Option<(Instant, u64)>,
+    /// The warning for checks skipped because a connect ran short of fds or ports.
+    pub skipped_checks: Throttle,
+}
+
+impl FdBudget {
+    /// A budget for a process whose fd limit is `limit`.
+    pub fn new(limit: u64) -> FdBudget {
+        FdBudget {
+            limit,
+            pairs: 0,
+            admin_conns: 0,
+            listeners: 0,
+            probes: 0,
+            checking: 0,
+            waiting: VecDeque::new(),
+            short: None,
+            skipped_checks: Throttle::new(Duration::from_secs(10)),
+        }
+    }
+
+    /// The fd limit.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Checks that may be in flight at once: a quarter of what is not fixed.
+    pub fn probe_share(&self) -> usize {
+        (self.limit.saturating_sub(FIXED_FDS) / 4).max(1) as usize
+    }
+
+    /// Whether one more pair (two descriptors) fits beside everything else,
+    /// keeping the probes' share free for them.
+    pub fn has_room_for_pair(&self) -> bool {
+        let reserved = self.probe_share().min(self.probes).max(self.checking);
+        let in_use = (2 * self.pairs + self.admin_conns + self.listeners + reserved) as u64 + FIXED_FDS;
+        in_use + 2 <= self.limit
+    }
+
+    /// A probe wants to start a check: `true` if it may now (it then holds a
+    /// slot until [`FdBudget::check_done`]); otherwise it is queued and will be
+    /// handed out by [`FdBudget::next_waiting`].
+    pub fn start_check(&mut self, probe: Key, now: Instant) -> bool {
+        if self.checking < self.probe_share() && self.waiting.is_empty() {
+            self.checking += 1;
+            return true;
+        }
+        if !self.waiting.contains(&probe) {
+            self.waiting.push_back(probe);
+        }
+        match &mut self.short {
+            Some((_, waited)) => *waited += 1,
+            None => {
+                self.short = Some((now, 1));
+                warn!(
+                    "health checks are waiting for a descriptor: {} checks in flight use the probes' share of the fd limit ({}); further checks start as these end",
+                    self.checking, self.limit
+                );
+            }
+        }
+        false
+    }
+
+    /// A check ended (or its probe was removed mid-check): its slot is free.
+    pub fn check_done(&mut self) {
+        self.checking = self.checking.saturating_sub(1);
+    }
+
+    /// A probe removed while waiting gives up its place.
+    pub fn forget(&mut self, probe: Key) {
+        self.waiting.retain(|&k| k != probe);
+    }
+
+    /// The next waiting probe, if a slot is free; it holds that slot from now.
+    pub fn next_waiting(&mut self, now: Instant) -> Option<Key> {
+        if self.checking >= self.probe_share() {
+            return None;
+        }
+        match self.waiting.pop_front() {
+            Some(probe) => {
+                self.checking += 1;
+                Some(probe)
+            }
+            None => {
+                if let Some((since, waited)) = self.short.take() {
+                    let ms = now.saturating_duration_since(since).as_millis();
+                    info!("health checks caught up: {waited} checks waited for a descriptor over {ms} ms");
+                }
+                None
+            }
+        }
+    }
+
+    /// Probes waiting for a slot.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::key::Slots;
+
+    #[test]
+    fn probes_beyond_their_share_wait_in_order_and_pairs_keep_theirs() {
+        let now = Instant::now();
+        let mut budget = FdBudget::new(256);
+        let share = budget.probe_share();
+        assert_eq!(share, 56);
+        let mut slots = Slots::new();
+        let keys: Vec<Key> = (0..400).map(|i| slots.insert(i)).collect();
+        budget.probes = keys.len();
+        let started = keys.iter().filter(|&&k| budget.start_check(k, now)).count();
+        assert_eq!(started, share);
+        assert_eq!(budget.waiting(), 400 - share);
+        // Every probe holds a slot or waits; pairs still fit beside them.
+        let mut pairs = 0;
+        while budget.has_room_for_pair() {
+            budget.pairs += 1;
+            pairs += 1;
+        }
+        assert_eq!(pairs, (256 - 32 - 56 - 2) / 2 + 1, "pairs get what probes and fixed fds leave");
+        assert_eq!(budget.next_waiting(now), None, "no slot is free yet");
+        budget.check_done();
+        assert_eq!(budget.next_waiting(now), Some(keys[share]), "first come, first served");
+    }
+
+    #[test]
+    fn without_probes_pairs_get_everything() {
+        let mut budget = FdBudget::new(100);
+        while budget.has_room_for_pair() {
+            budget.pairs += 1;
+        }
+        assert_eq!(budget.pairs, (100 - 32) / 2);
+    }
+}
