@@ -18,6 +18,7 @@ mod limits;
 mod proxy;
 mod regressions;
 mod shutdown;
+mod stalls;
 mod startup;
 mod state;
 mod timeouts;

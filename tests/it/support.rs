@@ -6,6 +6,7 @@
 //! deadline instead of sleeping, and everything binds port 0.
 
 mod backend;
+pub mod dns;
 mod pattern;
 mod sha256;
 
@@ -43,6 +44,13 @@ pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
         }
         thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// How a shuttle child is set up before it runs.
+#[derive(Debug, Default)]
+struct Setup {
+    fd_limit: Option<u64>,
+    resolv_conf: Option<PathBuf>,
 }
 
 /// A running shuttle process. Dropping it kills and reaps the process; if the
@@ -102,11 +110,40 @@ impl Shuttle {
         shuttle
     }
 
+    /// Starts shuttle with `args` in a mount namespace of its own where
+    /// `resolv_conf` is its `/etc/resolv.conf`, so its name lookups go to a
+    /// server the test runs (see `StubDns`). Needs root.
+    pub fn start_with_resolv_conf(args: &[&str], resolv_conf: &Path) -> Shuttle {
+        let shuttle =
+            Shuttle::spawn_setup(args, Setup { resolv_conf: Some(resolv_conf.to_path_buf()), ..Setup::default() });
+        shuttle.wait_for_line(" listening on ");
+        shuttle
+    }
+
+    /// Like [`Shuttle::start_expect_failure`], with a private `/etc/resolv.conf`.
+    pub fn start_expect_failure_with_resolv_conf(args: &[&str], resolv_conf: &Path) -> (ExitStatus, Vec<String>) {
+        let mut shuttle =
+            Shuttle::spawn_setup(args, Setup { resolv_conf: Some(resolv_conf.to_path_buf()), ..Setup::default() });
+        let Some(status) = shuttle.wait_exit(DEADLINE) else {
+            panic!("shuttle {args:?} was expected to fail at start-up but is still running after {DEADLINE:?}");
+        };
+        if let Some(reader) = shuttle.reader.take() {
+            let _ = reader.join();
+        }
+        (status, shuttle.stderr_lines())
+    }
+
     fn spawn(args: &[&str]) -> Shuttle {
         Shuttle::spawn_with(args, None)
     }
 
     fn spawn_with(args: &[&str], fd_limit: Option<u64>) -> Shuttle {
+        Shuttle::spawn_setup(args, Setup { fd_limit, ..Setup::default() })
+    }
+
+    fn spawn_setup(args: &[&str], setup: Setup) -> Shuttle {
+        let Setup { fd_limit, resolv_conf } = setup;
+        let resolv_conf = resolv_conf.map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_shuttle"));
         command.args(args);
         let sets_http = args.iter().any(|a| {
@@ -122,8 +159,8 @@ impl Shuttle {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // SAFETY: only prctl and setrlimit, which are async-signal-safe, run
-        // between fork and exec. If the test process dies, the kernel kills the
+        // SAFETY: only prctl, setrlimit, unshare and mount, which are
+        // async-signal-safe, run between fork and exec (the path was made before the fork). If the test process dies, the kernel kills the
         // child too, so no shuttle outlives a killed `cargo test`.
         unsafe {
             command.pre_exec(move || {
@@ -133,6 +170,23 @@ impl Shuttle {
                 if let Some(limit) = fd_limit {
                     let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == -1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                if let Some(conf) = &resolv_conf {
+                    // A private mount namespace: the bind mount is seen by this child only.
+                    let root = c"/".as_ptr();
+                    let target = c"/etc/resolv.conf".as_ptr();
+                    if libc::unshare(libc::CLONE_NEWNS) == -1
+                        || libc::mount(
+                            std::ptr::null(),
+                            root,
+                            std::ptr::null(),
+                            libc::MS_REC | libc::MS_PRIVATE,
+                            std::ptr::null(),
+                        ) == -1
+                        || libc::mount(conf.as_ptr(), target, std::ptr::null(), libc::MS_BIND, std::ptr::null()) == -1
+                    {
                         return Err(io::Error::last_os_error());
                     }
                 }
