@@ -300,8 +300,12 @@ impl Server {
         if let Some(old) = old.filter(|&old| old != listener) {
             self.retire_listener(old, now);
         }
-        // A staged listener may already have clients queued: serve them.
+        // A staged listener may already have clients queued: serve them. A
+        // change saved just as shutdown began serves them, then closes too.
         self.enqueue(listener);
+        if self.draining.is_some() {
+            self.retire_listener(listener, now);
+        }
         let name = self.services.service(service).map_or("?", |s| s.settings.name.as_str());
         match local {
             Some(local) => info!("service {name} listening on {local}"),

@@ -24,6 +24,9 @@ use crate::model::address::Lookups;
 use crate::runtime::helpers::{self, Answer, Busy, Resolver, Worker, RESOLVE_DEADLINE};
 use crate::runtime::key::Key;
 
+/// Changes that may wait for their turn at once; more get a 503.
+const MAX_WAITING: usize = 32;
+
 /// A response for the admin connection `conn`.
 #[derive(Debug)]
 pub struct Reply {
@@ -61,8 +64,13 @@ impl Changes {
 
     /// Takes a change request from admin connection `conn`; replies that are ready come back.
     pub fn submit(&mut self, plane: &mut impl Plane, conn: Key, request: Request, now: Instant) -> Vec<Reply> {
-        self.waiting.push_back((conn, request));
         let mut replies = Vec::new();
+        if self.waiting.len() >= MAX_WAITING {
+            let message = format!("{MAX_WAITING} changes are waiting for their turn already; try again later");
+            replies.push(Reply { conn, response: ApiError::Unavailable(message).into_response() });
+            return replies;
+        }
+        self.waiting.push_back((conn, request));
         self.pump(plane, now, &mut replies);
         replies
     }
@@ -137,9 +145,10 @@ impl Changes {
         matches!(self.current, Some(Current::Saving { .. }))
     }
 
-    /// Whether nothing is in flight and nothing waits, so a new change can start now.
-    pub fn is_idle(&self) -> bool {
-        self.current.is_none() && self.waiting.is_empty()
+    /// Whether a change waits although none is in flight (its predecessor's
+    /// client left): [`Changes::pump`] should run.
+    pub fn is_stuck(&self) -> bool {
+        self.current.is_none() && !self.waiting.is_empty()
     }
 
     /// Starts waiting changes until one has to wait for a helper.

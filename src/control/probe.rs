@@ -128,7 +128,9 @@ impl Probe {
 
     /// The probe's turn came after it waited for a descriptor slot, which it now holds.
     pub fn on_slot(&mut self, key: Key, cx: &mut Cx<'_>) -> Step {
-        self.holds_slot = true;
+        if std::mem::replace(&mut self.holds_slot, true) {
+            cx.fds.check_done(); // it holds one already: give the second back
+        }
         match self.state {
             ProbeState::Idle => {
                 if let Some(timer) = self.timer.take() {
@@ -136,6 +138,7 @@ impl Probe {
                 }
                 self.start(key, cx)
             }
+            // Not idle: a check is running and holds the slot.
             _ => Step::Wait,
         }
     }

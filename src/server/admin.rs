@@ -93,9 +93,12 @@ impl Server {
         }
     }
 
-    /// A lookup may have run out its time.
+    /// A lookup may have run out its time, or a change may wait behind one
+    /// whose client left.
     pub(super) fn on_change_deadline(&mut self, now: Instant) {
-        if self.changes.as_ref().and_then(Changes::deadline).is_some_and(|d| now >= d) {
+        let changes = self.changes.as_ref();
+        let late = changes.and_then(Changes::deadline).is_some_and(|d| now >= d);
+        if late || changes.is_some_and(Changes::is_stuck) {
             let replies = self.with_changes(|changes, server| changes.on_time(server, now));
             self.deliver(replies, now);
         }
