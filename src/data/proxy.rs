@@ -261,6 +261,8 @@ pub struct Pair {
     peer: SocketAddr,
     /// How long the backend connect took in ms, once it succeeded.
     connect_ms: Option<u32>,
+    /// Connects that failed before the one in flight (failovers).
+    failed_connects: u16,
     /// Why the pair ended early, for the close log.
     ended: Option<Fault>,
     /// The armed timer and its deadline: at most one, at the earliest deadline.
@@ -301,7 +303,8 @@ fn connect_next(plan: &mut Plan, token: Token, cx: &mut Cx<'_>) -> Result<Attemp
 fn backend_failed(target: Key, error: &io::Error, cx: &mut Cx<'_>) {
     let transition = cx.services.connect_failed(target);
     let (service, backend) = cx.services.names(target);
-    debug!("{service}/{backend}: connect failed: {error}");
+    // Trace, not debug: `-debug` gives one line per connection, which counts these.
+    log::trace!("{service}/{backend}: connect failed: {error}");
     if transition == Some(Transition::WentDown) {
         warn!("{service}/{backend} is down: {} client connects failed ({error})", fall_of(cx, target));
     }
@@ -353,6 +356,7 @@ impl Pair {
             accepted: now,
             peer,
             connect_ms: None,
+            failed_connects: 0,
             ended: None,
             timer: None,
         };
@@ -420,7 +424,12 @@ impl Pair {
             Phase::Relaying { target } | Phase::Connecting { target, .. } => cx.services.backend(*target),
         };
         let to = backend.map_or_else(String::new, |b| format!(" -> {} ({})", b.config.name, b.addr));
-        let connected = self.connect_ms.map_or_else(String::new, |ms| format!("connected in {ms} ms, "));
+        let failed = match self.failed_connects {
+            0 => String::new(),
+            1 => "after 1 failed connect, ".into(),
+            n => format!("after {n} failed connects, "),
+        };
+        let connected = self.connect_ms.map_or_else(String::new, |ms| format!("{failed}connected in {ms} ms, "));
         let how = self.ended.as_ref().map_or_else(|| "both sides closed".to_string(), Fault::to_string);
         format!("{service}: {}{to}: {connected}closed after {lasted} ms ({how}), {sent} bytes sent, {received} bytes received", self.peer)
     }
@@ -474,6 +483,7 @@ impl Pair {
 
     /// The connect to `target` failed: count it and fail over to the next candidate.
     fn attempt_failed(&mut self, target: Key, error: io::Error, key: Key, cx: &mut Cx<'_>) -> Step {
+        self.failed_connects = self.failed_connects.saturating_add(1);
         self.release_backend(cx);
         backend_failed(target, &error, cx);
         let Phase::Connecting { plan, .. } = &mut self.phase else { return Step::Close };

@@ -7,9 +7,10 @@
 //! config is applied, on a helper thread (`runtime::resolver`), so a slow
 //! resolver can never stall the loop.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+
+pub use crate::runtime::helpers::Lookups;
 
 /// How addresses are written, for error messages.
 pub const FORM: &str = r#"expected "host:port", "v4:port" or "[v6]:port""#;
@@ -75,9 +76,6 @@ impl Address {
         }
     }
 }
-
-/// What the resolver found for each name: its address (IPv4 preferred), or why there is none.
-pub type Lookups = HashMap<String, Result<IpAddr, String>>;
 
 /// Parses an address without resolving it: `host:port`, `v4:port`, `[v6]:port`,
 /// or `:port` (every IPv4 address, as in Go).

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use mio::{Registry, Token, Waker};
 
-use crate::model::address::Lookups;
+/// What the resolver found for each name: its address (IPv4 preferred), or why there is none.
+pub type Lookups = std::collections::HashMap<String, Result<std::net::IpAddr, String>>;
 
 /// How long a name may take to resolve before the change that needs it gets a 400.
 pub const RESOLVE_DEADLINE: Duration = Duration::from_secs(5);
