@@ -22,6 +22,8 @@ pub mod cli;
 pub mod context;
 pub mod control;
 pub mod data;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod model;
 pub mod runtime;
 pub mod server;

@@ -21,6 +21,8 @@ pub const MAX_BODY: usize = 1024 * 1024;
 /// The interim response that lets a client waiting on `Expect: 100-continue` send its body.
 pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
+// The longest standard method is 7 bytes; 32 leaves room for extensions.
+const METHOD_LIMIT: usize = 32;
 // curl sends about six fields; more than 64 answers 431.
 const MAX_HEADERS: usize = 64;
 // A chunk-size line without extensions: at most 16 hex digits (httparse's cap) and CRLF.
@@ -222,6 +224,11 @@ fn decode_head(input: &[u8], start: &mut usize, scanned: &mut usize) -> Result<O
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
         return Err(malformed("incomplete request line"));
     };
+    // The same rule as before the blank line arrived: the verdict must not
+    // depend on how the request was split into reads.
+    if method.len() > METHOD_LIMIT {
+        return Err(malformed("the request does not start with an HTTP method"));
+    }
     let (path, query) = split_target(target)?;
     let fields = Fields::read(req.headers, version)?;
     let step = match (fields.codings, fields.length) {
@@ -411,9 +418,11 @@ impl Pending {
 /// instead of waiting out the request timer: the method must be a token, and
 /// once the request line is complete httparse must accept it.
 fn check_early(input: &[u8], start: usize, line_checked: &mut bool) -> Result<(), HttpError> {
-    // The longest standard method is 7 bytes; 32 leaves room for extensions.
-    const METHOD_LIMIT: usize = 32;
     let head = input.get(start..).unwrap_or_default();
+    // A lone CR may be the start of an empty line's CRLF, which is skipped.
+    if head == b"\r" {
+        return Ok(());
+    }
     let method = head.iter().take(METHOD_LIMIT + 1).take_while(|&&b| b != b' ');
     if method.clone().any(|&b| !is_tchar(b)) || method.count() > METHOD_LIMIT {
         return Err(malformed("the request does not start with an HTTP method"));

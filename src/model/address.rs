@@ -84,6 +84,12 @@ pub fn parse(text: &str) -> Result<Address, String> {
         return Err(format!("is required, {FORM}"));
     }
     if let Ok(addr) = text.parse::<SocketAddr>() {
+        if let SocketAddr::V6(v6) = addr {
+            // A scope would be lost on the way to the socket: refuse it rather than connect elsewhere.
+            if v6.scope_id() != 0 {
+                return Err(format!("IPv6 scope ids are not supported, got {:?}", clip(text)));
+            }
+        }
         return Ok(Address { host: Host::Ip(addr.ip()), port: addr.port() });
     }
     let Some((host, port)) = text.rsplit_once(':') else {

@@ -114,6 +114,28 @@ fn idle_two_pipelined() {
 }
 
 #[test]
+fn head_method_limit_holds_however_the_head_arrives() {
+    // Found by the admin_decoder fuzz target: a 45-byte method was refused
+    // when the head came in pieces and accepted when it came whole.
+    let head = format!("{} / HTTP/1.1\r\n\r\n", "M".repeat(45));
+    assert_eq!(status(head.as_bytes()), 400);
+    let (mut d, mut input) = (Decoder::new(), Vec::new());
+    assert!(push(&mut d, &mut input, &head.as_bytes()[..40]).is_err());
+}
+
+#[test]
+fn idle_crlf_after_a_request_split_at_its_cr() {
+    // Found by the admin_decoder fuzz target: a CRLF after a request, its CR
+    // arriving alone, was taken for a request that starts with no method.
+    let (mut d, mut input) = (Decoder::new(), Vec::new());
+    let first = push(&mut d, &mut input, b"GET / HTTP/1.1\r\n\r\n\r");
+    assert!(matches!(first, Ok(Progress::Request(_))));
+    assert_eq!(d.decode(&mut input), Ok(Progress::NeedMore));
+    assert_eq!(push(&mut d, &mut input, b"\nGET /b HTTP/1.1\r\n"), Ok(Progress::NeedMore));
+    assert!(matches!(push(&mut d, &mut input, b"\r\n"), Ok(Progress::Request(r)) if r.path == "/b"));
+}
+
+#[test]
 fn idle_leading_empty_lines() {
     assert_eq!(request(b"\r\n\n\r\nGET / HTTP/1.1\r\n\r\n").path, "/");
 }
