@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::admin::{request_bytes, Http, Response};
 
+mod access;
 mod loops;
 mod proxying;
 
