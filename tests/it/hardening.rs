@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::admin::{request_bytes, Http, Response};
 
 mod access;
+mod cli;
 mod files;
 mod limits;
 mod loops;
