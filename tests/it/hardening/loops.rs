@@ -46,7 +46,11 @@ fn v4_mapped_backend_reaching_its_own_listener_is_a_loop() {
     let port = web.port();
 
     let own = format!("127.0.0.1:{port}");
-    refused(admin, web, "web", &body(&own, &format!("[::ffff:127.0.0.1]:{port}")), &["loop"]);
+    let mapped = format!("[::ffff:127.0.0.1]:{port}");
+    // A new service proxying into web's listener.
+    refused(admin, web, "api", &body("127.0.0.1:0", &mapped), &["loop"]);
+    // Web itself, at its own address, proxying into itself.
+    refused(admin, web, "web", &body(&own, &mapped), &["loop"]);
     // The plain spelling, for comparison.
     refused(admin, web, "web", &body(&own, &own), &["loop"]);
 }
@@ -60,10 +64,11 @@ fn backend_at_the_admin_api_is_refused_in_either_spelling() {
     let own = web.to_string();
     let admin_port = admin.port();
 
-    refused(admin, web, "web", &body(&own, &format!("[::ffff:127.0.0.1]:{admin_port}")), &["admin API"]);
+    let mapped = format!("[::ffff:127.0.0.1]:{admin_port}");
+    // A new service, then web at its own address.
+    refused(admin, web, "api", &body("127.0.0.1:0", &mapped), &["admin API"]);
+    refused(admin, web, "web", &body(&own, &mapped), &["admin API"]);
     refused(admin, web, "web", &body(&own, &format!("127.0.0.1:{admin_port}")), &["admin API"]);
-    // A new service too.
-    refused(admin, web, "api", &body("127.0.0.1:0", &format!("[::ffff:127.0.0.1]:{admin_port}")), &["admin API"]);
 }
 
 #[test]
@@ -81,6 +86,13 @@ fn a_listener_that_another_service_uses_as_a_backend_is_refused() {
     refused(admin, web, "back", &body(&format!("127.0.0.1:{port}"), &echo.address()), &["loop"]);
     refused(admin, web, "back", &body(&format!("0.0.0.0:{port}"), &echo.address()), &["loop"]);
     refused(admin, web, "back", &body(&format!("[::ffff:127.0.0.1]:{port}"), &echo.address()), &["loop"]);
+
+    // The same with the backend in the mapped spelling.
+    let port = refusing().port();
+    let response = put(admin, "/front2", &body("127.0.0.1:0", &format!("[::ffff:127.0.0.1]:{port}")));
+    assert_eq!(response.status, 200, "{response:?}");
+    refused(admin, web, "back", &body(&format!("127.0.0.1:{port}"), &echo.address()), &["loop"]);
+    refused(admin, web, "back", &body(&format!("0.0.0.0:{port}"), &echo.address()), &["loop"]);
 }
 
 #[test]
