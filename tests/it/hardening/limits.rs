@@ -162,6 +162,14 @@ fn waiting(e: &io::Error) -> bool {
 }
 
 impl Slow {
+    /// A new slow client that sends its first byte as soon as it is connected:
+    /// a head begun is what makes a connection look busy rather than idle.
+    fn connect(admin: SocketAddr, now: Instant) -> Slow {
+        let mut slow = Slow { socket: Some(slow_connect(admin)), sent: 0, next: now };
+        slow.tick(now);
+        slow
+    }
+
     /// Whether shuttle closed (or answered) this client: then it is reconnected at once.
     fn closed(&self) -> bool {
         let Some(socket) = &self.socket else { return true };
@@ -207,21 +215,15 @@ fn slow_admin_clients_leave_room_for_a_normal_one() {
         let stop = stop.clone();
         thread::spawn(move || {
             let start = Instant::now();
-            let mut clients: Vec<Slow> = (0..SLOW)
-                .map(|i| Slow {
-                    socket: Some(slow_connect(admin)),
-                    sent: 0,
-                    next: start + Duration::from_millis(5 * i as u64),
-                })
-                .collect();
+            let mut clients: Vec<Slow> = (0..SLOW).map(|_| Slow::connect(admin, start)).collect();
             let mut reconnects = 0usize;
             while !stop.load(Ordering::SeqCst) && start.elapsed() < RUN + Duration::from_secs(5) {
                 let now = Instant::now();
                 for client in &mut clients {
                     if client.closed() || !client.tick(now) {
-                        client.socket = Some(slow_connect(admin));
-                        client.sent = 0;
-                        client.next = now;
+                        // Closed first, so the new socket does not find the old one's slot taken.
+                        client.socket = None;
+                        *client = Slow::connect(admin, now);
                         reconnects += 1;
                     }
                 }
