@@ -1,4 +1,4 @@
-//! The command line (SPEC §1): Go-style flags, one dash or two, through
+//! The command line (reference §1): Go-style flags, one dash or two, through
 //! pico-args. Every error names the flag as the user typed it, and exits 2.
 
 use std::ffi::OsString;

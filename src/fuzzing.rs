@@ -67,7 +67,7 @@ pub fn admin_decoder(data: &[u8]) {
 pub fn config_file(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(mut services) = config::parse_services(text) else { return };
-    // Written sorted by name (SPEC §2).
+    // Written sorted by name (reference §2).
     services.sort_by(|a, b| a.name.cmp(&b.name));
     let written = config::to_json(&services);
     let again = config::parse_services(&written).expect("what shuttle writes, it reads");

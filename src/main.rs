@@ -60,7 +60,7 @@ fn start(flags: Flags) -> Result<Server, Failed> {
         Some(path) => Some(StateFile::open(path).map_err(|e| Failed::at(path, e))?),
         None => None,
     };
-    // The state file wins when it exists (SPEC §1); a corrupt one stops start-up and is never overwritten.
+    // The state file wins when it exists (reference §1); a corrupt one stops start-up and is never overwritten.
     let source = match (&flags.state, &flags.config) {
         (Some(state), _) if state.exists() => Some(state.clone()),
         (_, config) => config.clone(),

@@ -1,7 +1,7 @@
 //! Admin connections: the listener (TCP, or a unix socket when the address
 //! starts with `/`) and one small state machine per client that reads a
 //! request, hands it up to be executed, and writes the response, without ever
-//! blocking the loop (SPEC §5).
+//! blocking the loop (reference §5).
 //!
 //! Framing is `http.rs`; routes are `api.rs`. A connection whose request takes
 //! longer than `REQUEST_TIME` to arrive (or whose response takes that long to
@@ -26,7 +26,7 @@ use crate::runtime::key::{Key, Side};
 use crate::runtime::ready::{Ready, Step};
 use crate::runtime::timer::{TimerKey, Wheel};
 
-/// How long a request may take to arrive, and a response to leave (SPEC §5).
+/// How long a request may take to arrive, and a response to leave (reference §5).
 pub const REQUEST_TIME: Duration = Duration::from_secs(10);
 
 /// Requests one connection may have executed per wakeup before others get a turn.
@@ -64,7 +64,7 @@ pub enum AdminListener {
 }
 
 impl AdminListener {
-    /// Binds `addr`; for a unix path a stale socket file there is removed first (SPEC §1).
+    /// Binds `addr`; for a unix path a stale socket file there is removed first (reference §1).
     pub fn bind(addr: &AdminAddr) -> io::Result<AdminListener> {
         match addr {
             AdminAddr::Unix(path, mode) => {

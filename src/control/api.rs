@@ -1,4 +1,4 @@
-//! The admin API's routes (SPEC §5): what each method and path does, with
+//! The admin API's routes (reference §5): what each method and path does, with
 //! every status code.
 //!
 //! Reads are answered at once. A change goes through four steps, each its
@@ -354,7 +354,7 @@ pub fn prepare(plane: &mut impl Plane, draft: Draft, lookups: &Lookups) -> Resul
             let running_addr = existing.and_then(|k| plane.services().service(k)).map(|s| s.addr);
             // A new address is bound and registered before anything changes: a
             // failure leaves the old service running (409), and nothing after the
-            // state file can fail. The same address keeps its socket (SPEC §5).
+            // state file can fail. The same address keeps its socket (reference §5).
             let listener = if running_addr == Some(prepared.addr) {
                 None
             } else {

@@ -1,7 +1,7 @@
 //! Admin changes take turns: one is in flight at a time, the others wait in
 //! arrival order. A change in flight waits for the resolver, then for the
 //! state file's write, both on helper threads, while the loop goes on
-//! proxying and answering reads (SPEC §5's order is kept: persist, apply,
+//! proxying and answering reads (reference §5's order is kept: persist, apply,
 //! answer).
 //!
 //! ```text

@@ -1,11 +1,11 @@
 //! Admin HTTP/1.1 framing on httparse: request heads, bodies, `Expect`, keep-alive, responses.
 //!
-//! Read SPEC §5 and DESIGN §12 first. Pure: no sockets, no clock. The admin
+//! Read reference §5 and design §10 first. Pure: no sockets, no clock. The admin
 //! connection appends what it reads to one input buffer and calls
 //! [`Decoder::decode`]; indices into that buffer stay valid between calls
 //! because bytes are only removed when a whole request is returned.
 //!
-//! Everything is bounded (house rule 7): the head to [`MAX_HEAD`], the decoded
+//! Everything is bounded: the head to [`MAX_HEAD`], the decoded
 //! body to [`MAX_BODY`], chunk extensions and trailers to [`MAX_HEAD`] each.
 //! Blank lines are found by scanning only new bytes, and httparse runs once per
 //! head, so a head dribbled in byte by byte costs linear time (pitfall 17).
@@ -178,10 +178,9 @@ impl Decoder {
         // Taken out so each phase moves instead of being cloned; after an error the caller closes anyway.
         let mut pending = match std::mem::take(&mut self.phase) {
             Phase::Head { mut start, mut scanned, mut line_checked } => {
-                match decode_head(input, &mut start, &mut scanned)? {
+                match decode_head(input, &mut start, &mut scanned, &mut line_checked)? {
                     Some(pending) => Box::new(pending),
                     None => {
-                        check_early(input, start, &mut line_checked)?;
                         self.phase = Phase::Head { start, scanned, line_checked };
                         return Ok(Progress::NeedMore);
                     }
@@ -202,7 +201,12 @@ impl Decoder {
 }
 
 /// Parses the head once its blank line has arrived; `None` (scan state updated) to wait for more.
-fn decode_head(input: &[u8], start: &mut usize, scanned: &mut usize) -> Result<Option<Pending>, HttpError> {
+fn decode_head(
+    input: &[u8],
+    start: &mut usize,
+    scanned: &mut usize,
+    line_checked: &mut bool,
+) -> Result<Option<Pending>, HttpError> {
     // RFC 9112 §2.2: ignore empty lines before the request line (some clients add CRLF after a body).
     loop {
         *start += match input.get(*start..) {
@@ -215,6 +219,9 @@ fn decode_head(input: &[u8], start: &mut usize, scanned: &mut usize) -> Result<O
         }
     }
     *scanned = (*scanned).max(*start);
+    // The early checks run whether or not the blank line is here yet, so the
+    // verdict on a request never depends on how it was split into reads.
+    check_early(input, *start, line_checked)?;
     let Some(end) = section_end(input, *start, scanned)? else {
         return Ok(None);
     };

@@ -1,4 +1,4 @@
-//! The health probe (SPEC §4): one per checked backend, a socket of the same
+//! The health probe (reference §4): one per checked backend, a socket of the same
 //! event loop, never a thread.
 //!
 //! A probe waits `check_interval`, connects to the backend's `check_address`

@@ -1,4 +1,4 @@
-//! The state file (SPEC §1, §5): the live config, loaded at start-up when it
+//! The state file (reference §1, §5): the live config, loaded at start-up when it
 //! exists and rewritten after every change.
 //!
 //! - One shuttle per state file: an exclusive `flock` on `FILE.lock` beside
@@ -167,7 +167,7 @@ pub fn save_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     }
     // The new file is in place, so the change counts as saved; a failed directory fsync
     // only weakens durability across a crash, and reporting failure now would make the
-    // running config and the file disagree (SPEC §5).
+    // running config and the file disagree (reference §5).
     if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
         log::warn!("state file {}: cannot fsync its directory: {e}", path.display());
     }

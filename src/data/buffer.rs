@@ -8,7 +8,7 @@
 
 use std::io::{self, Read, Write};
 
-/// Capacity of one relay buffer: the most one direction of a pair holds (SPEC §3).
+/// Capacity of one relay buffer: the most one direction of a pair holds (reference §3).
 pub const BUF_SIZE: usize = 32 * 1024;
 
 /// Below this much free tail space a buffer with a consumed head is compacted before reading.

@@ -1,11 +1,11 @@
 //! The proxied pair: one client socket, one backend socket, and the two
-//! directions between them. Read SPEC §3 and DESIGN.md §8–10 first.
+//! directions between them. Read reference §3 and design §5–7 first.
 //!
 //! A pair is first `Connecting` (a nonblocking connect to one backend of its
 //! plan, failing over to the next on refusal or deadline), then `Relaying`.
 //! Each direction is a `Half`: bytes read from one peer wait in a pooled
 //! buffer until written to the other; a full buffer stops reading (the
-//! backpressure of SPEC §3) and an EOF is passed on as `shutdown(Write)` once
+//! backpressure of reference §3) and an EOF is passed on as `shutdown(Write)` once
 //! the buffer is flushed. Both halves shut: the pair is done. Any socket
 //! error or idle timeout closes both sides.
 //!
@@ -276,7 +276,7 @@ struct Attempt {
 }
 
 /// Starts a connect to the next candidate of `plan` that accepts one; failed
-/// candidates are counted as backend errors (SPEC §3).
+/// candidates are counted as backend errors (reference §3).
 fn connect_next(plan: &mut Plan, token: Token, cx: &mut Cx<'_>) -> Result<Attempt, Fault> {
     while let Some(target) = cx.services.next_target(plan) {
         let Some(addr) = cx.services.backend(target).map(|b| b.addr) else { continue };
@@ -443,7 +443,7 @@ impl Pair {
 
     fn advance(&mut self, key: Key, backend_event: bool, cx: &mut Cx<'_>) -> Step {
         // A reset must close the pair even when nothing would read or write the
-        // socket now (a full buffer towards a stalled peer): SPEC §3.
+        // socket now (a full buffer towards a stalled peer): reference §3.
         if let Some(e) = pending_error(&mut self.client) {
             return self.fail(Fault::Client(e), cx);
         }

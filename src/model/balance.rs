@@ -1,4 +1,4 @@
-//! Backend choice (SPEC §3): weighted round robin and least connected, and the
+//! Backend choice (reference §3): weighted round robin and least connected, and the
 //! failover order after a failed connect. Pure: no sockets, no clock, no
 //! allocation.
 //!
@@ -77,7 +77,7 @@ pub fn least_connected(cursor: &mut Cursor, n: usize, at: impl Fn(usize) -> Cand
 
 /// The next failover candidate after `last` (the backend that just failed):
 /// RR goes on in config order, LC to the fewest active; `tried(i)` excludes
-/// backends already tried, so each is tried at most once (SPEC §3).
+/// backends already tried, so each is tried at most once (reference §3).
 pub fn failover(
     balance: Balance,
     last: usize,

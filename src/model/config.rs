@@ -1,5 +1,5 @@
-//! Service and backend configuration: the JSON file format (SPEC §2), its
-//! defaults and validation, and the atomic state-file write (SPEC §5).
+//! Service and backend configuration: the JSON file format (reference §2), its
+//! defaults and validation, and the atomic state-file write (reference §5).
 //!
 //! Input goes through private `Raw*` types whose values are loose JSON, so a
 //! bad value is reported with the service, backend, field and value at fault
@@ -39,7 +39,7 @@ pub const MAX_NAME_LEN: usize = 128;
 pub const MAX_SECONDS: f64 = 1e9;
 /// Smallest non-zero number of seconds: the timer wheel's resolution.
 pub const MIN_SECONDS: f64 = 0.001;
-/// Longest `check_expect`: a check only looks at the first 4 KiB of the reply (SPEC §2).
+/// Longest `check_expect`: a check only looks at the first 4 KiB of the reply (reference §2).
 pub const MAX_CHECK_EXPECT: usize = 4096;
 const NAME_RULE: &str = r#"letters, digits, ".", "_" and "-", starting with a letter or digit"#;
 
@@ -123,7 +123,7 @@ pub enum ConfigError {
         /// What is wrong, without the position.
         message: String,
     },
-    /// A value breaks a rule of SPEC §2.
+    /// A value breaks a rule of reference §2.
     Invalid {
         /// Service name, or `#N` for the Nth service when it has no name.
         service: String,
@@ -206,7 +206,7 @@ impl ServiceConfig {
         }
     }
 
-    /// True when every field but `backends` is equal (SPEC §5, backends-only update).
+    /// True when every field but `backends` is equal (reference §5, backends-only update).
     pub fn settings_equal(&self, other: &ServiceConfig) -> bool {
         // Struct update syntax, so that a field added later is compared too.
         let strip = |s: &ServiceConfig| ServiceConfig { backends: Vec::new(), ..s.clone() };
@@ -526,7 +526,7 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks every field rule of one service and its backends (SPEC §2).
+/// Checks every field rule of one service and its backends (reference §2).
 pub fn validate_service(service: &ServiceConfig) -> Result<(), ConfigError> {
     let at = At(&service.name, None);
     validate_name(&service.name).map_err(|p| at.err("name", p))?;

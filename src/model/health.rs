@@ -1,4 +1,4 @@
-//! Backend health (SPEC §4): the rise/fall counters that decide whether a
+//! Backend health (reference §4): the rise/fall counters that decide whether a
 //! backend is up.
 //!
 //! `Health` is pure bookkeeping; the probe that feeds it from the event loop

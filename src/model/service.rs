@@ -3,7 +3,7 @@
 //!
 //! Services and backends live in generation-checked `Slots`, so a pair that
 //! holds the key of a backend an operator has since removed or replaced finds
-//! nothing when it counts, and keeps running (SPEC §3).
+//! nothing when it counts, and keeps running (reference §3).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -87,7 +87,7 @@ pub struct Prepared {
 }
 
 /// Resolves every address of a validated config with names already looked
-/// up (SPEC §2: names resolve once, when applied, never on the loop).
+/// up (reference §2: names resolve once, when applied, never on the loop).
 pub fn prepare(config: ServiceConfig, lookups: &Lookups) -> Result<Prepared, String> {
     let addr =
         resolve_text(&config.address, lookups).map_err(|e| format!("service {:?}: address: {e}", config.name))?;
@@ -120,7 +120,7 @@ pub fn resolve_backend(
 
 /// Checks a whole prepared config, as at start-up, for what needs resolved
 /// addresses: listeners that clash, and backends that would loop to one of
-/// the listeners or to the admin API (SPEC §2).
+/// the listeners or to the admin API (reference §2).
 pub fn check_all(services: &[Prepared], admin: Option<SocketAddr>) -> Result<(), String> {
     // Listeners and loops can only clash on the same port: group by it, so a big config stays linear.
     let mut by_port: HashMap<u16, Vec<(&str, SocketAddr)>> = HashMap::new();
@@ -192,7 +192,7 @@ impl Limits {
 }
 
 /// The backends to try for one client, best first; each is tried at most once
-/// (SPEC §3). Only the first is chosen up front: the rest of the order is
+/// (reference §3). Only the first is chosen up front: the rest of the order is
 /// worked out when a connect fails, from the backends as they are then.
 #[derive(Debug)]
 pub struct Plan {
@@ -428,7 +428,7 @@ impl Services {
         let settings = self.services.get(b.service).map(|s| &s.settings);
         let fall = settings.map_or(1, |s| s.fall);
         let checked = settings.is_some_and(|s| config::seconds(s.check_interval).is_some());
-        // Only backends that checks can bring back are marked down by traffic (SPEC §4 passive health).
+        // Only backends that checks can bring back are marked down by traffic (reference §4 passive health).
         if checked && b.check_addr.is_some() {
             b.health.record_connect_failure(fall)
         } else {
@@ -465,7 +465,7 @@ impl Services {
         self.keys().filter_map(|k| self.config(k)).collect()
     }
 
-    /// A backend's stats object (SPEC §5): its config, then its state and counters.
+    /// A backend's stats object (reference §5): its config, then its state and counters.
     pub fn backend_stats(&self, key: Key) -> Option<Stats> {
         let b = self.backends.get(key)?;
         let c = &b.counters;
@@ -483,7 +483,7 @@ impl Services {
         Some(Stats::Object(fields))
     }
 
-    /// A service's stats object: its settings, summed counters and its backends' stats (SPEC §5).
+    /// A service's stats object: its settings, summed counters and its backends' stats (reference §5).
     pub fn service_stats(&self, key: Key) -> Option<Stats> {
         let s = self.services.get(key)?;
         let mut sum = Counters { errors: s.errors, ..Counters::default() };

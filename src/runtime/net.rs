@@ -94,7 +94,7 @@ pub fn connect_outcome(stream: &TcpStream, writable: bool, hint: bool) -> Connec
     }
 }
 
-/// Ends a client we have nothing for with a FIN (SPEC §3): closing a socket
+/// Ends a client we have nothing for with a FIN (reference §3): closing a socket
 /// with unread input makes Linux send RST, so what already arrived is read
 /// and dropped first (a bounded amount, never waiting), then our side is shut.
 /// The caller drops the stream afterwards.

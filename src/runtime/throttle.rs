@@ -1,6 +1,6 @@
 //! Log lines that an attacker or a storm could repeat thousands of times a
 //! second are let through at most once per period, with the count of those
-//! held back (house rule 7: bounded log rates).
+//! held back (every log rate is bounded).
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! Accepting: service listeners hand clients to new pairs, the admin listener
 //! to admin connections. Both accept in bounded batches, and both rest
-//! instead of spinning or stalling when descriptors run short (DESIGN
+//! instead of spinning or stalling when descriptors run short (design
 //! pitfall 5): a service listener also pauses before pairs would exhaust the
 //! fd limit, so clients wait in the listen queue rather than being accepted
 //! and dropped.

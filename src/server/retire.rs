@@ -1,5 +1,5 @@
 //! Closing a listener without resetting the clients in its accept queue
-//! (SPEC §3: open connections finish). Closing a listening socket resets
+//! (reference §3: open connections finish). Closing a listening socket resets
 //! every connection the kernel has queued for it, so a listener that must go
 //! (its service moved or was deleted, or shuttle is shutting down) first
 //! stops taking new connections, then accepts and serves what is queued,

@@ -13,6 +13,7 @@ mod support;
 mod admin;
 mod balance;
 mod failover;
+mod hardening;
 mod health;
 mod limits;
 mod proxy;

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-pub use backend::{blackhole, echo, named, refusing, sink, stream, Backend, Blackhole, Conn};
+pub use backend::{blackhole, echo, named, refusing, sink, stall, stream, Backend, Blackhole, Conn, Stall};
 pub use pattern::{Pattern, Sink, Source};
 pub use sha256::Sha256;
 
@@ -46,11 +46,76 @@ pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// How a shuttle child is set up before it runs.
-#[derive(Debug, Default)]
-struct Setup {
-    fd_limit: Option<u64>,
-    resolv_conf: Option<PathBuf>,
+/// How to spawn a shuttle beyond its arguments: limits and the umask, set in
+/// the child between fork and exec.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// The open-file limit (soft and hard).
+    pub fd_limit: Option<u64>,
+    /// The address-space limit in bytes (`RLIMIT_AS`), so a runaway read can't eat the machine's memory.
+    pub mem_limit: Option<u64>,
+    /// The umask the process starts with.
+    pub umask: Option<u32>,
+    /// A file bind-mounted over `/etc/resolv.conf` in a mount namespace of the
+    /// child's own, so its lookups go to a server the test runs (needs root).
+    pub resolv_conf: Option<PathBuf>,
+}
+
+/// The binary under test: this crate's `shuttle`, or the one named by
+/// `SHUTTLE_TEST_BIN` (to check that a regression test fails on an older build).
+pub fn shuttle_bin() -> PathBuf {
+    match std::env::var_os("SHUTTLE_TEST_BIN") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_shuttle")),
+    }
+}
+
+/// What a short run of the binary printed.
+#[derive(Debug)]
+pub struct Output {
+    /// How it exited.
+    pub status: ExitStatus,
+    /// Everything on stdout.
+    pub stdout: String,
+    /// Everything on stderr.
+    pub stderr: String,
+}
+
+/// Runs the binary with exactly `args` (no `-http` added), expecting it to
+/// exit by itself within [`DEADLINE`]; it is killed (and the test fails) otherwise.
+pub fn run_to_exit(args: &[&str]) -> Output {
+    let mut command = Command::new(shuttle_bin());
+    command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: only prctl, which is async-signal-safe, runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().expect("spawn the shuttle binary");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut all = Vec::new();
+            let _ = pipe.read_to_end(&mut all);
+            String::from_utf8_lossy(&all).into_owned()
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let mut status = None;
+    wait_until(DEADLINE, || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("shuttle {args:?} still running after {DEADLINE:?}");
+    };
+    Output { status, stdout: stdout.join().expect("stdout reader"), stderr: stderr.join().expect("stderr reader") }
 }
 
 /// A running shuttle process. Dropping it kills and reaps the process; if the
@@ -104,7 +169,7 @@ impl Shuttle {
         let path = write_config(dir.path(), config);
         let mut all = vec!["-config", path.to_str().expect("utf-8 temp path")];
         all.extend_from_slice(args);
-        let mut shuttle = Shuttle::spawn_with(&all, Some(fd_limit));
+        let mut shuttle = Shuttle::spawn_with(&all, Launch { fd_limit: Some(fd_limit), ..Launch::default() });
         shuttle.wait_for_line(" listening on ");
         shuttle.dir = Some(dir);
         shuttle
@@ -115,15 +180,28 @@ impl Shuttle {
     /// server the test runs (see `StubDns`). Needs root.
     pub fn start_with_resolv_conf(args: &[&str], resolv_conf: &Path) -> Shuttle {
         let shuttle =
-            Shuttle::spawn_setup(args, Setup { resolv_conf: Some(resolv_conf.to_path_buf()), ..Setup::default() });
+            Shuttle::spawn_with(args, Launch { resolv_conf: Some(resolv_conf.to_path_buf()), ..Launch::default() });
         shuttle.wait_for_line(" listening on ");
         shuttle
     }
 
     /// Like [`Shuttle::start_expect_failure`], with a private `/etc/resolv.conf`.
     pub fn start_expect_failure_with_resolv_conf(args: &[&str], resolv_conf: &Path) -> (ExitStatus, Vec<String>) {
-        let mut shuttle =
-            Shuttle::spawn_setup(args, Setup { resolv_conf: Some(resolv_conf.to_path_buf()), ..Setup::default() });
+        Shuttle::launch_expect_failure(
+            args,
+            Launch { resolv_conf: Some(resolv_conf.to_path_buf()), ..Launch::default() },
+        )
+    }
+
+    /// Spawns shuttle with `args` (plus `-http 127.0.0.1:0` unless `args` set
+    /// `-http`) as `launch` says, without waiting for anything.
+    pub fn launch(args: &[&str], launch: Launch) -> Shuttle {
+        Shuttle::spawn_with(args, launch)
+    }
+
+    /// Like [`Shuttle::start_expect_failure`], spawned as `launch` says.
+    pub fn launch_expect_failure(args: &[&str], launch: Launch) -> (ExitStatus, Vec<String>) {
+        let mut shuttle = Shuttle::spawn_with(args, launch);
         let Some(status) = shuttle.wait_exit(DEADLINE) else {
             panic!("shuttle {args:?} was expected to fail at start-up but is still running after {DEADLINE:?}");
         };
@@ -134,17 +212,15 @@ impl Shuttle {
     }
 
     fn spawn(args: &[&str]) -> Shuttle {
-        Shuttle::spawn_with(args, None)
+        Shuttle::spawn_with(args, Launch::default())
     }
 
-    fn spawn_with(args: &[&str], fd_limit: Option<u64>) -> Shuttle {
-        Shuttle::spawn_setup(args, Setup { fd_limit, ..Setup::default() })
-    }
-
-    fn spawn_setup(args: &[&str], setup: Setup) -> Shuttle {
-        let Setup { fd_limit, resolv_conf } = setup;
-        let resolv_conf = resolv_conf.map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path"));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_shuttle"));
+    fn spawn_with(args: &[&str], launch: Launch) -> Shuttle {
+        let resolv_conf = launch
+            .resolv_conf
+            .as_ref()
+            .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path"));
+        let mut command = Command::new(shuttle_bin());
         command.args(args);
         let sets_http = args.iter().any(|a| {
             let flag = a.split('=').next().unwrap_or(a);
@@ -159,19 +235,25 @@ impl Shuttle {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // SAFETY: only prctl, setrlimit, unshare and mount, which are
-        // async-signal-safe, run between fork and exec (the path was made before the fork). If the test process dies, the kernel kills the
+        // SAFETY: only prctl, setrlimit, umask, unshare and mount, which are
+        // async-signal-safe, run between fork and exec (the path was made
+        // before the fork). If the test process dies, the kernel kills the
         // child too, so no shuttle outlives a killed `cargo test`.
         unsafe {
             command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
                     return Err(io::Error::last_os_error());
                 }
-                if let Some(limit) = fd_limit {
-                    let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == -1 {
-                        return Err(io::Error::last_os_error());
+                for (resource, limit) in [(libc::RLIMIT_NOFILE, launch.fd_limit), (libc::RLIMIT_AS, launch.mem_limit)] {
+                    if let Some(limit) = limit {
+                        let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                        if libc::setrlimit(resource, &rlimit) == -1 {
+                            return Err(io::Error::last_os_error());
+                        }
                     }
+                }
+                if let Some(mask) = launch.umask {
+                    libc::umask(mask as libc::mode_t);
                 }
                 if let Some(conf) = &resolv_conf {
                     // A private mount namespace: the bind mount is seen by this child only.
@@ -226,7 +308,8 @@ impl Shuttle {
         }
     }
 
-    fn is_running(&self) -> bool {
+    /// Whether the process is still running (not exited, not a zombie).
+    pub fn is_running(&self) -> bool {
         // `try_wait` needs `&mut self`; /proc shows the same without reaping:
         // an unreaped child that has exited is a zombie (state Z).
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();

@@ -5,7 +5,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -160,6 +160,29 @@ impl Conn {
         }
     }
 
+    /// Reads and discards until the peer closes or `within` has passed: how
+    /// many bytes came first, and whether the close was a reset (else EOF).
+    pub fn drain_until_closed(&mut self, within: Duration) -> Result<(u64, bool), String> {
+        let deadline = Instant::now() + within;
+        let mut buf = vec![0; CHUNK];
+        let mut total = 0u64;
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Ok((total, false)),
+                Ok(n) => total += n as u64,
+                Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted) => {
+                    return Ok((total, true))
+                }
+                Err(e) if waiting(&e) => {
+                    if Instant::now() >= deadline {
+                        return Err(format!("still open after {within:?} and {total} bytes"));
+                    }
+                }
+                Err(e) => return Err(format!("read failed after {total} bytes: {e}")),
+            }
+        }
+    }
+
     /// Sends FIN; the read side stays open.
     pub fn shutdown_write(&self) -> io::Result<()> {
         self.stream.shutdown(Shutdown::Write)
@@ -231,6 +254,53 @@ pub fn stream(seed: u64, total: u64) -> Backend {
             let _ = conn.read_to_end();
         }
     })
+}
+
+/// A backend that accepts and then never reads: each connection is held,
+/// untouched, until the test takes it ([`Stall::take`]) or the backend is dropped.
+#[derive(Debug)]
+pub struct Stall {
+    backend: Backend,
+    held: Arc<Mutex<Vec<Conn>>>,
+}
+
+impl Stall {
+    /// The backend's listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.backend.addr()
+    }
+
+    /// The address as a config string.
+    pub fn address(&self) -> String {
+        self.backend.address()
+    }
+
+    /// Waits up to `within` until `n` connections are held and takes them, in accept order.
+    pub fn take(&self, n: usize, within: Duration) -> Option<Vec<Conn>> {
+        let deadline = Instant::now() + within;
+        loop {
+            {
+                let mut held = self.held.lock().expect("held connections");
+                if held.len() >= n {
+                    return Some(held.drain(..n).collect());
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Accepts and holds every connection without reading a byte.
+pub fn stall() -> Stall {
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let backend = {
+        let held = held.clone();
+        Backend::spawn(move |conn| held.lock().expect("held connections").push(conn))
+    };
+    Stall { backend, held }
 }
 
 /// An address nothing listens on: connects are refused. The port stays bound
