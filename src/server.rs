@@ -449,6 +449,8 @@ impl Server {
                 SIGTERM | SIGINT => self.begin_drain(now),
                 // A closing ssh session or a log rotator must not kill every connection.
                 SIGHUP => info!("SIGHUP received: reloading is not supported yet; shuttle keeps running unchanged"),
+                SIGUSR1 => info!("SIGUSR1 received and ignored; shuttle keeps running"),
+                SIGUSR2 => info!("SIGUSR2 received and ignored; shuttle keeps running"),
                 other => info!("signal {other} received and ignored; shuttle keeps running"),
             }
         }

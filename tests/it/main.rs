@@ -17,6 +17,7 @@ mod hardening;
 mod health;
 mod limits;
 mod proxy;
+mod readme;
 mod regressions;
 mod shutdown;
 mod stalls;
