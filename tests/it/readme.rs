@@ -214,7 +214,7 @@ fn readme_examples_run_as_written() {
 
     let progress = fs::read_to_string(dir.path().join("progress")).unwrap_or_default();
     let log = fs::read_to_string(dir.path().join("log")).unwrap_or_default();
-    let last = progress.lines().filter_map(|l| l.strip_prefix("@@ ")).last().unwrap_or("nothing");
+    let last = progress.lines().filter_map(|l| l.strip_prefix("@@ ")).next_back().unwrap_or("nothing");
     let Some(status) = status else {
         panic!(
             "the README walk-through did not finish within {DEADLINE:?}; it was at README.md:{last}; its log:\n{log}"
