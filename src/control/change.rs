@@ -5,9 +5,11 @@
 //! answer).
 //!
 //! ```text
-//! waiting ──▶ draft ──▶ Resolving ──▶ prepare ──▶ Saving ──▶ commit ──▶ 200
+//! waiting ──▶ draft ──▶ Resolving ──▶ prepare ──▶ Saving ──▶ commit ──▶ Applying ──▶ 200
 //!               │ 4xx        │ 400 (deadline)│ 4xx      │ 500
 //! ```
+//!
+//! `Applying` lasts until every worker loop has the change (at once with one loop).
 //!
 //! Once a save has started, the change is applied whatever happens to the
 //! client that asked for it: the file and the running config must agree.
@@ -43,6 +45,8 @@ enum Current {
     Resolving { conn: Key, job: u64, deadline: Instant, draft: Draft, names: Vec<String> },
     /// The state file is being written; once it is, the change is applied.
     Saving { conn: Key, job: u64, ready: Ready },
+    /// Applied here; the answer waits until every worker loop has it too.
+    Applying { conn: Key, response: Response },
 }
 
 /// The queue of admin changes and the one in flight.
@@ -86,7 +90,14 @@ impl Changes {
             }
             (Answer::Done { job, result }, Some(Current::Saving { conn, job: expected, ready })) if job == expected => {
                 let response = match result {
-                    Ok(()) => api::commit(plane, ready, now),
+                    Ok(()) => {
+                        let response = api::commit(plane, ready, now);
+                        if !plane.settled() {
+                            self.current = Some(Current::Applying { conn, response });
+                            return replies;
+                        }
+                        response
+                    }
                     Err(e) => {
                         api::abandon(plane, ready);
                         let path = self.state.as_ref().map(|(s, _)| s.path().display().to_string()).unwrap_or_default();
@@ -101,6 +112,19 @@ impl Changes {
             (answer, current) => {
                 debug!("admin: dropping a late helper answer: {answer:?}");
                 self.current = current;
+            }
+        }
+        self.pump(plane, now, &mut replies);
+        replies
+    }
+
+    /// A worker loop acknowledged a change (or stopped): the change applying
+    /// may be everywhere now.
+    pub fn on_settled(&mut self, plane: &mut impl Plane, now: Instant) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        if matches!(self.current, Some(Current::Applying { .. })) && plane.settled() {
+            if let Some(Current::Applying { conn, response }) = self.current.take() {
+                replies.push(Reply { conn, response });
             }
         }
         self.pump(plane, now, &mut replies);
@@ -142,7 +166,7 @@ impl Changes {
 
     /// Whether a change is still to be answered (the drain waits for a save in flight).
     pub fn is_saving(&self) -> bool {
-        matches!(self.current, Some(Current::Saving { .. }))
+        matches!(self.current, Some(Current::Saving { .. } | Current::Applying { .. }))
     }
 
     /// Whether a change waits although none is in flight (its predecessor's
@@ -197,7 +221,12 @@ impl Changes {
             Err(e) => return Some(Reply { conn, response: e.into_response() }),
         };
         let Some((state, worker)) = &self.state else {
-            return Some(Reply { conn, response: api::commit(plane, ready, now) });
+            let response = api::commit(plane, ready, now);
+            if !plane.settled() {
+                self.current = Some(Current::Applying { conn, response });
+                return None;
+            }
+            return Some(Reply { conn, response });
         };
         let job = self.next_job;
         self.next_job += 1;

@@ -108,8 +108,8 @@ impl Server {
     ) -> Result<(), io::Error> {
         let plan = self.services.plan(service);
         if plan.is_empty() {
-            if let Some(s) = self.services.service_mut(service) {
-                s.errors += 1;
+            if let Some(s) = self.services.service(service) {
+                s.errors.add(1);
                 debug!("{}: {peer}: closed at once (no backend available)", s.settings.name);
             }
             net::close_gently(&stream);
@@ -127,8 +127,8 @@ impl Server {
             }
             Err(Fault::Local(e)) => {
                 debug!("{name}: {peer}: closing: {e}");
-                if let Some(s) = self.services.service_mut(service) {
-                    s.errors += 1;
+                if let Some(s) = self.services.service(service) {
+                    s.errors.add(1);
                 }
                 Err(e)
             }

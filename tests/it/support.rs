@@ -70,6 +70,13 @@ pub fn shuttle_bin() -> PathBuf {
     }
 }
 
+/// How many worker loops every shuttle the tests start runs, from
+/// `SHUTTLE_TEST_WORKERS` (default 1), unless a test passes `-workers` itself.
+/// CI runs the whole suite with 1 and with 2.
+pub fn test_workers() -> usize {
+    std::env::var("SHUTTLE_TEST_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
+}
+
 /// What a short run of the binary printed.
 #[derive(Debug)]
 pub struct Output {
@@ -228,6 +235,10 @@ impl Shuttle {
         });
         if !sets_http {
             command.args(["-http", "127.0.0.1:0"]);
+        }
+        let sets_workers = args.iter().any(|a| a.trim_start_matches('-').split('=').next() == Some("workers"));
+        if !sets_workers && test_workers() > 1 {
+            command.args(["-workers".to_string(), test_workers().to_string()]);
         }
         command
             .env("RUST_LOG", "info")
