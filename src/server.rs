@@ -32,8 +32,8 @@ pub mod workers;
 
 use crate::context::Cx;
 use crate::control::access::Access;
-use crate::control::api;
 use crate::control::admin::{AdminAddr, AdminConn, AdminListener};
+use crate::control::api;
 use crate::control::change::Changes;
 use crate::control::probe::Probe;
 use crate::control::state::StateFile;
@@ -215,7 +215,13 @@ pub struct Server {
     draining: Option<Instant>,
     /// Why a worker loop failed, once one did: the process then drains and exits 1.
     failed: Option<String>,
+    /// Fault injection for the tests of a dying worker (see [`FAULT_ENV`]).
+    pub(crate) panic_on_accept: bool,
 }
+
+/// `SHUTTLE_TEST_WORKER_PANIC=I` makes worker loop I panic at its first
+/// accept: the only way a black-box test can see what a worker's death does.
+pub const FAULT_ENV: &str = "SHUTTLE_TEST_WORKER_PANIC";
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -267,8 +273,11 @@ impl Server {
         for prepared in services {
             let name = prepared.config.name.clone();
             let addr = prepared.addr;
-            let staged = api::Plane::stage_listener(&mut server, addr)
-                .map_err(|source| StartupError::Listen { service: name, addr, source })?;
+            let staged = api::Plane::stage_listener(&mut server, addr).map_err(|source| StartupError::Listen {
+                service: name,
+                addr,
+                source,
+            })?;
             api::Plane::add_service(&mut server, prepared, staged, now);
         }
         let registry = server.poll.registry();
@@ -306,6 +315,7 @@ impl Server {
             paused: Vec::new(),
             draining: None,
             failed: None,
+            panic_on_accept: false,
         }
     }
 
@@ -321,6 +331,7 @@ impl Server {
         let role = Role::Worker { index, orders, control };
         let mut server = Server::bare(poll, role, fd_limit, grace, Access::new(&[], None, false));
         server.fds = FdBudget::for_worker(fd_limit);
+        server.panic_on_accept = std::env::var(FAULT_ENV).is_ok_and(|v| v == index.to_string());
         server
     }
 
@@ -642,7 +653,11 @@ impl Server {
                 log::debug!("worker {index} shutting down: {pairs} open {them} up to {:?}", self.grace)
             }
             (_, Some(workers)) => {
-                info!("shutting down: listeners closed, the open connections of {} workers get up to {:?}", workers.len(), self.grace);
+                info!(
+                    "shutting down: listeners closed, the open connections of {} workers get up to {:?}",
+                    workers.len(),
+                    self.grace
+                );
                 workers.drain();
             }
             _ => info!("shutting down: listeners closed, {pairs} open {them} up to {:?}", self.grace),

@@ -250,3 +250,78 @@ impl Changes {
         job
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::control::api::Staged;
+    use crate::control::http::Caller;
+    use crate::model::config::{BackendConfig, ServiceConfig};
+    use crate::model::service::{self, Prepared, Services};
+    use crate::runtime::helpers::Inbox;
+    use crate::runtime::key::Slots;
+
+    /// A plane whose workers acknowledge only when told to.
+    struct Fake {
+        services: Services,
+        unacknowledged: bool,
+    }
+
+    impl Plane for Fake {
+        fn services(&self) -> &Services {
+            &self.services
+        }
+        fn bound(&self) -> Vec<(Option<Key>, SocketAddr)> {
+            Vec::new()
+        }
+        fn admin_addr(&self) -> Option<SocketAddr> {
+            None
+        }
+        fn stage_listener(&mut self, _: SocketAddr) -> io::Result<Staged> {
+            Err(io::Error::other("not in this test"))
+        }
+        fn unstage(&mut self, _: Staged) {}
+        fn add_service(&mut self, _: Prepared, _: Staged, _: Instant) {}
+        fn replace_service(&mut self, _: Key, _: Prepared, _: Option<Staged>, _: Instant) {}
+        fn set_backends(&mut self, key: Key, prepared: Prepared, _: Instant) {
+            self.services.set_backends(key, prepared.config.backends, prepared.backend_addrs);
+            self.unacknowledged = true;
+        }
+        fn remove_service(&mut self, _: Key, _: Instant) {}
+        fn settled(&self) -> bool {
+            !self.unacknowledged
+        }
+    }
+
+    #[test]
+    fn a_change_is_answered_only_once_every_worker_has_it() {
+        let mut services = Services::default();
+        let mut config = ServiceConfig::new("web", "127.0.0.1:8080");
+        config.backends.push(BackendConfig::new("a", "127.0.0.1:9001"));
+        services.insert(service::prepare(config, &Lookups::new()).unwrap());
+        let mut plane = Fake { services, unacknowledged: false };
+        let outbox = Inbox::<Answer>::new(mio::Poll::new().unwrap().registry(), mio::Token(1)).unwrap().outbox();
+        let mut changes = Changes::new(Resolver::new(outbox), None);
+        let request = Request {
+            method: "PUT".into(),
+            path: "/web/b".into(),
+            query: None,
+            body: br#"{"address": "127.0.0.1:9002"}"#.to_vec(),
+            keep_alive: true,
+            from: Caller::default(),
+        };
+        let now = Instant::now();
+        let conn = Slots::<()>::new().insert(());
+        assert!(changes.submit(&mut plane, conn, request, now).is_empty(), "applied here, not yet everywhere");
+        assert!(changes.is_saving(), "a drain waits for it");
+        assert!(changes.on_settled(&mut plane, now).is_empty(), "still not acknowledged");
+        plane.unacknowledged = false;
+        let replies = changes.on_settled(&mut plane, now);
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].response.status, 200);
+        assert!(!changes.is_saving());
+    }
+}

@@ -431,7 +431,13 @@ impl Pair {
         };
         let connected = self.connect_ms.map_or_else(String::new, |ms| format!("{failed}connected in {ms} ms, "));
         let how = self.ended.as_ref().map_or_else(|| "both sides closed".to_string(), Fault::to_string);
-        format!("{service}: {}{to}: {connected}closed after {lasted} ms ({how}), {sent} bytes sent, {received} bytes received", self.peer)
+        // With several worker loops, which one served it (their threads are named for them).
+        let thread = std::thread::current();
+        let worker = thread
+            .name()
+            .and_then(|n| n.strip_prefix("shuttle-worker-"))
+            .map_or_else(String::new, |i| format!(", worker {i}"));
+        format!("{service}: {}{to}: {connected}closed after {lasted} ms ({how}), {sent} bytes sent, {received} bytes received{worker}", self.peer)
     }
 
     /// Takes this pair off its backend's `active` count.

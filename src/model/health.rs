@@ -219,7 +219,9 @@ mod tests {
     #[test]
     fn the_word_holds_every_state_a_run_reaches() {
         let mut h = Health::default();
-        for (passed, rise, fall) in [(false, 3, 4), (false, 3, 4), (false, 3, 4), (false, 3, 4), (true, 3, 4), (true, 3, 4)] {
+        for (passed, rise, fall) in
+            [(false, 3, 4), (false, 3, 4), (false, 3, 4), (false, 3, 4), (true, 3, 4), (true, 3, 4)]
+        {
             h.record_check(passed, rise, fall);
             assert_eq!(Health::from_bits(h.to_bits()), h);
         }

@@ -328,14 +328,7 @@ impl Services {
                     new_keys.push(k);
                 }
                 None => {
-                    let b = Backend {
-                        config,
-                        service: key,
-                        addr,
-                        check_addr,
-                        state: Arc::default(),
-                        probe: None,
-                    };
+                    let b = Backend { config, service: key, addr, check_addr, state: Arc::default(), probe: None };
                     let k = self.backends.insert(b);
                     changes.added.push(k);
                     new_keys.push(k);

@@ -51,6 +51,9 @@ impl Server {
         let Some(service) = listener.service else { return false };
         match listener.socket.accept() {
             Ok((stream, peer)) => {
+                if self.panic_on_accept {
+                    panic!("{} asked this worker to fail", super::FAULT_ENV);
+                }
                 if let Err(shortage) = self.start_pair(service, stream, peer, now) {
                     self.pause(key, &shortage, now);
                     return false;

@@ -96,7 +96,11 @@ impl Plane for Server {
         };
         self.reconcile_probes(key, now);
         let shared = self.services.shared(key);
-        let ops = sockets.into_iter().map(|socket| Op::Replace { prepared: prepared.clone(), socket, shared: shared.clone() });
+        let ops = sockets.into_iter().map(|socket| Op::Replace {
+            prepared: prepared.clone(),
+            socket,
+            shared: shared.clone(),
+        });
         self.send(ops.collect());
     }
 

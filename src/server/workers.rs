@@ -41,8 +41,8 @@ pub enum Order {
     Apply {
         /// The change's number; they come in order.
         generation: u64,
-        /// The change.
-        op: Op,
+        /// The change (boxed: orders are rare, and a `Prepared` is big).
+        op: Box<Op>,
     },
     /// SIGTERM: stop accepting, let open connections finish, exit.
     Drain,
@@ -149,7 +149,7 @@ impl Workers {
     pub fn send(&mut self, ops: Vec<Op>) {
         self.generation += 1;
         for (link, op) in self.links.iter_mut().zip(ops) {
-            if !link.exited && !link.orders.post(Order::Apply { generation: self.generation, op }) {
+            if !link.exited && !link.orders.post(Order::Apply { generation: self.generation, op: Box::new(op) }) {
                 link.exited = true;
             }
         }
@@ -281,7 +281,7 @@ impl Server {
             let Some(order) = orders.next() else { return };
             match order {
                 Order::Apply { generation, op } => {
-                    self.apply_op(op, now);
+                    self.apply_op(*op, now);
                     if let Role::Worker { index, control, .. } = &self.role {
                         let _ = control.post(Answer::Applied { worker: *index, generation });
                     }

@@ -46,7 +46,10 @@ fn fd_exhaustion_pauses_accepts_without_spinning_and_recovers() {
     assert!(used <= 30, "shuttle burnt {used} ticks of CPU in one second while out of descriptors");
     let pauses = shuttle.stderr_lines().iter().filter(|l| l.contains("pausing accepts")).count();
     // Each worker loop has its own share of the descriptors, and says so once.
-    assert!((1..=test_workers()).contains(&pauses), "one exhaustion episode is logged once per loop, got {pauses} lines");
+    assert!(
+        (1..=test_workers()).contains(&pauses),
+        "one exhaustion episode is logged once per loop, got {pauses} lines"
+    );
 
     // Closing the others frees descriptors: the last queued clients get served.
     let mut last: Vec<TcpStream> = clients.split_off(clients.len() - 5);

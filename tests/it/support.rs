@@ -59,6 +59,8 @@ pub struct Launch {
     /// A file bind-mounted over `/etc/resolv.conf` in a mount namespace of the
     /// child's own, so its lookups go to a server the test runs (needs root).
     pub resolv_conf: Option<PathBuf>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 /// The binary under test: this crate's `shuttle`, or the one named by
@@ -243,6 +245,7 @@ impl Shuttle {
         command
             .env("RUST_LOG", "info")
             .env("RUST_LOG_STYLE", "never")
+            .envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
