@@ -270,7 +270,8 @@ impl Server {
             self.remove_entry(old);
         }
         let name = self.services.service(service).map_or("?", |s| s.settings.name.as_str());
-        info!("service {name} listening on {} ({} workers)", staged.local, sockets.len());
+        // The same line as with one loop: tools read the address at its end.
+        info!("service {name} listening on {}", staged.local);
         sockets.into_iter().map(Some).collect()
     }
 
