@@ -435,7 +435,7 @@ impl Pair {
         let thread = std::thread::current();
         let worker = thread
             .name()
-            .and_then(|n| n.strip_prefix("shuttle-worker-"))
+            .and_then(|n| n.strip_prefix("shuttle-w"))
             .map_or_else(String::new, |i| format!(", worker {i}"));
         format!("{service}: {}{to}: {connected}closed after {lasted} ms ({how}), {sent} bytes sent, {received} bytes received{worker}", self.peer)
     }

@@ -127,8 +127,9 @@ impl Workers {
             let orders = inbox.outbox();
             let control = control.clone();
             let cpu = (!cpus.is_empty()).then(|| cpus[index % cpus.len()]);
+            // `top -H` and `ps -L` show 15 bytes of a thread's name: keep the number in them.
             let thread = thread::Builder::new()
-                .name(format!("shuttle-worker-{index}"))
+                .name(format!("shuttle-w{index}"))
                 .spawn(move || run_worker(index, poll, inbox, control, fd_limit, grace, cpu))?;
             links.push(Link { orders, applied: 0, exited: false, thread: Some(thread) });
         }

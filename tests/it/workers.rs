@@ -362,3 +362,64 @@ fn a_worker_that_dies_takes_the_process_down_gently_with_status_1() {
     let status = shuttle.wait_exit(DEADLINE).expect("the process exits after a worker died");
     assert_eq!(status.code(), Some(1), "{status}");
 }
+
+/// The names and allowed CPUs of `pid`'s worker threads, by worker number.
+fn worker_threads(pid: i32) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks").flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
+        if comm.strip_prefix("shuttle-w").and_then(|i| i.parse::<usize>().ok()).is_none() {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let cpus = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or("").trim().to_string();
+        found.push((comm, cpus));
+    }
+    found.sort_by_key(|(name, _)| name.trim_start_matches("shuttle-w").parse::<usize>().unwrap_or(usize::MAX));
+    found
+}
+
+/// The CPUs this test process may run on, as the kernel lists them.
+fn allowed_cpus() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or("").trim().to_string()
+}
+
+#[test]
+fn auto_runs_one_worker_per_allowed_cpu_and_pin_gives_each_its_own() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shuttle = Shuttle::start(&["-workers", "auto"]);
+    let threads = worker_threads(shuttle.pid());
+    if cpus > 1 {
+        assert_eq!(threads.len(), cpus, "auto: one worker per allowed CPU: {threads:?}");
+        assert!(threads.iter().all(|(_, allowed)| *allowed == allowed_cpus()), "unpinned: {threads:?}");
+    } else {
+        assert!(threads.is_empty(), "one CPU: one loop does everything: {threads:?}");
+    }
+    drop(shuttle);
+
+    let shuttle = Shuttle::start(&["-workers", "3", "-pin"]);
+    let threads = worker_threads(shuttle.pid());
+    assert_eq!(threads.len(), 3, "{threads:?}");
+    for (name, allowed) in &threads {
+        assert!(allowed.parse::<usize>().is_ok(), "{name} is pinned to one CPU, got {allowed:?}");
+    }
+    if cpus > 1 {
+        assert_ne!(threads[0].1, threads[1].1, "workers 0 and 1 share a CPU: {threads:?}");
+    }
+    let web_less = get(shuttle.admin_addr(), "/").expect(200).json();
+    assert_eq!(web_less, json!([]));
+}
+
+#[test]
+fn bad_worker_counts_are_refused_with_the_flag_named() {
+    for bad in ["0", "257", "many"] {
+        let out = crate::support::run_to_exit(&["-workers", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {out:?}");
+        assert!(
+            out.stderr.starts_with("shuttle: -workers: expected a number of workers from 1 to 256, or auto"),
+            "{}",
+            out.stderr
+        );
+    }
+}
