@@ -146,10 +146,15 @@ impl Workers {
         self.links.is_empty()
     }
 
-    /// Sends worker i the change `ops[i]`.
+    /// Sends worker i the change `ops[i]`; a worker without one has nothing to apply.
     pub fn send(&mut self, ops: Vec<Op>) {
         self.generation += 1;
-        for (link, op) in self.links.iter_mut().zip(ops) {
+        let mut ops = ops.into_iter();
+        for link in &mut self.links {
+            let Some(op) = ops.next() else {
+                link.applied = self.generation;
+                continue;
+            };
             if !link.exited && !link.orders.post(Order::Apply { generation: self.generation, op: Box::new(op) }) {
                 link.exited = true;
             }
