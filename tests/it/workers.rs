@@ -423,3 +423,27 @@ fn bad_worker_counts_are_refused_with_the_flag_named() {
         );
     }
 }
+
+#[test]
+fn round_robin_is_one_sequence_over_the_workers() {
+    let backends: Vec<_> = ["b0", "b1", "b2"].iter().map(|tag| named(tag)).collect();
+    let list = backends
+        .iter()
+        .zip([1, 2, 3])
+        .enumerate()
+        .map(|(i, (b, weight))| json!({"name": format!("b{i}"), "address": b.address(), "weight": weight}))
+        .collect();
+    let shuttle = Shuttle::start_with_config(&json!([service("web", list)]), TWO);
+    let web = shuttle.service_addr("web");
+    // One client after another, each landing on whichever worker the kernel
+    // picks: the weights hold in a row over the process, as with one loop.
+    let got: Vec<String> = (0..60).map(|_| reached(web)).collect();
+    let round = ["b0", "b1", "b1", "b2", "b2", "b2"];
+    let expected: Vec<String> = round.iter().cycle().take(60).map(|s| s.to_string()).collect();
+    assert_eq!(got, expected);
+    let by = served_by(&shuttle, "web");
+    assert!(
+        wait_until(DEADLINE, || served_by(&shuttle, "web").iter().all(|&n| n > 0)),
+        "both workers must have taken some: {by:?}"
+    );
+}
