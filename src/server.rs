@@ -217,7 +217,13 @@ pub struct Server {
     failed: Option<String>,
     /// Fault injection for the tests of a dying worker (see [`FAULT_ENV`]).
     pub(crate) panic_on_accept: bool,
+    /// Fault injection for the tests of a stuck worker (see [`HANG_ENV`]).
+    pub(crate) hang_on_accept: bool,
 }
+
+/// `SHUTTLE_TEST_WORKER_HANG=I` makes worker loop I stop turning at its first
+/// accept, as a bug spinning forever would.
+pub const HANG_ENV: &str = "SHUTTLE_TEST_WORKER_HANG";
 
 /// `SHUTTLE_TEST_WORKER_PANIC=I` makes worker loop I panic at its first
 /// accept: the only way a black-box test can see what a worker's death does.
@@ -316,6 +322,7 @@ impl Server {
             draining: None,
             failed: None,
             panic_on_accept: false,
+            hang_on_accept: false,
         }
     }
 
@@ -332,6 +339,7 @@ impl Server {
         let mut server = Server::bare(poll, role, fd_limit, grace, Access::new(&[], None, false));
         server.fds = FdBudget::for_worker(fd_limit);
         server.panic_on_accept = std::env::var(FAULT_ENV).is_ok_and(|v| v == index.to_string());
+        server.hang_on_accept = std::env::var(HANG_ENV).is_ok_and(|v| v == index.to_string());
         server
     }
 
@@ -471,7 +479,9 @@ impl Server {
             let now = Instant::now();
             let timeout = if self.ready.is_empty() {
                 let changes = self.changes.as_ref().and_then(Changes::deadline);
-                let deadline = [self.timers.next_deadline(), self.draining, changes].into_iter().flatten().min();
+                let watchdog = self.workers().map(workers::Workers::next_ping);
+                let deadline =
+                    [self.timers.next_deadline(), self.draining, changes, watchdog].into_iter().flatten().min();
                 deadline.map(|d| d.saturating_duration_since(now))
             } else {
                 Some(Duration::ZERO)
@@ -489,6 +499,14 @@ impl Server {
                 self.on_timer(key, now);
             }
             self.on_change_deadline(now);
+            if let Some(stuck) = self.workers_mut().and_then(|w| w.watch(now)) {
+                let why = format!(
+                    "worker {stuck} has not answered for {:?}: its loop is stuck; exiting at once, for a supervisor to restart shuttle",
+                    workers::STUCK_AFTER
+                );
+                log::error!("{why}");
+                return Err(io::Error::other(why));
+            }
             self.start_waiting_probes(now);
             for _ in 0..self.ready.len() {
                 let Some(key) = self.ready.pop_front() else { break };

@@ -49,6 +49,13 @@ pub enum Answer {
         /// The last change it applied.
         generation: u64,
     },
+    /// Worker loop `worker` answered the watchdog's ping `seq`.
+    Alive {
+        /// The worker's index.
+        worker: usize,
+        /// The ping's number.
+        seq: u64,
+    },
     /// Worker loop `worker` has stopped: drained, or `failed` with why.
     Exited {
         /// The worker's index.

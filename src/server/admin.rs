@@ -98,6 +98,12 @@ impl Server {
                     }
                     self.with_changes(|changes, server| changes.on_settled(server, now))
                 }
+                Answer::Alive { worker, seq } => {
+                    if let Some(workers) = self.workers_mut() {
+                        workers.alive(worker, seq);
+                    }
+                    Vec::new()
+                }
                 Answer::Exited { worker, failed } => {
                     if let Some(workers) = self.workers_mut() {
                         workers.exited(worker);

@@ -16,6 +16,11 @@
 //! sockets close. The control loop then logs why, drains the others and
 //! exits with status 1, for the supervisor to restart shuttle: a process
 //! running with a part of its workers missing would look healthy and not be.
+//! A worker whose loop is stuck (a bug spinning in one call) would keep its
+//! listener and leave the connections queued there unanswered: the control
+//! loop's watchdog pings every worker each second, and one silent for
+//! [`STUCK_AFTER`] makes the process exit 1 at once (a stuck thread can't be
+//! drained or stopped).
 
 use std::io;
 use std::net::SocketAddr;
@@ -46,6 +51,8 @@ pub enum Order {
     },
     /// SIGTERM: stop accepting, let open connections finish, exit.
     Drain,
+    /// The watchdog asks: answer [`Answer::Alive`] with this number.
+    Ping(u64),
 }
 
 /// A change as a worker applies it to its copy of the services. Services are
@@ -90,6 +97,8 @@ struct Link {
     orders: Outbox<Order>,
     /// The last change it acknowledged.
     applied: u64,
+    /// The watchdog's unanswered ping: its number and when it was sent.
+    ping: Option<(u64, Instant)>,
     exited: bool,
     thread: Option<JoinHandle<()>>,
 }
@@ -100,7 +109,18 @@ pub struct Workers {
     links: Vec<Link>,
     /// The last change sent.
     generation: u64,
+    /// When the watchdog pings next.
+    next_ping: Instant,
+    /// Pings sent so far.
+    pings: u64,
 }
+
+/// How often the watchdog asks every worker whether its loop still turns.
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// A worker that leaves a ping unanswered this long is stuck. A turning loop
+/// answers within one pass, and every pass is bounded by its budgets (a few
+/// milliseconds), so this is far from anything a busy worker could reach.
+pub const STUCK_AFTER: Duration = Duration::from_secs(5);
 
 /// The listeners of one service, one per worker, while the control loop
 /// holds them (staged for a change not yet committed); afterwards only the
@@ -131,9 +151,9 @@ impl Workers {
             let thread = thread::Builder::new()
                 .name(format!("shuttle-w{index}"))
                 .spawn(move || run_worker(index, poll, inbox, control, fd_limit, grace, cpu))?;
-            links.push(Link { orders, applied: 0, exited: false, thread: Some(thread) });
+            links.push(Link { orders, applied: 0, ping: None, exited: false, thread: Some(thread) });
         }
-        Ok(Workers { links, generation: 0 })
+        Ok(Workers { links, generation: 0, next_ping: Instant::now() + PING_EVERY, pings: 0 })
     }
 
     /// How many worker loops there are.
@@ -188,6 +208,49 @@ impl Workers {
                 let _ = thread.join();
             }
         }
+    }
+
+    /// Worker `worker` answered ping `seq`.
+    pub fn alive(&mut self, worker: usize, seq: u64) {
+        if let Some(link) = self.links.get_mut(worker) {
+            if link.ping.is_some_and(|(sent, _)| sent == seq) {
+                link.ping = None;
+            }
+        }
+    }
+
+    /// When [`Workers::watch`] must run next.
+    pub fn next_ping(&self) -> Instant {
+        self.next_ping
+    }
+
+    /// The watchdog: pings every running worker once a second and returns
+    /// the first that has left a ping unanswered for [`STUCK_AFTER`].
+    pub fn watch(&mut self, now: Instant) -> Option<usize> {
+        if now < self.next_ping {
+            return None;
+        }
+        // Late by more than a period: this loop itself did not run (the process
+        // was stopped, the machine suspended). The workers did not either, so
+        // their silence says nothing yet: give every ping a fresh start.
+        if now.saturating_duration_since(self.next_ping) > PING_EVERY {
+            for (_, sent) in self.links.iter_mut().filter_map(|l| l.ping.as_mut()) {
+                *sent = now;
+            }
+        }
+        self.next_ping = now + PING_EVERY;
+        for (index, link) in self.links.iter_mut().enumerate().filter(|(_, l)| !l.exited) {
+            match link.ping {
+                Some((_, sent)) if now.saturating_duration_since(sent) >= STUCK_AFTER => return Some(index),
+                Some(_) => {}
+                None => {
+                    self.pings += 1;
+                    link.ping = Some((self.pings, now));
+                    let _ = link.orders.post(Order::Ping(self.pings));
+                }
+            }
+        }
+        None
     }
 
     /// Whether every worker has stopped.
@@ -294,6 +357,11 @@ impl Server {
                     }
                 }
                 Order::Drain => self.begin_drain(now),
+                Order::Ping(seq) => {
+                    if let Role::Worker { index, control, .. } = &self.role {
+                        let _ = control.post(Answer::Alive { worker: *index, seq });
+                    }
+                }
             }
         }
     }

@@ -447,3 +447,46 @@ fn round_robin_is_one_sequence_over_the_workers() {
         "both workers must have taken some: {by:?}"
     );
 }
+
+#[test]
+fn a_stuck_worker_is_found_by_the_watchdog_and_the_process_exits_1() {
+    let up = echo();
+    let config = json!([service("web", vec![backend("b", up.address())])]);
+    let dir = crate::support::tempdir();
+    let path = crate::support::write_config(dir.path(), &config);
+    let launch = Launch { env: vec![("SHUTTLE_TEST_WORKER_HANG".into(), "0".into())], ..Launch::default() };
+    let mut shuttle = Shuttle::launch(&["-config", path.to_str().expect("path"), "-workers", "2"], launch);
+    let web = shuttle.service_addr("web");
+    // Until a client lands on worker 0, which then stops turning.
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    while started.elapsed() < Duration::from_secs(2) {
+        if let Ok(client) = try_connect(web) {
+            clients.push(client);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let status = shuttle.wait_exit(Duration::from_secs(15)).expect("the watchdog ends a process with a stuck worker");
+    assert_eq!(status.code(), Some(1), "{status}");
+    let lines = shuttle.stderr_lines();
+    assert!(lines.iter().any(|l| l.contains("worker 0 has not answered") && l.contains("stuck")), "{lines:?}");
+}
+
+#[test]
+fn a_stopped_and_continued_process_is_not_taken_for_stuck() {
+    let up = echo();
+    let config = json!([service("web", vec![backend("b", up.address())])]);
+    let shuttle = Shuttle::start_with_config(&config, &["-workers", "2"]);
+    let web = shuttle.service_addr("web");
+    // Longer than the watchdog's limit: every thread stood still, none was stuck.
+    shuttle.signal(libc::SIGSTOP);
+    thread::sleep(Duration::from_secs(7));
+    shuttle.signal(libc::SIGCONT);
+    thread::sleep(Duration::from_secs(3));
+    assert!(shuttle.is_running(), "{:?}", shuttle.stderr_lines());
+    for i in 0..10 {
+        let mut client = connect(web);
+        round_trip(&mut client, format!("after SIGCONT {i}").as_bytes());
+    }
+    assert!(!shuttle.stderr_lines().iter().any(|l| l.contains("stuck")));
+}
