@@ -54,8 +54,11 @@ impl Server {
                 if self.panic_on_accept {
                     panic!("{} asked this worker to fail", super::FAULT_ENV);
                 }
-                while self.hang_on_accept {
-                    std::thread::sleep(std::time::Duration::from_secs(1));
+                if self.hang_on_accept {
+                    // What a bug spinning forever looks like from outside.
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                    }
                 }
                 if let Err(shortage) = self.start_pair(service, stream, peer, now) {
                     self.pause(key, &shortage, now);
