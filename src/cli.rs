@@ -12,7 +12,8 @@ pub const USAGE: &str = "\
 shuttle: a TCP proxy and load balancer, reconfigured live over HTTP/JSON
 
 usage: shuttle [-config FILE] [-state FILE] [-http ADDR] [-http-mode MODE]
-               [-admin-host NAME] [-admin-token-file FILE] [-grace SECONDS] [-debug]
+               [-admin-host NAME] [-admin-token-file FILE] [-grace SECONDS]
+               [-workers N|auto] [-pin] [-debug]
 
   -config FILE            default config (a JSON list of services); never written
   -state FILE             live config: loaded at start if it exists, written after every change
@@ -22,6 +23,9 @@ usage: shuttle [-config FILE] [-state FILE] [-http ADDR] [-http-mode MODE]
                           localhost; repeat it, or separate names with commas
   -admin-token-file FILE  require `Authorization: Bearer TOKEN`, TOKEN being the file's first line
   -grace SECONDS          how long open connections may finish after SIGTERM (default 10)
+  -workers N|auto         event loops that proxy, one thread each (default 1: one loop does
+                          everything); auto: one per CPU this process may run on
+  -pin                    pin worker i to the i-th CPU this process may run on
   -debug                  log at debug level, one line per connection (otherwise RUST_LOG
                           rules, default info); -debug=false turns it off
   -h, -help               print this help
@@ -47,9 +51,25 @@ pub struct Flags {
     pub token_file: Option<PathBuf>,
     /// `-grace`.
     pub grace: Duration,
+    /// `-workers`: how many loops proxy.
+    pub workers: Workers,
+    /// `-pin`.
+    pub pin: bool,
     /// `-debug`.
     pub debug: bool,
 }
+
+/// How many worker loops `-workers` asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    /// This many.
+    Count(usize),
+    /// One per CPU the process may run on.
+    Auto,
+}
+
+/// The most worker loops shuttle runs.
+pub const MAX_WORKERS: usize = 256;
 
 /// What to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +83,7 @@ pub enum Command {
 }
 
 /// Flags that take no value; Go also accepts `-flag=true` for them.
-const SWITCHES: &[&str] = &["--debug", "--help", "--version"];
+const SWITCHES: &[&str] = &["--debug", "--pin", "--help", "--version"];
 
 /// One argument, normalised for pico-args, and how the user wrote it.
 struct Arg {
@@ -152,6 +172,8 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
         admin_hosts,
         token_file: value(&mut args, "--admin-token-file", path)?,
         grace,
+        workers: value(&mut args, "--workers", parse_workers)?.unwrap_or(Workers::Count(1)),
+        pin: args.contains("--pin"),
         debug: args.contains("--debug"),
     };
     let rest = args.finish();
@@ -196,6 +218,16 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.0..=MAX_SECONDS).contains(&v) => Ok(v),
         _ => Err(format!("expected a number of seconds from 0 to {MAX_SECONDS:e}, got {s:?}")),
+    }
+}
+
+fn parse_workers(s: &str) -> Result<Workers, String> {
+    if s == "auto" {
+        return Ok(Workers::Auto);
+    }
+    match s.parse::<usize>() {
+        Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(Workers::Count(n)),
+        _ => Err(format!("expected a number of workers from 1 to {MAX_WORKERS}, or auto, got {s:?}")),
     }
 }
 
@@ -265,6 +297,18 @@ mod tests {
         let flags = run(&["-admin-host", "a.example,b.example", "-admin-host=c"]).unwrap();
         assert_eq!(flags.admin_hosts, ["a.example", "b.example", "c"]);
         assert!(run(&["-admin-host", "a b"]).is_err());
+    }
+
+    #[test]
+    fn workers_and_pin() {
+        assert_eq!(run(&[]).unwrap().workers, Workers::Count(1));
+        assert_eq!(run(&["-workers", "4", "-pin"]).unwrap().workers, Workers::Count(4));
+        assert!(run(&["-workers=auto", "-pin"]).unwrap().pin);
+        assert_eq!(run(&["-workers", "auto"]).unwrap().workers, Workers::Auto);
+        for bad in ["0", "257", "-1", "two", ""] {
+            let e = run(&["-workers", bad]).unwrap_err();
+            assert!(e.starts_with("-workers: "), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -93,7 +93,17 @@ fn start(flags: Flags) -> Result<Server, Failed> {
             1024
         }
     };
-    let options = Options { admin, access, state, grace: flags.grace, fd_limit };
+    let workers = match flags.workers {
+        cli::Workers::Count(n) => n,
+        cli::Workers::Auto => match shuttle::runtime::cpus::allowed() {
+            Ok(cpus) => cpus.len().clamp(1, cli::MAX_WORKERS),
+            Err(e) => return Err(Failed(format!("-workers auto: cannot learn which CPUs this process may use: {e}"))),
+        },
+    };
+    if workers > 1 {
+        log::info!("{workers} worker loops proxy; one control loop runs the admin API and the health checks");
+    }
+    let options = Options { admin, access, state, grace: flags.grace, fd_limit, workers, pin: flags.pin };
     Server::new(options, prepared).map_err(|e| match (&source, &e) {
         // A service that cannot start is named with the file it came from.
         (Some(path), StartupError::Listen { .. } | StartupError::Service(_)) => Failed::at(path, e),

@@ -28,10 +28,12 @@ mod accept;
 mod admin;
 mod plane;
 mod retire;
+pub mod workers;
 
 use crate::context::Cx;
 use crate::control::access::Access;
 use crate::control::admin::{AdminAddr, AdminConn, AdminListener};
+use crate::control::api;
 use crate::control::change::Changes;
 use crate::control::probe::Probe;
 use crate::control::state::StateFile;
@@ -39,9 +41,9 @@ use crate::data::buffer::BufferPool;
 use crate::data::proxy::Pair;
 use crate::model::service::{self, Services};
 use crate::runtime::fds::FdBudget;
-use crate::runtime::helpers::{Inbox, Resolver, Worker};
+use crate::runtime::helpers::{Inbox, Outbox, Resolver, Worker};
 use crate::runtime::key::{Key, Side, Slots};
-use crate::runtime::net;
+
 use crate::runtime::ready::{Ready, Step};
 use crate::runtime::throttle::Throttle;
 use crate::runtime::timer::{TimerKey, Wheel};
@@ -90,6 +92,30 @@ pub enum Entry {
     AdminListener(AdminListener),
     /// One admin client.
     Admin(AdminConn),
+    /// The control loop's record of a service's listeners, one per worker.
+    Group(workers::Group),
+}
+
+/// What a loop hosts besides pairs and listeners.
+#[derive(Debug)]
+pub(crate) enum Role {
+    /// The admin API, the state file and the probes; with `workers`, the
+    /// listeners and pairs are theirs, and without, this loop's.
+    Control {
+        /// Where helpers (and workers) answer.
+        inbox: Inbox,
+        /// The worker loops, with `-workers` above 1.
+        workers: Option<workers::Workers>,
+    },
+    /// Worker `index` of several: listeners and pairs only.
+    Worker {
+        /// Its number, for acknowledgements and logs.
+        index: usize,
+        /// Where the control loop's orders arrive.
+        orders: Inbox<workers::Order>,
+        /// Where it acknowledges them.
+        control: Outbox,
+    },
 }
 
 /// How shuttle was started: what the loop needs besides the services.
@@ -105,6 +131,10 @@ pub struct Options {
     pub grace: Duration,
     /// The process's open-file limit; accepting pauses before pairs would exhaust it.
     pub fd_limit: u64,
+    /// How many worker loops proxy; with 1 this loop does everything.
+    pub workers: usize,
+    /// Whether each worker is pinned to a CPU of its own.
+    pub pin: bool,
 }
 
 /// Why the loop could not start.
@@ -159,13 +189,15 @@ pub struct Server {
     access: Access,
     /// The admin API's TCP address once bound, for the loop check.
     admin_addr: Option<SocketAddr>,
+    /// What this loop hosts besides pairs and listeners.
+    pub(crate) role: Role,
     ready: VecDeque<Key>,
     /// By slot index, the key queued in `ready` for that slot, so an entry is
     /// queued at most once (a slot's next tenant has another key, so it is not
     /// mistaken for its predecessor).
     queued: Vec<Option<Key>>,
-    signals: Signals,
-    inbox: Inbox,
+    /// SIGTERM and friends; only the control loop listens for them.
+    signals: Option<Signals>,
     /// Admin changes taking turns; `None` only while one of its calls runs.
     changes: Option<Changes>,
     /// The admin listener's entry.
@@ -181,7 +213,21 @@ pub struct Server {
     /// Listeners paused for lack of fds; woken when a pair closes.
     paused: Vec<Key>,
     draining: Option<Instant>,
+    /// Why a worker loop failed, once one did: the process then drains and exits 1.
+    failed: Option<String>,
+    /// Fault injection for the tests of a dying worker (see [`FAULT_ENV`]).
+    pub(crate) panic_on_accept: bool,
+    /// Fault injection for the tests of a stuck worker (see [`HANG_ENV`]).
+    pub(crate) hang_on_accept: bool,
 }
+
+/// `SHUTTLE_TEST_WORKER_HANG=I` makes worker loop I stop turning at its first
+/// accept, as a bug spinning forever would.
+pub const HANG_ENV: &str = "SHUTTLE_TEST_WORKER_HANG";
+
+/// `SHUTTLE_TEST_WORKER_PANIC=I` makes worker loop I panic at its first
+/// accept: the only way a black-box test can see what a worker's death does.
+pub const FAULT_ENV: &str = "SHUTTLE_TEST_WORKER_PANIC";
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -200,36 +246,27 @@ impl Server {
         let poll = Poll::new().map_err(StartupError::Io)?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2]).map_err(StartupError::Io)?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE).map_err(StartupError::Io)?;
-        let inbox = Inbox::new(poll.registry(), WAKER).map_err(StartupError::Io)?;
+        let inbox: Inbox = Inbox::new(poll.registry(), WAKER).map_err(StartupError::Io)?;
         let state = match options.state {
             Some(state) => Some((state, Worker::new("shuttle-state", inbox.outbox()).map_err(StartupError::Io)?)),
             None => None,
         };
         let changes = Changes::new(Resolver::new(inbox.outbox()), state);
-        let now = Instant::now();
-        let mut server = Server {
-            poll,
-            entries: Slots::with_capacity(1024),
-            timers: Wheel::new(now),
-            services: Services::default(),
-            pool: BufferPool::new(POOL_FREE),
-            fds: FdBudget::new(options.fd_limit),
-            grace: options.grace,
-            access: options.access,
-            admin_addr: None,
-            ready: VecDeque::new(),
-            queued: Vec::new(),
-            signals,
-            inbox,
-            changes: Some(changes),
-            admin_listener: None,
-            admin: Vec::new(),
-            admin_short: false,
-            admin_retry: None,
-            refusals: Throttle::new(admin::REFUSALS_LOGGED_EVERY),
-            paused: Vec::new(),
-            draining: None,
+        // Workers get the pairs' part of the fd limit between them; the control
+        // loop keeps the whole limit for its probes' share and admin clients.
+        let workers = match options.workers {
+            0 | 1 => None,
+            n => {
+                let share = crate::runtime::fds::worker_share(options.fd_limit, n);
+                let outbox = inbox.outbox();
+                Some(workers::Workers::spawn(n, options.pin, share, options.grace, &outbox).map_err(StartupError::Io)?)
+            }
         };
+        let role = Role::Control { inbox, workers };
+        let mut server = Server::bare(poll, role, options.fd_limit, options.grace, options.access);
+        server.signals = Some(signals);
+        server.changes = Some(changes);
+        let now = Instant::now();
         let admin_text = match &options.admin {
             AdminAddr::Tcp(addr) => addr.to_string(),
             AdminAddr::Unix(path, _) => path.display().to_string(),
@@ -242,9 +279,12 @@ impl Server {
         for prepared in services {
             let name = prepared.config.name.clone();
             let addr = prepared.addr;
-            let socket = net::bind(addr).map_err(|source| StartupError::Listen { service: name, addr, source })?;
-            let staged = server.stage(socket).map_err(StartupError::Io)?;
-            server.commit_service(prepared, staged, now);
+            let staged = api::Plane::stage_listener(&mut server, addr).map_err(|source| StartupError::Listen {
+                service: name,
+                addr,
+                source,
+            })?;
+            api::Plane::add_service(&mut server, prepared, staged, now);
         }
         let registry = server.poll.registry();
         let key = server
@@ -254,6 +294,53 @@ impl Server {
         server.admin_listener = Some(key);
         server.fds.listeners += 1;
         Ok(server)
+    }
+
+    /// A loop with nothing in it yet.
+    fn bare(poll: Poll, role: Role, fd_limit: u64, grace: Duration, access: Access) -> Server {
+        Server {
+            poll,
+            entries: Slots::with_capacity(1024),
+            timers: Wheel::new(Instant::now()),
+            services: Services::default(),
+            pool: BufferPool::new(POOL_FREE),
+            fds: FdBudget::new(fd_limit),
+            grace,
+            access,
+            admin_addr: None,
+            role,
+            ready: VecDeque::new(),
+            queued: Vec::new(),
+            signals: None,
+            changes: None,
+            admin_listener: None,
+            admin: Vec::new(),
+            admin_short: false,
+            admin_retry: None,
+            refusals: Throttle::new(admin::REFUSALS_LOGGED_EVERY),
+            paused: Vec::new(),
+            draining: None,
+            failed: None,
+            panic_on_accept: false,
+            hang_on_accept: false,
+        }
+    }
+
+    /// Worker loop `index` of several, which takes its services from the control loop's orders.
+    pub(crate) fn worker(
+        index: usize,
+        poll: Poll,
+        orders: Inbox<workers::Order>,
+        control: Outbox,
+        fd_limit: u64,
+        grace: Duration,
+    ) -> Server {
+        let role = Role::Worker { index, orders, control };
+        let mut server = Server::bare(poll, role, fd_limit, grace, Access::new(&[], None, false));
+        server.fds = FdBudget::for_worker(fd_limit);
+        server.panic_on_accept = std::env::var(FAULT_ENV).is_ok_and(|v| v == index.to_string());
+        server.hang_on_accept = std::env::var(HANG_ENV).is_ok_and(|v| v == index.to_string());
+        server
     }
 
     /// Registers a bound listener as an entry that serves no service yet: the
@@ -307,14 +394,19 @@ impl Server {
             self.retire_listener(listener, now);
         }
         let name = self.services.service(service).map_or("?", |s| s.settings.name.as_str());
-        match local {
-            Some(local) => info!("service {name} listening on {local}"),
-            None => info!("service {name} listening"),
+        match (&self.role, local) {
+            // The control loop said it once for all of them.
+            (Role::Worker { index, .. }, _) => log::debug!("worker {index}: service {name} listening"),
+            (_, Some(local)) => info!("service {name} listening on {local}"),
+            (_, None) => info!("service {name} listening"),
         }
     }
 
     /// Starts the health probe of a backend, if it has a check address and its service checks.
     pub(crate) fn start_probe(&mut self, backend: Key, now: Instant) {
+        if !self.hosts_probes() {
+            return;
+        }
         let Some(b) = self.services.backend(backend) else { return };
         let Some(service) = self.services.service(b.service) else { return };
         let Some(interval) = crate::model::config::seconds(service.settings.check_interval) else { return };
@@ -376,6 +468,7 @@ impl Server {
                 self.fds.listeners -= 1;
                 self.admin_listener = None;
             }
+            Entry::Group(_) => {}
         }
     }
 
@@ -386,7 +479,9 @@ impl Server {
             let now = Instant::now();
             let timeout = if self.ready.is_empty() {
                 let changes = self.changes.as_ref().and_then(Changes::deadline);
-                let deadline = [self.timers.next_deadline(), self.draining, changes].into_iter().flatten().min();
+                let watchdog = self.workers().map(workers::Workers::next_ping);
+                let deadline =
+                    [self.timers.next_deadline(), self.draining, changes, watchdog].into_iter().flatten().min();
                 deadline.map(|d| d.saturating_duration_since(now))
             } else {
                 Some(Duration::ZERO)
@@ -404,6 +499,14 @@ impl Server {
                 self.on_timer(key, now);
             }
             self.on_change_deadline(now);
+            if let Some(stuck) = self.workers_mut().and_then(|w| w.watch(now)) {
+                let why = format!(
+                    "worker {stuck} has not answered for {:?}: its loop is stuck; exiting at once, for a supervisor to restart shuttle",
+                    workers::STUCK_AFTER
+                );
+                log::error!("{why}");
+                return Err(io::Error::other(why));
+            }
             self.start_waiting_probes(now);
             for _ in 0..self.ready.len() {
                 let Some(key) = self.ready.pop_front() else { break };
@@ -413,7 +516,10 @@ impl Server {
                 self.resume(key, now);
             }
             if self.drained(now) {
-                return Ok(());
+                return match self.failed.take() {
+                    Some(why) => Err(io::Error::other(why)),
+                    None => Ok(()),
+                };
             }
         }
     }
@@ -421,6 +527,7 @@ impl Server {
     fn dispatch(&mut self, event: &Event, now: Instant) {
         match event.token() {
             SIGNALS => return self.on_signals(now),
+            WAKER if matches!(self.role, Role::Worker { .. }) => return self.on_orders(now),
             WAKER => return self.on_answers(now),
             _ => {}
         }
@@ -438,12 +545,13 @@ impl Server {
                 Entry::Probe(probe) => probe.on_ready(key, ready, cx),
                 _ => Step::Wait,
             }),
-            None => {} // a closed entry's leftover event (pitfall 7)
+            Some(Entry::Group(_)) | None => {} // a closed entry's leftover event (pitfall 7)
         }
     }
 
     fn on_signals(&mut self, now: Instant) {
-        let signals: Vec<i32> = self.signals.pending().collect();
+        let Some(signals) = self.signals.as_mut() else { return };
+        let signals: Vec<i32> = signals.pending().collect();
         for signal in signals {
             match signal {
                 SIGTERM | SIGINT => self.begin_drain(now),
@@ -479,7 +587,7 @@ impl Server {
                 self.admin_retry = None;
                 self.accept_admin(key, now);
             }
-            None => {}
+            Some(Entry::Group(_)) | None => {}
         }
     }
 
@@ -558,7 +666,20 @@ impl Server {
         }
         let pairs = self.fds.pairs;
         let them = if pairs == 1 { "connection gets" } else { "connections get" };
-        info!("shutting down: listeners closed, {pairs} open {them} up to {:?}", self.grace);
+        match (&self.role, self.workers()) {
+            (Role::Worker { index, .. }, _) => {
+                log::debug!("worker {index} shutting down: {pairs} open {them} up to {:?}", self.grace)
+            }
+            (_, Some(workers)) => {
+                info!(
+                    "shutting down: listeners closed, the open connections of {} workers get up to {:?}",
+                    workers.len(),
+                    self.grace
+                );
+                workers.drain();
+            }
+            _ => info!("shutting down: listeners closed, {pairs} open {them} up to {:?}", self.grace),
+        }
         let (mut listeners, mut others) = (Vec::new(), Vec::new());
         for (key, entry) in self.entries.iter() {
             match entry {
@@ -584,8 +705,11 @@ impl Server {
     fn drained(&self, now: Instant) -> bool {
         let Some(deadline) = self.draining else { return false };
         let saving = self.changes.as_ref().is_some_and(Changes::is_saving);
-        if self.fds.pairs == 0 && self.fds.listeners == 0 && !saving {
-            info!("all connections closed; exiting");
+        let workers = self.workers().is_none_or(|w| w.all_exited());
+        if self.fds.pairs == 0 && self.fds.listeners == 0 && !saving && workers {
+            if !matches!(self.role, Role::Worker { .. }) {
+                info!("all connections closed; exiting");
+            }
             return true;
         }
         if now >= deadline {

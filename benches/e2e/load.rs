@@ -30,8 +30,11 @@ pub struct Timing {
 #[derive(Clone, Debug)]
 pub struct Snap {
     pub at: Instant,
-    /// CPU time of the proxy process; `None` without a proxy.
+    /// CPU time of the proxy (all its threads and processes); `None` without a proxy.
     pub proxy: Option<Duration>,
+    /// CPU time of each of the proxy's workers (threads or processes), by id;
+    /// empty unless it has several.
+    pub workers: Vec<(u32, Duration)>,
     /// CPU time of this process: load generators and backends.
     pub load: Duration,
     /// Busy and total ticks of every CPU (`sys::cpu_ticks`).
@@ -59,6 +62,8 @@ pub struct Outcome {
     /// Per-operation latencies in nanoseconds.
     pub latencies: Vec<u32>,
     pub proxy_cpu: Option<Duration>,
+    /// CPU time of each proxy worker that lived through the whole window.
+    pub worker_cpu: Vec<Duration>,
     pub load_cpu: Duration,
     /// Fraction of each CPU's time it was busy (anything but idle), whoever ran.
     pub core_busy: Vec<f64>,
@@ -74,6 +79,11 @@ impl Outcome {
             last_error: None,
             latencies: Vec::new(),
             proxy_cpu: end.proxy.zip(start.proxy).map(|(e, s)| e.saturating_sub(s)),
+            worker_cpu: end
+                .workers
+                .iter()
+                .filter_map(|&(id, e)| start.workers.iter().find(|&&(i, _)| i == id).map(|&(_, s)| e.saturating_sub(s)))
+                .collect(),
             load_cpu: end.load.saturating_sub(start.load),
             core_busy: end
                 .cores

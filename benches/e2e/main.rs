@@ -1,8 +1,9 @@
-//! End-to-end benchmark: the release `shuttle` binary against a direct
-//! connection and against HAProxy (TCP mode, one thread) when it is on the
-//! PATH, all on loopback, in one run.
+//! End-to-end benchmark: the release `shuttle` binary, with one worker loop
+//! and with several, against a direct connection, against HAProxy (TCP mode,
+//! one thread and two) and against nginx's stream module (two worker
+//! processes) when they are on the PATH, all on loopback, in one run.
 //!
-//! `cargo bench --bench e2e` (about three minutes) or
+//! `cargo bench --bench e2e` (about seven minutes with the default six targets) or
 //! `cargo bench --bench e2e -- --quick` (under a minute). Cargo builds the
 //! binary with the bench profile (= release) and tells us where it is.
 //! See BENCHMARKS.md for what each figure means; `--help` lists the options.
@@ -13,6 +14,7 @@ mod proxy;
 mod report;
 mod sys;
 
+use std::fmt::Write as _;
 use std::io;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -31,7 +33,10 @@ usage: cargo bench --bench e2e -- [options]
   --secs S              measured seconds per workload (default 2; --quick 1)
   --warm S              warm-up seconds before each window (default 0.5; --quick 0.25)
   --idle N              idle connections held for the memory figure (default 10000)
-  --targets LIST        of direct,shuttle,haproxy (default: all available)
+  --targets LIST        of direct, shuttle[N], haproxy[N], nginx[N], N being workers (threads or
+                        processes; default: direct,shuttle,shuttle2,haproxy,haproxy2,nginx2, those installed)
+  --workers LIST        also shuttle with each number of workers, e.g. 2,4,8 (and 1), and a scaling table
+  --pin-workers         pass -pin to shuttle with several workers (worker i on the i-th allowed CPU)
   --workloads LIST      of bulk1,bulk8,rr,conn,idle (default: all)
   --conn-inflight N     connects in flight in the new-connection workload (default 64)
   --perf DIR            record `perf record -e cpu-clock --call-graph dwarf` of shuttle in each window into DIR
@@ -54,6 +59,9 @@ struct Args {
     timing: Timing,
     idle: usize,
     targets: Option<Vec<Kind>>,
+    /// `--workers`: shuttle targets to add, by number of workers.
+    workers: Vec<usize>,
+    shuttle_pin: bool,
     workloads: Vec<Workload>,
     perf: Option<PathBuf>,
     shuttle_wrapper: Vec<String>,
@@ -91,6 +99,8 @@ fn parse_args() -> Result<Option<Args>, String> {
         },
         idle: 10_000,
         targets: None,
+        workers: Vec::new(),
+        shuttle_pin: false,
         workloads: Workload::ALL.to_vec(),
         perf: None,
         shuttle_wrapper: Vec::new(),
@@ -108,14 +118,18 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--idle" => args.idle = value()?.parse().map_err(|e| format!("--idle: {e}"))?,
             "--targets" => {
                 let list = value()?;
-                let kinds = list.split(',').map(|t| match t {
-                    "direct" => Ok(Kind::Direct),
-                    "shuttle" => Ok(Kind::Shuttle),
-                    "haproxy" => Ok(Kind::Haproxy),
-                    other => Err(format!("unknown target {other:?}")),
-                });
+                let kinds = list.split(',').map(|t| Kind::parse(t).ok_or_else(|| format!("unknown target {t:?}")));
                 args.targets = Some(kinds.collect::<Result<_, _>>()?);
             }
+            "--workers" => {
+                let list = value()?;
+                let counts = list.split(',').map(|n| match n.parse::<usize>() {
+                    Ok(n) if (1..=proxy::MAX_WORKERS).contains(&n) => Ok(n),
+                    _ => Err(format!("--workers: expected numbers from 1 to {}, got {n:?}", proxy::MAX_WORKERS)),
+                });
+                args.workers = counts.collect::<Result<_, _>>()?;
+            }
+            "--pin-workers" => args.shuttle_pin = true,
             "--workloads" => {
                 let list = value()?;
                 let parsed =
@@ -132,29 +146,31 @@ fn parse_args() -> Result<Option<Args>, String> {
     Ok(Some(args))
 }
 
-/// Reads the proxy's and this process's CPU time at the window's edges, and
-/// runs `perf record` on the proxy in between when asked.
-struct ProcMeter {
-    pid: Option<u32>,
+/// Reads the proxy's (and each of its workers') and this process's CPU time
+/// at the window's edges, and runs `perf record` on the proxy in between when
+/// asked.
+struct ProcMeter<'a> {
+    target: &'a Target,
     backends: u32,
     perf_out: Option<PathBuf>,
     recorder: Option<Child>,
 }
 
-impl ProcMeter {
+impl ProcMeter<'_> {
     fn snap(&self) -> Snap {
         Snap {
             at: std::time::Instant::now(),
-            proxy: self.pid.and_then(|pid| sys::process_cpu(pid).ok()),
+            proxy: self.target.cpu(),
+            workers: self.target.worker_cpu(),
             load: sys::self_cpu() + sys::process_cpu(self.backends).unwrap_or_default(),
             cores: sys::cpu_ticks(),
         }
     }
 }
 
-impl Meter for ProcMeter {
+impl Meter for ProcMeter<'_> {
     fn begin(&mut self) -> Snap {
-        if let (Some(pid), Some(out)) = (self.pid, self.perf_out.as_ref()) {
+        if let (Some(pid), Some(out)) = (self.target.pid(), self.perf_out.as_ref()) {
             let recorder = Command::new("perf")
                 .args([
                     "record",
@@ -197,10 +213,11 @@ impl Meter for ProcMeter {
 
 fn run_workload(target: &Target, workload: Workload, args: &Args, backends: u32) -> io::Result<Outcome> {
     let perf_out = match (&args.perf, target.kind) {
-        (Some(dir), Kind::Shuttle) => Some(dir.join(format!("{}.data", workload.id()))),
+        (Some(dir), Kind::Shuttle(1)) => Some(dir.join(format!("{}.data", workload.id()))),
+        (Some(dir), Kind::Shuttle(_)) => Some(dir.join(format!("{}-{}.data", target.kind.name(), workload.id()))),
         _ => None,
     };
-    let mut meter = ProcMeter { pid: target.pid(), backends, perf_out, recorder: None };
+    let mut meter = ProcMeter { target, backends, perf_out, recorder: None };
     match workload {
         Workload::Bulk1 => load::bulk(target.bulk, 1, args.timing, &mut meter),
         Workload::Bulk8 => load::bulk(target.bulk, 8, args.timing, &mut meter),
@@ -213,15 +230,14 @@ fn run_workload(target: &Target, workload: Workload, args: &Args, backends: u32)
 /// Memory per idle proxied connection, on a freshly started proxy: RSS before
 /// and after opening `count` connections (each after one exchange).
 fn memory(target: &Target, count: usize) -> io::Result<report::Memory> {
-    let pid = target.pid().ok_or_else(|| io::Error::other("no proxy process"))?;
     // Warm up with the same pattern, so pools and buffers the opening itself needs are there before "before".
     let (warm, _, _) = load::hold_idle(target.echo, 2 * IDLE_CONCURRENCY, IDLE_CONCURRENCY, MESSAGE)?;
     drop(warm);
     thread::sleep(Duration::from_millis(300));
-    let before = sys::rss(pid)?;
+    let before = target.rss()?;
     let (held, errors, last_error) = load::hold_idle(target.echo, count, IDLE_CONCURRENCY, MESSAGE)?;
     thread::sleep(Duration::from_millis(500));
-    let after = sys::rss(pid)?;
+    let after = target.rss()?;
     let memory = report::Memory { before, after, held: held.len(), errors, last_error };
     drop(held);
     thread::sleep(Duration::from_millis(300));
@@ -243,8 +259,23 @@ fn main() {
     }
 }
 
+/// The targets of a run without `--targets`; those whose program is missing are left out later.
+const DEFAULT_TARGETS: [Kind; 6] =
+    [Kind::Direct, Kind::Shuttle(1), Kind::Shuttle(2), Kind::Haproxy(1), Kind::Haproxy(2), Kind::Nginx(2)];
+
+/// The worker counts of the targets `of` picks, for the header: "1 / 2".
+fn worker_counts(kinds: &[Kind], of: fn(Kind) -> bool) -> String {
+    let counts: Vec<String> = kinds.iter().filter(|&&k| of(k)).map(|k| k.workers().to_string()).collect();
+    if counts.is_empty() {
+        "—".into()
+    } else {
+        counts.join(" / ")
+    }
+}
+
 fn run(args: Args) -> io::Result<()> {
-    // Load on the first allowed CPU (every thread started from here on inherits it), proxies on the second.
+    // Load on the first allowed CPU (every thread started from here on inherits it), proxies with one
+    // worker on the second; proxies with several may use every allowed CPU.
     let machine = sys::machine();
     let cpus = sys::allowed_cpus();
     let (load_cpu, proxy_cpu) = match cpus.as_slice() {
@@ -259,42 +290,102 @@ fn run(args: Args) -> io::Result<()> {
     let idle = args.idle.min((fd_limit as usize).saturating_sub(100) / 2);
     // HAProxy refuses to start unless 2 × maxconn + a few fds fit.
     let haproxy_maxconn = 20_000.min((fd_limit as usize).saturating_sub(20) / 2 / 10 * 10);
+    // All idle connections may land on one nginx worker; each takes two of its connections. nginx
+    // warns if worker_connections exceeds the fd limit, and allocates them all at start.
+    let nginx_connections = (2 * idle + 64).min(fd_limit as usize);
 
     let haproxy = proxy::which("haproxy");
+    let nginx = proxy::which("nginx").ok_or_else(|| "not on the PATH".to_string()).and_then(|p| proxy::nginx(&p));
     let launch = Launch {
         cpu: proxy_cpu,
+        cpus: cpus.clone(),
         shuttle: env!("CARGO_BIN_EXE_shuttle").to_string(),
         shuttle_wrapper: args.shuttle_wrapper.clone(),
+        shuttle_pin: args.shuttle_pin,
         haproxy: haproxy.clone(),
         haproxy_maxconn,
+        nginx: nginx.clone().ok(),
+        nginx_connections,
     };
-    let mut kinds = args.targets.clone().unwrap_or_else(|| vec![Kind::Direct, Kind::Shuttle, Kind::Haproxy]);
-    if haproxy.is_none() {
-        kinds.retain(|&k| k != Kind::Haproxy);
-    }
+    let mut kinds = args.targets.clone().unwrap_or_else(|| DEFAULT_TARGETS.to_vec());
+    // The scaling table compares every N with N = 1, so that one always runs with `--workers`.
+    let scaling: Vec<usize> = if args.workers.is_empty() {
+        Vec::new()
+    } else {
+        [1].into_iter().chain(args.workers.iter().copied()).collect()
+    };
+    kinds.extend(scaling.iter().map(|&n| Kind::Shuttle(n)));
+    // What was asked for, to say in the header why a proxy's columns are missing.
+    let (want_haproxy, want_nginx) =
+        (kinds.iter().any(|k| matches!(k, Kind::Haproxy(_))), kinds.iter().any(|k| matches!(k, Kind::Nginx(_))));
+    kinds.retain(|k| match k {
+        Kind::Haproxy(_) => haproxy.is_some(),
+        Kind::Nginx(_) => nginx.is_ok(),
+        Kind::Direct | Kind::Shuttle(_) => true,
+    });
+    kinds.sort_unstable();
+    kinds.dedup();
     if let Some(dir) = &args.perf {
         std::fs::create_dir_all(dir)?;
     }
 
-    let mut results = Results::new(kinds.clone(), load_cpu, proxy_cpu);
+    let mut results = Results::new(kinds.clone(), cpus.clone(), scaling);
     results.header.push(format!("machine: {machine}"));
+    let several = kinds.iter().any(|k| k.workers() > 1);
     results.header.push(match (load_cpu, proxy_cpu) {
-        (Some(l), Some(p)) => format!(
-            "pinning: proxy process on CPU {p} (sched_setaffinity before exec); load generator and backends \
-             (this process, every thread) on CPU {l}"
-        ),
+        (Some(l), Some(p)) => {
+            let mut line = format!(
+                "pinning: proxies with one worker on CPU {p} (sched_setaffinity before exec); load generator and \
+                 backends (this process, every thread) on CPU {l}"
+            );
+            if several {
+                let _ = write!(
+                    line,
+                    "; proxies with N > 1 workers may run on every allowed CPU ({}), so for them the load competes \
+                     for the cores: CPU per unit of work and the spread over workers are the honest figures, \
+                     not throughput",
+                    cpus.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+                );
+            }
+            line
+        }
         _ => "pinning: none (fewer than 2 CPUs allowed); figures are not comparable to pinned runs".into(),
     });
     results.header.push(format!("shuttle: {}", launch.shuttle));
-    results.header.push(match &haproxy {
-        Some(path) => {
-            format!(
-                "HAProxy: {path} ({}), nbthread 1, maxconn {haproxy_maxconn}, mode tcp",
-                proxy::haproxy_version(path)
-            )
-        }
-        None => "HAProxy: not on the PATH (`apt-get install haproxy`); its columns are left out".into(),
-    });
+    if kinds.iter().any(|k| matches!(k, Kind::Shuttle(n) if *n > 1)) {
+        results.header.push(if args.shuttle_pin {
+            "shuttle with N > 1 workers: -workers N -pin (worker i pinned to the i-th allowed CPU)".into()
+        } else {
+            "shuttle with N > 1 workers: -workers N, not -pin (the scheduler places the worker threads)".into()
+        });
+    }
+    if want_haproxy {
+        results.header.push(match &haproxy {
+            Some(path) => format!(
+                "HAProxy: {path} ({}), nbthread {}, maxconn {haproxy_maxconn}, mode tcp, threads unpinned (no \
+                 cpu-map)",
+                proxy::haproxy_version(path),
+                worker_counts(&kinds, |k| matches!(k, Kind::Haproxy(_)))
+            ),
+            None => "HAProxy: not on the PATH (`apt-get install haproxy`); its columns are left out".into(),
+        });
+    }
+    if want_nginx {
+        results.header.push(match &nginx {
+            Ok(n) => format!(
+                "nginx: {} ({}{}), stream module, worker_processes {}, worker_connections {nginx_connections}, \
+                 proxy_connect_timeout 5s, proxy_timeout 60s, one listening socket shared by the workers (no \
+                 reuseport, as shipped), no worker_cpu_affinity",
+                n.program,
+                n.version,
+                n.stream_module.as_deref().map_or_else(String::new, |m| format!(", load_module {m}")),
+                worker_counts(&kinds, |k| matches!(k, Kind::Nginx(_)))
+            ),
+            Err(e) => {
+                format!("nginx: {e} (`apt-get install nginx-core libnginx-mod-stream`); its columns are left out")
+            }
+        });
+    }
     results.header.push(format!(
         "mode: {}; {} round(s), {:.2} s warm-up + {:.2} s measured per workload, medians of rounds; \
          {idle} idle connections (hard fd limit {fd_limit}: two per proxied connection)",

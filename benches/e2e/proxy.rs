@@ -1,6 +1,8 @@
-//! The three ways a client reaches the backends: directly, through shuttle,
-//! through HAProxy. A proxy is a child process pinned to the proxy CPU before
-//! `exec`, killed (and reaped) on drop and by the kernel if the bench dies.
+//! The ways a client reaches the backends: directly, through shuttle,
+//! through HAProxy, through nginx's stream module, each proxy with one worker
+//! or several. A proxy is a child process placed before `exec` (one worker:
+//! pinned to the proxy CPU; several: free to use every allowed CPU), killed
+//! (and reaped) on drop and by the kernel if the bench dies.
 
 use std::io::{self, BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -21,34 +23,107 @@ use crate::sys;
 const FIXTURE: &str = include_str!("../../fixtures/bench.json");
 const START_DEADLINE: Duration = Duration::from_secs(10);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A target; a proxy's number is its workers (threads or processes). The
+/// order (derived) is the order of the report's columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     Direct,
-    Shuttle,
-    Haproxy,
+    /// shuttle with `-workers N`.
+    Shuttle(usize),
+    /// HAProxy with `nbthread N`.
+    Haproxy(usize),
+    /// nginx's stream module with `worker_processes N`.
+    Nginx(usize),
 }
 
 impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Direct => "direct",
-            Kind::Shuttle => "shuttle",
-            Kind::Haproxy => "HAProxy",
+    /// The name in the report: `shuttle`, `shuttle2`, `HAProxy`, `HAProxy2`, `nginx2`, ...
+    pub fn name(self) -> String {
+        let (base, n) = match self {
+            Kind::Direct => return "direct".into(),
+            Kind::Shuttle(n) => ("shuttle", n),
+            Kind::Haproxy(n) => ("HAProxy", n),
+            Kind::Nginx(n) => ("nginx", n),
+        };
+        if n == 1 {
+            base.into()
+        } else {
+            format!("{base}{n}")
         }
     }
+
+    /// The inverse of `name`, in any case: `haproxy2` is `Haproxy(2)`.
+    pub fn parse(name: &str) -> Option<Kind> {
+        let name = name.to_ascii_lowercase();
+        if name == "direct" {
+            return Some(Kind::Direct);
+        }
+        type Make = fn(usize) -> Kind;
+        let make: [(&str, Make); 3] = [("shuttle", Kind::Shuttle), ("haproxy", Kind::Haproxy), ("nginx", Kind::Nginx)];
+        let (rest, make) = make.iter().find_map(|&(base, make)| Some((name.strip_prefix(base)?, make)))?;
+        match rest {
+            "" => Some(make(1)),
+            n => n.parse().ok().filter(|&n| (1..=MAX_WORKERS).contains(&n)).map(make),
+        }
+    }
+
+    /// Its workers: 0 for direct.
+    pub fn workers(self) -> usize {
+        match self {
+            Kind::Direct => 0,
+            Kind::Shuttle(n) | Kind::Haproxy(n) | Kind::Nginx(n) => n,
+        }
+    }
+
+    /// Whether it runs pinned to the proxy CPU: a proxy with one worker. One
+    /// with several may use every allowed CPU, where it competes with the load.
+    pub fn pinned(self) -> bool {
+        self.workers() == 1
+    }
 }
+
+/// The most workers shuttle takes (its `MAX_WORKERS`).
+pub const MAX_WORKERS: usize = 256;
 
 /// How to start the proxy processes.
 #[derive(Clone, Debug)]
 pub struct Launch {
-    /// The CPU proxies are pinned to, if pinning is possible.
+    /// The CPU proxies with one worker are pinned to, if pinning is possible.
     pub cpu: Option<usize>,
+    /// Every CPU the bench was allowed at start: where proxies with several workers run.
+    pub cpus: Vec<usize>,
     pub shuttle: String,
     /// A command (and arguments) to run shuttle under, e.g. `valgrind --tool=callgrind`.
     pub shuttle_wrapper: Vec<String>,
+    /// Whether shuttle with several workers gets `-pin` (worker i on the i-th allowed CPU).
+    pub shuttle_pin: bool,
     pub haproxy: Option<String>,
     /// `maxconn` of HAProxy's global and defaults sections.
     pub haproxy_maxconn: usize,
+    pub nginx: Option<Nginx>,
+    /// `worker_connections` of nginx: connections per worker, client and upstream sides both count.
+    pub nginx_connections: usize,
+}
+
+/// An nginx that can proxy TCP.
+#[derive(Clone, Debug)]
+pub struct Nginx {
+    pub program: String,
+    /// `nginx -V`'s version.
+    pub version: String,
+    /// The stream module to `load_module`; `None` when it is built in.
+    pub stream_module: Option<String>,
+}
+
+/// How a proxy's processes and threads are laid out: where its CPU time is
+/// and which parts are its workers.
+#[derive(Clone, Copy, Debug)]
+enum Shape {
+    /// One process; its workers are the threads whose name the function
+    /// accepts, when it has several.
+    Threads(fn(&str) -> bool),
+    /// A master process and its children, the worker processes.
+    Processes,
 }
 
 /// A target: where clients connect for bulk data and for the echo service.
@@ -58,6 +133,7 @@ pub struct Target {
     pub bulk: SocketAddr,
     pub echo: SocketAddr,
     child: Option<Child>,
+    shape: Shape,
     /// How long the process may take to exit after SIGTERM.
     stop_within: Duration,
     lines: Lines,
@@ -72,18 +148,65 @@ impl Target {
                 bulk: backends.source,
                 echo: backends.echo,
                 child: None,
+                shape: Shape::Threads(|_| false),
                 stop_within: Duration::ZERO,
                 lines: Arc::default(),
                 _dir: None,
             }),
-            Kind::Shuttle => start_shuttle(backends, launch),
-            Kind::Haproxy => start_haproxy(backends, launch),
+            Kind::Shuttle(n) => start_shuttle(n, backends, launch),
+            Kind::Haproxy(n) => start_haproxy(n, backends, launch),
+            Kind::Nginx(n) => start_nginx(n, backends, launch),
         }
     }
 
-    /// The proxy's process id (the wrapper's when one is used).
+    /// The proxy's process id (the wrapper's when one is used; nginx's master).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Every process of the proxy: the one, or the master and its workers.
+    fn processes(&self) -> Vec<u32> {
+        let Some(pid) = self.pid() else { return Vec::new() };
+        let mut all = vec![pid];
+        if let Shape::Processes = self.shape {
+            all.extend(sys::children(pid));
+        }
+        all
+    }
+
+    /// CPU time of the whole proxy so far: every thread of every process of
+    /// it (a process's `/proc/PID/stat` counts all its threads).
+    pub fn cpu(&self) -> Option<Duration> {
+        let processes = self.processes();
+        let (&main, workers) = processes.split_first()?;
+        let main = sys::process_cpu(main).ok()?;
+        // A worker that exits between the scan and the read is left out.
+        Some(main + workers.iter().filter_map(|&pid| sys::process_cpu(pid).ok()).sum::<Duration>())
+    }
+
+    /// CPU time of each worker so far, by thread or process id; empty with one worker.
+    pub fn worker_cpu(&self) -> Vec<(u32, Duration)> {
+        let Some(pid) = self.pid().filter(|_| self.kind.workers() > 1) else { return Vec::new() };
+        match self.shape {
+            Shape::Threads(is_worker) => sys::threads(pid)
+                .into_iter()
+                .filter(|(_, name)| is_worker(name))
+                .filter_map(|(tid, _)| Some((tid, sys::thread_cpu(pid, tid).ok()?)))
+                .collect(),
+            Shape::Processes => {
+                sys::children(pid).into_iter().filter_map(|p| Some((p, sys::process_cpu(p).ok()?))).collect()
+            }
+        }
+    }
+
+    /// Resident memory of the whole proxy: the sum over its processes (pages
+    /// they share count once per process, which cancels out of a difference).
+    pub fn rss(&self) -> io::Result<u64> {
+        let processes = self.processes();
+        let Some((&main, workers)) = processes.split_first() else {
+            return Err(io::Error::other("no proxy process"));
+        };
+        Ok(sys::rss(main)? + workers.iter().filter_map(|&pid| sys::rss(pid).ok()).sum::<u64>())
     }
 
     /// The proxy's stderr so far.
@@ -105,24 +228,43 @@ impl Drop for Target {
             }
             thread::sleep(Duration::from_millis(20));
         }
+        if let Shape::Processes = self.shape {
+            // Worker processes do not die with their master: kill them first,
+            // while the master (not reaped) keeps their ids from being reused.
+            for pid in sys::children(child.id()) {
+                // SAFETY: kill only sends a signal, to a child of our unreaped child.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }
         let _ = child.kill();
         let _ = child.wait();
     }
 }
 
-fn command(program: &str, args: &[String], cpu: Option<usize>) -> Command {
+/// Where a proxy may run: with one worker, on the proxy CPU; with several, on
+/// every allowed CPU (it would otherwise inherit the bench's pinning to the
+/// load CPU). `None` when there is nothing to pin to.
+fn placement(kind: Kind, launch: &Launch) -> Option<Vec<usize>> {
+    if kind.pinned() {
+        launch.cpu.map(|cpu| vec![cpu])
+    } else {
+        (!launch.cpus.is_empty()).then(|| launch.cpus.clone())
+    }
+}
+
+fn command(program: &str, args: &[String], cpus: Option<Vec<usize>>) -> Command {
     let mut command = Command::new(program);
     command.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     // SAFETY: only the prctl and sched_setaffinity syscalls, which are
-    // async-signal-safe, run between fork and exec.
+    // async-signal-safe, run between fork and exec (`cpus` was allocated before).
     unsafe {
         command.pre_exec(move || {
-            // No proxy outlives a killed bench.
+            // No proxy outlives a killed bench (nginx's workers excepted: they are the master's children).
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
                 return Err(io::Error::last_os_error());
             }
-            match cpu {
-                Some(cpu) => sys::pin_to(cpu),
+            match &cpus {
+                Some(cpus) => sys::pin_to_cpus(cpus),
                 None => Ok(()),
             }
         });
@@ -168,14 +310,19 @@ fn shuttle_config(backends: Backends) -> io::Result<String> {
     serde_json::to_string_pretty(&config).map_err(io::Error::other)
 }
 
-fn start_shuttle(backends: Backends, launch: &Launch) -> io::Result<Target> {
+fn start_shuttle(workers: usize, backends: Backends, launch: &Launch) -> io::Result<Target> {
+    let kind = Kind::Shuttle(workers);
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("bench.json");
     std::fs::write(&path, shuttle_config(backends)?)?;
     let mut argv: Vec<String> = launch.shuttle_wrapper.clone();
     argv.push(launch.shuttle.clone());
     argv.extend(["-config".into(), path.display().to_string(), "-http".into(), "127.0.0.1:0".into()]);
-    let mut command = command(&argv[0], &argv[1..], launch.cpu);
+    argv.extend(["-workers".into(), workers.to_string()]);
+    if workers > 1 && launch.shuttle_pin {
+        argv.push("-pin".into());
+    }
+    let mut command = command(&argv[0], &argv[1..], placement(kind, launch));
     command.env("RUST_LOG", "info").env("RUST_LOG_STYLE", "never");
     let (mut child, lines, rx) = spawn(command)?;
     let deadline = Instant::now() + START_DEADLINE * if launch.shuttle_wrapper.is_empty() { 1 } else { 6 };
@@ -186,7 +333,7 @@ fn start_shuttle(backends: Backends, launch: &Launch) -> io::Result<Target> {
             let _ = child.kill();
             let _ = child.wait();
             let log = lines.lock().map(|l| l.join("\n")).unwrap_or_default();
-            return Err(io::Error::other(format!("shuttle did not report its listeners:\n{log}")));
+            return Err(io::Error::other(format!("{} did not report its listeners:\n{log}", kind.name())));
         };
         for (name, slot) in [("bulk", &mut bulk), ("echo", &mut echo)] {
             let needle = format!("service {name} listening on ");
@@ -197,7 +344,18 @@ fn start_shuttle(backends: Backends, launch: &Launch) -> io::Result<Target> {
     }
     let (Some(bulk), Some(echo)) = (bulk, echo) else { unreachable!("loop ends when both are known") };
     let stop_within = Duration::from_secs(if launch.shuttle_wrapper.is_empty() { 5 } else { 60 });
-    Ok(Target { kind: Kind::Shuttle, bulk, echo, child: Some(child), stop_within, lines, _dir: Some(dir) })
+    // With several workers only the worker loops proxy; the control loop, the
+    // log writer and name resolution are not workers.
+    let shape = Shape::Threads(is_shuttle_worker);
+    Ok(Target { kind, bulk, echo, child: Some(child), shape, stop_within, lines, _dir: Some(dir) })
+}
+
+/// Whether a shuttle thread is a worker loop: `shuttle-wN` (`shuttle-worker-N`
+/// in older builds, which the kernel cuts to `shuttle-worker-`); not
+/// `shuttle-log` nor `shuttle-resolve`.
+fn is_shuttle_worker(name: &str) -> bool {
+    name.starts_with("shuttle-worker")
+        || name.strip_prefix("shuttle-w").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// A loopback port nobody listens on right now.
@@ -205,11 +363,17 @@ fn free_port() -> io::Result<SocketAddr> {
     TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
-/// One thread, TCP mode, the same timeouts as the shuttle fixture, no health checks.
-pub fn haproxy_config(bulk: SocketAddr, echo: SocketAddr, backends: Backends, maxconn: usize) -> String {
+/// `nbthread` threads, TCP mode, the same timeouts as the shuttle fixture, no health checks.
+pub fn haproxy_config(
+    bulk: SocketAddr,
+    echo: SocketAddr,
+    backends: Backends,
+    nbthread: usize,
+    maxconn: usize,
+) -> String {
     format!(
         "global
-    nbthread 1
+    nbthread {nbthread}
     maxconn {maxconn}
 
 defaults
@@ -238,26 +402,128 @@ backend echo
     )
 }
 
-fn start_haproxy(backends: Backends, launch: &Launch) -> io::Result<Target> {
+fn start_haproxy(nbthread: usize, backends: Backends, launch: &Launch) -> io::Result<Target> {
+    let kind = Kind::Haproxy(nbthread);
     let program = launch.haproxy.as_deref().ok_or_else(|| io::Error::other("haproxy is not on the PATH"))?;
     let dir = tempfile::tempdir()?;
     let (bulk, echo) = (free_port()?, free_port()?);
     let path = dir.path().join("haproxy.cfg");
-    std::fs::write(&path, haproxy_config(bulk, echo, backends, launch.haproxy_maxconn))?;
+    std::fs::write(&path, haproxy_config(bulk, echo, backends, nbthread, launch.haproxy_maxconn))?;
     let args = ["-f".to_string(), path.display().to_string(), "-db".to_string()];
-    let (mut child, lines, _rx) = spawn(command(program, &args, launch.cpu))?;
+    let (child, lines, _rx) = spawn(command(program, &args, placement(kind, launch)))?;
+    // Its threads are all workers: each runs the same event loop.
+    let target = Target {
+        kind,
+        bulk,
+        echo,
+        child: Some(child),
+        shape: Shape::Threads(|_| true),
+        stop_within: Duration::from_secs(5),
+        lines,
+        _dir: Some(dir),
+    };
+    wait_ready(target, |_| true)
+}
+
+/// `worker_processes` processes proxying both services over TCP, with the
+/// same timeouts as the shuttle fixture and no health checks (open source
+/// nginx has none); as root, without touching /etc or /run: the pid and lock
+/// files are in `dir`, the error log is stderr.
+pub fn nginx_config(
+    bulk: SocketAddr,
+    echo: SocketAddr,
+    backends: Backends,
+    worker_processes: usize,
+    worker_connections: usize,
+    stream_module: Option<&str>,
+    dir: &Path,
+) -> String {
+    let load = stream_module.map_or_else(String::new, |m| format!("load_module {m};\n"));
+    format!(
+        "{load}daemon off;
+master_process on;
+worker_processes {worker_processes};
+error_log stderr;
+pid {dir}/nginx.pid;
+lock_file {dir}/nginx.lock;
+
+events {{
+    worker_connections {worker_connections};
+}}
+
+stream {{
+    proxy_connect_timeout 5s;
+    proxy_timeout 60s;
+
+    server {{
+        listen {bulk};
+        proxy_pass {source};
+    }}
+
+    server {{
+        listen {echo};
+        proxy_pass {echo_backend};
+    }}
+}}
+",
+        dir = dir.display(),
+        source = backends.source,
+        echo_backend = backends.echo,
+    )
+}
+
+fn start_nginx(workers: usize, backends: Backends, launch: &Launch) -> io::Result<Target> {
+    let kind = Kind::Nginx(workers);
+    let nginx = launch.nginx.as_ref().ok_or_else(|| io::Error::other("nginx with the stream module is not there"))?;
+    let dir = tempfile::tempdir()?;
+    let (bulk, echo) = (free_port()?, free_port()?);
+    let path = dir.path().join("nginx.conf");
+    let config = nginx_config(
+        bulk,
+        echo,
+        backends,
+        workers,
+        launch.nginx_connections,
+        nginx.stream_module.as_deref(),
+        dir.path(),
+    );
+    std::fs::write(&path, config)?;
+    // -p: relative paths (none used) resolve in the temp dir; -e: no log file opened before the config is read.
+    let args = ["-p", &dir.path().display().to_string(), "-c", &path.display().to_string(), "-e", "stderr"]
+        .map(str::to_string);
+    let (child, lines, _rx) = spawn(command(&nginx.program, &args, placement(kind, launch)))?;
+    let target = Target {
+        kind,
+        bulk,
+        echo,
+        child: Some(child),
+        shape: Shape::Processes,
+        stop_within: Duration::from_secs(5),
+        lines,
+        _dir: Some(dir),
+    };
+    // The master listens before it forks the workers: wait for them too, so
+    // the first window does not see them start.
+    wait_ready(target, |t| sys::children(t.pid().unwrap_or_default()).len() >= workers)
+}
+
+/// Waits until `target` accepts on both addresses and `ready` says so; the
+/// proxy's stderr is the error if it exits or is not ready in time.
+fn wait_ready(mut target: Target, ready: impl Fn(&Target) -> bool) -> io::Result<Target> {
     let deadline = Instant::now() + START_DEADLINE;
-    while !(listening(bulk) && listening(echo)) {
-        if child.try_wait()?.is_some() || Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let log = lines.lock().map(|l| l.join("\n")).unwrap_or_default();
-            return Err(io::Error::other(format!("haproxy did not start:\n{log}")));
+    while !(listening(target.bulk) && listening(target.echo) && ready(&target)) {
+        let exited = match target.child.as_mut() {
+            Some(child) => child.try_wait()?.is_some(),
+            None => false,
+        };
+        if exited || Instant::now() >= deadline {
+            let log = target.log().join("\n");
+            // Drop stops and reaps it (and any workers).
+            return Err(io::Error::other(format!("{} did not start:\n{log}", target.kind.name())));
         }
         thread::sleep(Duration::from_millis(20));
     }
-    let stop_within = Duration::from_secs(5);
-    Ok(Target { kind: Kind::Haproxy, bulk, echo, child: Some(child), stop_within, lines, _dir: Some(dir) })
+    Ok(target)
 }
 
 fn listening(addr: SocketAddr) -> bool {
@@ -283,4 +549,30 @@ pub fn haproxy_version(program: &str) -> String {
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_string))
         .unwrap_or_else(|| "unknown version".into())
+}
+
+/// The nginx at `program` if it can proxy TCP: the stream module built in or
+/// loadable from its modules directory (`libnginx-mod-stream` on Debian);
+/// else why not.
+pub fn nginx(program: &str) -> Result<Nginx, String> {
+    let output = Command::new(program).arg("-V").output().map_err(|e| format!("{program} -V: {e}"))?;
+    // nginx -V writes to stderr.
+    let text = String::from_utf8_lossy(&output.stderr).into_owned() + &String::from_utf8_lossy(&output.stdout);
+    let version =
+        text.lines().find_map(|l| l.strip_prefix("nginx version: ")).unwrap_or("unknown version").trim().to_string();
+    let options: Vec<&str> =
+        text.lines().find_map(|l| l.strip_prefix("configure arguments:")).unwrap_or("").split_whitespace().collect();
+    let stream_module = if options.contains(&"--with-stream") {
+        None
+    } else if options.contains(&"--with-stream=dynamic") {
+        let dir = options.iter().find_map(|o| o.strip_prefix("--modules-path=")).unwrap_or("/usr/lib/nginx/modules");
+        let module = Path::new(dir).join("ngx_stream_module.so");
+        if !module.is_file() {
+            return Err(format!("{} is missing (`apt-get install libnginx-mod-stream`)", module.display()));
+        }
+        Some(module.display().to_string())
+    } else {
+        return Err(format!("{version} was built without the stream module"));
+    };
+    Ok(Nginx { program: program.to_string(), version, stream_module })
 }

@@ -1,8 +1,11 @@
 //! Collects every run's figures and prints them as markdown tables: the
-//! figures with their ratios and targets, then where each workload's
-//! bottleneck was (CPU use of the proxy and of the load generator).
+//! figures with their ratios and targets, each against direct, how much the
+//! rounds disagreed, where each workload's bottleneck was (CPU use of the
+//! proxy and of the load generator), how evenly the work spread over a
+//! proxy's workers, and with `--workers` how shuttle scales with them.
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use crate::load::Outcome;
 use crate::proxy::Kind;
@@ -69,10 +72,14 @@ struct Run {
     p50_us: Option<f64>,
     p99_us: Option<f64>,
     proxy_cpu: Option<f64>,
+    /// CPU seconds of each worker of a proxy with several.
+    workers: Vec<f64>,
     load_cpu: f64,
     /// Busy fraction of the load generator's and the proxy's CPU.
     load_core: Option<f64>,
     proxy_core: Option<f64>,
+    /// Busy fraction of every allowed CPU, where proxies with several workers run.
+    cores: Vec<f64>,
 }
 
 #[derive(Debug)]
@@ -81,6 +88,10 @@ pub struct Results {
     kinds: Vec<Kind>,
     load_cpu: Option<usize>,
     proxy_cpu: Option<usize>,
+    /// Every allowed CPU.
+    cpus: Vec<usize>,
+    /// `--workers`: the shuttle worker counts of the scaling table.
+    scaling: Vec<usize>,
     runs: Vec<Run>,
     memory: Vec<(Kind, Memory)>,
     notes: Vec<String>,
@@ -98,6 +109,43 @@ enum Goal {
     AtLeast(f64),
     AtMost(f64),
 }
+
+impl Goal {
+    /// The goal, with whether `r` meets it when known: "≥ 1.1× ✓".
+    fn cell(self, r: Option<f64>) -> String {
+        let (sign, g, met) = match self {
+            Goal::AtLeast(g) => ("≥", g, r.map(|r| r >= g)),
+            Goal::AtMost(g) => ("≤", g, r.map(|r| r <= g)),
+        };
+        match met {
+            Some(met) => format!("{sign} {g:.1}× {}", if met { "✓" } else { "✗" }),
+            None => format!("{sign} {g:.1}×"),
+        }
+    }
+}
+
+/// The figures of the tables: id, label, which way is better, the goal of shuttle ÷ HAProxy.
+const FIGURES: [(&str, &str, Better, Option<Goal>); 12] = [
+    ("bulk1", "1. Bulk throughput, 1 stream (Gbit/s)", Better::Higher, Some(Goal::AtLeast(1.0))),
+    ("bulk8", "1. Bulk throughput, 8 streams (Gbit/s)", Better::Higher, Some(Goal::AtLeast(1.0))),
+    ("rps", "2. Requests/s, 64 B echo, 50 persistent connections", Better::Higher, Some(Goal::AtLeast(1.1))),
+    ("rr_p50", "2. Request latency p50 (µs)", Better::Lower, None),
+    ("rr_p99", "2. Request latency p99 (µs)", Better::Lower, Some(Goal::AtMost(1.0))),
+    ("cps", "3. New connections/s, one 64 B exchange each", Better::Higher, Some(Goal::AtLeast(1.1))),
+    ("conn_p50", "3. Connect-to-reply p50 (µs)", Better::Lower, None),
+    ("conn_p99", "3. Connect-to-reply p99 (µs)", Better::Lower, None),
+    ("memory", "4. Memory per idle proxied connection (bytes of proxy RSS)", Better::Lower, Some(Goal::AtMost(0.5))),
+    ("cpu_gb", "5. Proxy CPU seconds per GB relayed", Better::Lower, Some(Goal::AtMost(1.0))),
+    ("cpu_req", "5. Proxy CPU seconds per 100k requests", Better::Lower, None),
+    ("cpu_conn", "5. Proxy CPU seconds per 100k new connections", Better::Lower, None),
+];
+
+/// The throughput workloads, in the order of the tables.
+const THROUGHPUT: [Workload; 4] = [Workload::Bulk1, Workload::Bulk8, Workload::Rr, Workload::Conn];
+
+/// What the scaling table asks of N workers against one: throughput ≥ 0.9 × N, CPU per unit within 10%.
+const SCALING_THROUGHPUT: f64 = 0.9;
+const SCALING_CPU: f64 = 1.1;
 
 fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
@@ -148,12 +196,16 @@ fn ratio_cell(r: Option<f64>) -> String {
 }
 
 impl Results {
-    pub fn new(kinds: Vec<Kind>, load_cpu: Option<usize>, proxy_cpu: Option<usize>) -> Results {
+    /// Results of `kinds`; the load runs on the first of `cpus`, proxies with
+    /// one worker on the second; `scaling` are the worker counts of `--workers`.
+    pub fn new(kinds: Vec<Kind>, cpus: Vec<usize>, scaling: Vec<usize>) -> Results {
         Results {
             header: Vec::new(),
             kinds,
-            load_cpu,
-            proxy_cpu,
+            load_cpu: cpus.first().copied().filter(|_| cpus.len() >= 2),
+            proxy_cpu: cpus.get(1).copied(),
+            cpus,
+            scaling,
             runs: Vec::new(),
             memory: Vec::new(),
             notes: Vec::new(),
@@ -182,9 +234,11 @@ impl Results {
             p50_us,
             p99_us,
             proxy_cpu: outcome.proxy_cpu.map(|d| d.as_secs_f64()),
+            workers: outcome.worker_cpu.iter().map(Duration::as_secs_f64).collect(),
             load_cpu: outcome.load_cpu.as_secs_f64(),
             load_core: self.load_cpu.and_then(|c| outcome.core_busy.get(c).copied()),
             proxy_core: self.proxy_cpu.and_then(|c| outcome.core_busy.get(c).copied()),
+            cores: self.cpus.iter().filter_map(|&c| outcome.core_busy.get(c).copied()).collect(),
         });
     }
 
@@ -283,157 +337,296 @@ impl Results {
         }
     }
 
+    fn has(&self, kind: Kind) -> bool {
+        self.kinds.contains(&kind)
+    }
+
+    /// The ratio columns: shuttle ÷ HAProxy with one worker each (the pair
+    /// the goals are for), then for every shuttle with N > 1 workers: ÷
+    /// HAProxy with N, ÷ nginx with N, ÷ shuttle with one. Only pairs that
+    /// both ran.
+    fn pairs(&self) -> Vec<(Kind, Kind)> {
+        let mut pairs = vec![(Kind::Shuttle(1), Kind::Haproxy(1))];
+        for &kind in &self.kinds {
+            if let Kind::Shuttle(n @ 2..) = kind {
+                pairs.extend([(kind, Kind::Haproxy(n)), (kind, Kind::Nginx(n)), (kind, Kind::Shuttle(1))]);
+            }
+        }
+        pairs.retain(|&(a, b)| self.has(a) && self.has(b));
+        pairs
+    }
+
     pub fn render(&self) -> String {
-        const FIGURES: [(&str, &str, Better, Option<Goal>); 12] = [
-            ("bulk1", "1. Bulk throughput, 1 stream (Gbit/s)", Better::Higher, Some(Goal::AtLeast(1.0))),
-            ("bulk8", "1. Bulk throughput, 8 streams (Gbit/s)", Better::Higher, Some(Goal::AtLeast(1.0))),
-            ("rps", "2. Requests/s, 64 B echo, 50 persistent connections", Better::Higher, Some(Goal::AtLeast(1.1))),
-            ("rr_p50", "2. Request latency p50 (µs)", Better::Lower, None),
-            ("rr_p99", "2. Request latency p99 (µs)", Better::Lower, Some(Goal::AtMost(1.0))),
-            ("cps", "3. New connections/s, one 64 B exchange each", Better::Higher, Some(Goal::AtLeast(1.1))),
-            ("conn_p50", "3. Connect-to-reply p50 (µs)", Better::Lower, None),
-            ("conn_p99", "3. Connect-to-reply p99 (µs)", Better::Lower, None),
-            (
-                "memory",
-                "4. Memory per idle proxied connection (bytes of proxy RSS)",
-                Better::Lower,
-                Some(Goal::AtMost(0.5)),
-            ),
-            ("cpu_gb", "5. Proxy CPU seconds per GB relayed", Better::Lower, Some(Goal::AtMost(1.0))),
-            ("cpu_req", "5. Proxy CPU seconds per 100k requests", Better::Lower, None),
-            ("cpu_conn", "5. Proxy CPU seconds per 100k new connections", Better::Lower, None),
-        ];
-        let has = |k: Kind| self.kinds.contains(&k);
         let mut out = String::new();
         let _ = writeln!(out);
         for line in &self.header {
             let _ = writeln!(out, "- {line}");
         }
         let _ = writeln!(out);
+        self.render_figures(&mut out);
+        self.render_direct(&mut out);
+        self.render_ranges(&mut out);
+        self.render_cpu(&mut out);
+        self.render_spread(&mut out);
+        self.render_scaling(&mut out);
+        for note in &self.notes {
+            let _ = writeln!(out, "- {note}");
+        }
+        out
+    }
+
+    /// Every figure of every target, with the ratios of `pairs`.
+    fn render_figures(&self, out: &mut String) {
+        let pairs = self.pairs();
+        // The goals are what the issue asks of shuttle ÷ HAProxy with one worker each.
+        let goals = pairs.first() == Some(&(Kind::Shuttle(1), Kind::Haproxy(1)));
         let mut columns = vec!["figure".to_string()];
-        columns.extend(self.kinds.iter().map(|k| k.name().to_string()));
-        if has(Kind::Shuttle) && has(Kind::Haproxy) {
-            columns.push("shuttle ÷ HAProxy".into());
-            columns.push("target".into());
+        columns.extend(self.kinds.iter().map(|k| k.name()));
+        for (i, (a, b)) in pairs.iter().enumerate() {
+            columns.push(format!("{} ÷ {}", a.name(), b.name()));
+            if i == 0 && goals {
+                columns.push("target".into());
+            }
         }
-        if has(Kind::Direct) {
-            columns.extend(self.kinds.iter().filter(|&&k| k != Kind::Direct).map(|k| format!("{} ÷ direct", k.name())));
-        }
-        let _ = writeln!(out, "| {} |", columns.join(" | "));
-        let _ = writeln!(
-            out,
-            "|{}",
-            columns.iter().enumerate().map(|(i, _)| if i == 0 { "---|" } else { "---:|" }).collect::<String>()
-        );
+        head(out, &columns, true);
         for (id, label, better, goal) in FIGURES {
             let values: Vec<Option<f64>> = self.kinds.iter().map(|&k| self.figure(id, k)).collect();
             if values.iter().all(Option::is_none) {
                 continue;
             }
             let arrow = if better == Better::Higher { "↑" } else { "↓" };
-            let mut row = vec![format!("{label} {arrow}")];
-            row.extend(values.iter().map(|&v| cell(v)));
-            if has(Kind::Shuttle) && has(Kind::Haproxy) {
-                let r = self.ratio(id, Kind::Shuttle, Kind::Haproxy);
-                row.push(ratio_cell(r));
-                row.push(match (goal, r) {
-                    (None, _) => "—".into(),
-                    (Some(Goal::AtLeast(g)), Some(r)) => format!("≥ {g:.1}× {}", if r >= g { "✓" } else { "✗" }),
-                    (Some(Goal::AtMost(g)), Some(r)) => format!("≤ {g:.1}× {}", if r <= g { "✓" } else { "✗" }),
-                    (Some(Goal::AtLeast(g)), None) => format!("≥ {g:.1}×"),
-                    (Some(Goal::AtMost(g)), None) => format!("≤ {g:.1}×"),
-                });
-            }
-            if has(Kind::Direct) {
-                for &k in self.kinds.iter().filter(|&&k| k != Kind::Direct) {
-                    row.push(ratio_cell(self.ratio(id, k, Kind::Direct)));
+            let mut cells = vec![format!("{label} {arrow}")];
+            cells.extend(values.iter().map(|&v| cell(v)));
+            for (i, &(a, b)) in pairs.iter().enumerate() {
+                let r = self.ratio(id, a, b);
+                cells.push(ratio_cell(r));
+                if i == 0 && goals {
+                    cells.push(goal.map_or_else(|| "—".into(), |g| g.cell(r)));
                 }
             }
-            let _ = writeln!(out, "| {} |", row.join(" | "));
+            row(out, &cells);
         }
         let _ = writeln!(
             out,
             "\n↑ higher is better, ↓ lower is better. A ratio is the median of the rounds' ratios (the targets of \
-             a round run back to back), or the ratio of the pooled figures (4, 5).\n"
+             a round run back to back), or the ratio of the pooled figures (4, 5). A number after a name is its \
+             workers (threads or processes); \"target\" is what the issue asks of shuttle ÷ HAProxy, one worker \
+             each.\n"
         );
+    }
 
-        // How much the rounds disagreed: the range behind each median.
-        if self.runs.iter().any(|r| self.runs(r.kind, r.workload).count() > 1) {
-            let mut head = vec!["range over rounds (min – max)".to_string()];
-            head.extend(self.kinds.iter().map(|k| k.name().to_string()));
-            let _ = writeln!(out, "| {} |", head.join(" | "));
-            let _ = writeln!(out, "|---|{}", "---:|".repeat(self.kinds.len()));
-            for (id, label, _, _) in FIGURES {
-                let mut row = vec![label.to_string()];
-                let mut any = false;
-                for &kind in &self.kinds {
-                    let values = self.per_round(id, kind).unwrap_or_default();
-                    let min = values.iter().copied().reduce(f64::min);
-                    let max = values.iter().copied().reduce(f64::max);
-                    row.push(match (min, max) {
-                        (Some(min), Some(max)) => {
-                            any = true;
-                            format!("{} – {}", number(min), number(max))
-                        }
-                        _ => "—".into(),
-                    });
-                }
-                if any {
-                    let _ = writeln!(out, "| {} |", row.join(" | "));
-                }
-            }
-            let _ = writeln!(out);
+    /// Each proxy against the load with no proxy.
+    fn render_direct(&self, out: &mut String) {
+        let proxies: Vec<Kind> = self.kinds.iter().copied().filter(|&k| k != Kind::Direct).collect();
+        if !self.has(Kind::Direct) || proxies.is_empty() {
+            return;
         }
+        let mut columns = vec!["÷ direct".to_string()];
+        columns.extend(proxies.iter().map(|k| k.name()));
+        head(out, &columns, true);
+        for (id, label, _, _) in FIGURES {
+            let ratios: Vec<Option<f64>> = proxies.iter().map(|&k| self.ratio(id, k, Kind::Direct)).collect();
+            if ratios.iter().any(Option::is_some) {
+                let mut cells = vec![label.to_string()];
+                cells.extend(ratios.into_iter().map(ratio_cell));
+                row(out, &cells);
+            }
+        }
+        let _ = writeln!(out);
+    }
 
-        // Where the bottleneck is: how busy each core was during each workload's window.
-        let mut head = vec!["CPU use in the window".to_string()];
-        head.extend(self.kinds.iter().map(|k| k.name().to_string()));
-        let _ = writeln!(out, "| {} |", head.join(" | "));
-        let _ = writeln!(out, "|---|{}", "---|".repeat(self.kinds.len()));
-        for workload in [Workload::Bulk1, Workload::Bulk8, Workload::Rr, Workload::Conn] {
+    /// How much the rounds disagreed: the range behind each median.
+    fn render_ranges(&self, out: &mut String) {
+        if !self.runs.iter().any(|r| self.runs(r.kind, r.workload).count() > 1) {
+            return;
+        }
+        let mut columns = vec!["range over rounds (min – max)".to_string()];
+        columns.extend(self.kinds.iter().map(|k| k.name()));
+        head(out, &columns, true);
+        for (id, label, _, _) in FIGURES {
+            let mut cells = vec![label.to_string()];
+            let mut any = false;
+            for &kind in &self.kinds {
+                let values = self.per_round(id, kind).unwrap_or_default();
+                let min = values.iter().copied().reduce(f64::min);
+                let max = values.iter().copied().reduce(f64::max);
+                cells.push(match (min, max) {
+                    (Some(min), Some(max)) => {
+                        any = true;
+                        format!("{} – {}", number(min), number(max))
+                    }
+                    _ => "—".into(),
+                });
+            }
+            if any {
+                row(out, &cells);
+            }
+        }
+        let _ = writeln!(out);
+    }
+
+    /// Where the bottleneck is: how busy each core was during each workload's window.
+    fn render_cpu(&self, out: &mut String) {
+        let mut columns = vec!["CPU use in the window".to_string()];
+        columns.extend(self.kinds.iter().map(|k| k.name()));
+        head(out, &columns, false);
+        for workload in THROUGHPUT {
             if self.runs.iter().all(|r| r.workload != workload) {
                 continue;
             }
-            let mut row = vec![workload.label().to_string()];
-            for &kind in &self.kinds {
-                let pct = |f: &dyn Fn(&Run) -> Option<f64>| self.median_of(kind, workload, |r| f(r).map(|v| 100.0 * v));
-                let load_core = pct(&|r| r.load_core);
-                let proxy_core = pct(&|r| r.proxy_core);
-                let load = pct(&|r| Some(r.load_cpu / r.secs));
-                let proxy = pct(&|r| r.proxy_cpu.map(|c| c / r.secs));
-                let core = |v: Option<f64>| v.map_or_else(String::new, |v| format!(" (core {v:.0}%)"));
-                let mut text = String::new();
-                if let Some(proxy) = proxy {
-                    let _ = write!(text, "proxy {proxy:.0}%{} · ", core(proxy_core));
-                }
-                match load {
-                    Some(load) => {
-                        let _ = write!(text, "load {load:.0}%{}", core(load_core));
-                    }
-                    None => text.push('—'),
-                }
-                let busy = |process: Option<f64>, core: Option<f64>| core.or(process).is_some_and(|v| v >= 90.0);
-                let verdict = match (busy(proxy, proxy_core) && proxy.is_some(), busy(load, load_core)) {
-                    (true, true) => "both",
-                    (true, false) => "proxy-bound",
-                    (false, true) => "load-bound",
-                    (false, false) => "neither",
-                };
-                let _ = write!(text, " → {verdict}");
-                row.push(text);
-            }
-            let _ = writeln!(out, "| {} |", row.join(" | "));
+            let mut cells = vec![workload.label().to_string()];
+            cells.extend(self.kinds.iter().map(|&kind| self.cpu_cell(kind, workload)));
+            row(out, &cells);
         }
         let _ = writeln!(
             out,
-            "\nPer cent of one core: \"proxy\" is the proxy process, \"load\" the load generator and backend \
-             processes; \"core\" is how busy that CPU was in all (anything but idle, incl. kernel network work \
-             charged to no process). A core ≥ 90% busy is the bottleneck; \"neither\" means both cores idled \
-             part of the time: the run was bound by round trips between them.\n"
+            "\nPer cent of one core: \"proxy\" is the proxy (every thread and process of it), \"load\" the load \
+             generator and backend processes; \"core\" is how busy that CPU was in all (anything but idle, incl. \
+             kernel network work charged to no process). A core ≥ 90% busy is the bottleneck; \"neither\" means \
+             both cores idled part of the time: the run was bound by round trips between them. A proxy with \
+             several workers shares the cores with the load, so only \"cores\" (every allowed CPU, in order) \
+             says whether the machine was the limit.\n"
         );
-        for note in &self.notes {
-            let _ = writeln!(out, "- {note}");
-        }
-        out
     }
+
+    fn cpu_cell(&self, kind: Kind, workload: Workload) -> String {
+        let pct = |f: &dyn Fn(&Run) -> Option<f64>| self.median_of(kind, workload, |r| f(r).map(|v| 100.0 * v));
+        let load = pct(&|r| Some(r.load_cpu / r.secs));
+        let proxy = pct(&|r| r.proxy_cpu.map(|c| c / r.secs));
+        let Some(load) = load else { return "—".into() };
+        let mut text = String::new();
+        if kind.workers() > 1 {
+            let cores: Vec<f64> = (0..self.cpus.len()).filter_map(|i| pct(&|r| r.cores.get(i).copied())).collect();
+            if let Some(proxy) = proxy {
+                let _ = write!(text, "proxy {proxy:.0}% · ");
+            }
+            let shown: Vec<String> = cores.iter().map(|c| format!("{c:.0}%")).collect();
+            let _ = write!(text, "load {load:.0}% · cores {}", shown.join(" / "));
+            let full = !cores.is_empty() && cores.iter().all(|&c| c >= 90.0);
+            let _ = write!(text, " → {}", if full { "cores saturated" } else { "cores idle part of the time" });
+            return text;
+        }
+        let load_core = pct(&|r| r.load_core);
+        let proxy_core = pct(&|r| r.proxy_core);
+        let core = |v: Option<f64>| v.map_or_else(String::new, |v| format!(" (core {v:.0}%)"));
+        if let Some(proxy) = proxy {
+            let _ = write!(text, "proxy {proxy:.0}%{} · ", core(proxy_core));
+        }
+        let _ = write!(text, "load {load:.0}%{}", core(load_core));
+        let busy = |process: Option<f64>, core: Option<f64>| core.or(process).is_some_and(|v| v >= 90.0);
+        let verdict = match (busy(proxy, proxy_core) && proxy.is_some(), busy(Some(load), load_core)) {
+            (true, true) => "both",
+            (true, false) => "proxy-bound",
+            (false, true) => "load-bound",
+            (false, false) => "neither",
+        };
+        let _ = write!(text, " → {verdict}");
+        text
+    }
+
+    /// How evenly each proxy with several workers spread the work over them.
+    fn render_spread(&self, out: &mut String) {
+        let several: Vec<Kind> = self.kinds.iter().copied().filter(|k| k.workers() > 1).collect();
+        if !self.runs.iter().any(|r| several.contains(&r.kind) && r.workers.len() > 1) {
+            return;
+        }
+        let mut columns = vec!["spread: busiest worker's share of the workers' CPU".to_string()];
+        columns.extend(several.iter().map(|k| format!("{} (even: {:.0}%)", k.name(), 100.0 / k.workers() as f64)));
+        head(out, &columns, true);
+        for workload in THROUGHPUT {
+            if self.runs.iter().all(|r| r.workload != workload) {
+                continue;
+            }
+            let mut cells = vec![workload.label().to_string()];
+            cells.extend(several.iter().map(|&kind| self.spread_cell(kind, workload)));
+            row(out, &cells);
+        }
+        let _ = writeln!(
+            out,
+            "\nThe busiest worker's CPU time in the window as a share of all the workers' (median of rounds): \
+             100/N % is perfectly even, 100% means one worker did all the work. In parentheses, each worker's CPU \
+             in per cent of one core, busiest first (medians by rank). Workers are shuttle's worker-loop threads \
+             (`shuttle-wN`, not the control loop), HAProxy's threads, nginx's worker processes (not the master). \
+             \"bulk, 1 stream\" is one connection, which one worker carries whatever the proxy.\n"
+        );
+    }
+
+    fn spread_cell(&self, kind: Kind, workload: Workload) -> String {
+        let share = |r: &Run| {
+            let total: f64 = r.workers.iter().sum();
+            let busiest = r.workers.iter().copied().reduce(f64::max)?;
+            (r.workers.len() > 1 && total > 0.0).then(|| 100.0 * busiest / total)
+        };
+        let Some(median_share) = self.median_of(kind, workload, share) else { return "—".into() };
+        let workers = self.runs(kind, workload).map(|r| r.workers.len()).max().unwrap_or(0);
+        let by_rank: Vec<String> = (0..workers)
+            .filter_map(|rank| {
+                self.median_of(kind, workload, |r| {
+                    let mut sorted = r.workers.clone();
+                    sorted.sort_by(|a, b| b.total_cmp(a));
+                    sorted.get(rank).map(|c| 100.0 * c / r.secs)
+                })
+            })
+            .map(|pct| format!("{pct:.0}%"))
+            .collect();
+        format!("{median_share:.0}% ({})", by_rank.join(" + "))
+    }
+
+    /// `--workers`: shuttle with each number of workers against shuttle with one.
+    fn render_scaling(&self, out: &mut String) {
+        let mut counts = self.scaling.clone();
+        counts.sort_unstable();
+        counts.dedup();
+        let kinds: Vec<Kind> = counts.iter().map(|&n| Kind::Shuttle(n)).filter(|&k| self.has(k)).collect();
+        if kinds.is_empty() {
+            return;
+        }
+        let base = Kind::Shuttle(1);
+        let mut columns = vec!["scaling: shuttle with N workers".to_string()];
+        columns.extend(kinds.iter().map(|k| format!("{} (N = {})", k.name(), k.workers())));
+        head(out, &columns, true);
+        for id in ["bulk1", "bulk8", "rps", "cps", "cpu_gb", "cpu_req", "cpu_conn"] {
+            let Some(&(_, label, better, _)) = FIGURES.iter().find(|f| f.0 == id) else { continue };
+            let values: Vec<Option<f64>> = kinds.iter().map(|&k| self.figure(id, k)).collect();
+            if values.iter().all(Option::is_none) {
+                continue;
+            }
+            let arrow = if better == Better::Higher { "↑" } else { "↓" };
+            let mut cells = vec![format!("{label} {arrow}")];
+            for (&kind, &value) in kinds.iter().zip(&values) {
+                let n = kind.workers();
+                if n == 1 || !self.has(base) {
+                    cells.push(cell(value));
+                    continue;
+                }
+                let r = self.ratio(id, kind, base);
+                let goal = match better {
+                    Better::Higher => Goal::AtLeast(SCALING_THROUGHPUT * n as f64),
+                    Better::Lower => Goal::AtMost(SCALING_CPU),
+                };
+                cells.push(format!("{} · {} of N = 1 ({})", cell(value), ratio_cell(r), goal.cell(r)));
+            }
+            row(out, &cells);
+        }
+        let _ = writeln!(
+            out,
+            "\nThroughput as a multiple of N = 1 (median of the rounds' ratios) against the goal of {SCALING_THROUGHPUT} \
+             × N (near-linear), and proxy CPU per unit of work as a multiple of N = 1's (pooled) against \
+             {SCALING_CPU}× (within 10%). The workers share the machine's {} allowed CPU(s) with the load generator \
+             and the backends, so throughput cannot scale past what the cores left over allow: where N + 1 exceeds \
+             the cores, the throughput goal cannot be shown and CPU per unit of work is the figure to read.\n",
+            self.cpus.len()
+        );
+    }
+}
+
+/// Writes the head of a markdown table; columns after the first are right-aligned if `numeric`.
+fn head(out: &mut String, columns: &[String], numeric: bool) {
+    let _ = writeln!(out, "| {} |", columns.join(" | "));
+    let align = if numeric { "---:|" } else { "---|" };
+    let _ = writeln!(out, "|---|{}", align.repeat(columns.len().saturating_sub(1)));
+}
+
+fn row(out: &mut String, cells: &[String]) {
+    let _ = writeln!(out, "| {} |", cells.join(" | "));
 }

@@ -1,5 +1,6 @@
 //! What the benchmark asks of the operating system: CPU pinning, the fd limit,
-//! and per-process CPU time and memory from `/proc`.
+//! and per-process and per-thread CPU time, child processes and memory from
+//! `/proc`.
 
 use std::io;
 use std::time::Duration;
@@ -21,10 +22,20 @@ pub fn allowed_cpus() -> Vec<usize> {
 /// Only makes the `sched_setaffinity` syscall, so it is also safe to call in a
 /// child between `fork` and `exec`.
 pub fn pin_to(cpu: usize) -> io::Result<()> {
+    pin_to_cpus(&[cpu])
+}
+
+/// Lets the calling thread (and every thread it starts later) run on `cpus` only.
+///
+/// Like `pin_to`, it only reads the slice and makes one syscall, so it is safe
+/// between `fork` and `exec` (the slice is allocated before the fork).
+pub fn pin_to_cpus(cpus: &[usize]) -> io::Result<()> {
     // SAFETY: `cpu_set_t` is plain data; all-zero is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes one bit of the set we own; `cpu` < CPU_SETSIZE (checked by the caller's list).
-    unsafe { libc::CPU_SET(cpu, &mut set) };
+    for &cpu in cpus {
+        // SAFETY: CPU_SET writes one bit of the set we own; `cpu` < CPU_SETSIZE (checked by the caller's list).
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
     // SAFETY: we pass the size of the set we own; pid 0 is the calling thread.
     if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
         return Err(io::Error::last_os_error());
@@ -53,20 +64,65 @@ pub fn raise_fd_limit(want: u64) -> u64 {
     limit.rlim_cur
 }
 
-/// CPU time (user + system) of process `pid` so far, from `/proc/PID/stat`.
-pub fn process_cpu(pid: u32) -> io::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name may hold spaces; the fields after its closing parenthesis are fixed.
-    let rest = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+/// The command name and the fields after it of a `/proc/.../stat` file.
+fn stat(path: &str) -> io::Result<(String, Vec<String>)> {
+    let stat = std::fs::read_to_string(path)?;
+    // The command name may hold spaces and parentheses; the fields after its last `)` are fixed.
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("unexpected {path}: {stat}"));
+    let (head, rest) = stat.rsplit_once(')').ok_or_else(bad)?;
+    let (_, comm) = head.split_once('(').ok_or_else(bad)?;
+    Ok((comm.to_string(), rest.split_whitespace().map(str::to_string).collect()))
+}
+
+/// CPU time (user + system) in a `/proc/.../stat` file so far.
+fn stat_cpu(path: &str) -> io::Result<Duration> {
+    let (_, fields) = stat(path)?;
     // After `)`: state is field 3 of stat(5), so utime (14) and stime (15) are at 11 and 12.
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
     let (Some(utime), Some(stime)) = (ticks(11), ticks(12)) else {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected /proc/{pid}/stat: {stat}")));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{path}: no utime and stime")));
     };
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Ok(Duration::from_nanos((utime + stime) * 1_000_000_000 / hz))
+}
+
+/// CPU time (user + system) of process `pid` so far, every thread of it, from `/proc/PID/stat`.
+pub fn process_cpu(pid: u32) -> io::Result<Duration> {
+    stat_cpu(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time (user + system) of thread `tid` of process `pid` so far.
+pub fn thread_cpu(pid: u32, tid: u32) -> io::Result<Duration> {
+    stat_cpu(&format!("/proc/{pid}/task/{tid}/stat"))
+}
+
+/// The threads of process `pid`: id and name (at most 15 bytes of it: the kernel cuts longer names).
+pub fn threads(pid: u32) -> Vec<(u32, String)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    let mut threads: Vec<(u32, String)> = dir
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        // A thread may end between the listing and the read; it is left out.
+        .filter_map(|tid| Some((tid, stat(&format!("/proc/{pid}/task/{tid}/stat")).ok()?.0)))
+        .collect();
+    threads.sort_unstable();
+    threads
+}
+
+/// The processes whose parent is `pid`, by a scan of every `/proc/*/stat`
+/// (`/proc/PID/task/*/children` needs a kernel option that not every kernel has).
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut children: Vec<u32> = dir
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| {
+            // After `)`: state, then ppid (field 4 of stat(5)). A process gone meanwhile is not a child.
+            stat(&format!("/proc/{child}/stat"))
+                .is_ok_and(|(_, fields)| fields.get(1).and_then(|f| f.parse::<u32>().ok()) == Some(pid))
+        })
+        .collect();
+    children.sort_unstable();
+    children
 }
 
 /// CPU time (user + system) of this whole process (every thread) so far.

@@ -134,6 +134,9 @@ pub trait Plane {
     fn set_backends(&mut self, key: Key, prepared: Prepared, now: Instant);
     /// Removes a service; its open connections run on.
     fn remove_service(&mut self, key: Key, now: Instant);
+    /// Whether every loop has applied every change so far (the answer to a
+    /// change waits until they have).
+    fn settled(&self) -> bool;
 }
 
 /// Whether a request changes the config (and so takes its turn), or only reads.

@@ -5,9 +5,11 @@
 //! answer).
 //!
 //! ```text
-//! waiting ──▶ draft ──▶ Resolving ──▶ prepare ──▶ Saving ──▶ commit ──▶ 200
+//! waiting ──▶ draft ──▶ Resolving ──▶ prepare ──▶ Saving ──▶ commit ──▶ Applying ──▶ 200
 //!               │ 4xx        │ 400 (deadline)│ 4xx      │ 500
 //! ```
+//!
+//! `Applying` lasts until every worker loop has the change (at once with one loop).
 //!
 //! Once a save has started, the change is applied whatever happens to the
 //! client that asked for it: the file and the running config must agree.
@@ -43,6 +45,8 @@ enum Current {
     Resolving { conn: Key, job: u64, deadline: Instant, draft: Draft, names: Vec<String> },
     /// The state file is being written; once it is, the change is applied.
     Saving { conn: Key, job: u64, ready: Ready },
+    /// Applied here; the answer waits until every worker loop has it too.
+    Applying { conn: Key, response: Response },
 }
 
 /// The queue of admin changes and the one in flight.
@@ -86,7 +90,14 @@ impl Changes {
             }
             (Answer::Done { job, result }, Some(Current::Saving { conn, job: expected, ready })) if job == expected => {
                 let response = match result {
-                    Ok(()) => api::commit(plane, ready, now),
+                    Ok(()) => {
+                        let response = api::commit(plane, ready, now);
+                        if !plane.settled() {
+                            self.current = Some(Current::Applying { conn, response });
+                            return replies;
+                        }
+                        response
+                    }
                     Err(e) => {
                         api::abandon(plane, ready);
                         let path = self.state.as_ref().map(|(s, _)| s.path().display().to_string()).unwrap_or_default();
@@ -101,6 +112,19 @@ impl Changes {
             (answer, current) => {
                 debug!("admin: dropping a late helper answer: {answer:?}");
                 self.current = current;
+            }
+        }
+        self.pump(plane, now, &mut replies);
+        replies
+    }
+
+    /// A worker loop acknowledged a change (or stopped): the change applying
+    /// may be everywhere now.
+    pub fn on_settled(&mut self, plane: &mut impl Plane, now: Instant) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        if matches!(self.current, Some(Current::Applying { .. })) && plane.settled() {
+            if let Some(Current::Applying { conn, response }) = self.current.take() {
+                replies.push(Reply { conn, response });
             }
         }
         self.pump(plane, now, &mut replies);
@@ -142,7 +166,7 @@ impl Changes {
 
     /// Whether a change is still to be answered (the drain waits for a save in flight).
     pub fn is_saving(&self) -> bool {
-        matches!(self.current, Some(Current::Saving { .. }))
+        matches!(self.current, Some(Current::Saving { .. } | Current::Applying { .. }))
     }
 
     /// Whether a change waits although none is in flight (its predecessor's
@@ -197,7 +221,12 @@ impl Changes {
             Err(e) => return Some(Reply { conn, response: e.into_response() }),
         };
         let Some((state, worker)) = &self.state else {
-            return Some(Reply { conn, response: api::commit(plane, ready, now) });
+            let response = api::commit(plane, ready, now);
+            if !plane.settled() {
+                self.current = Some(Current::Applying { conn, response });
+                return None;
+            }
+            return Some(Reply { conn, response });
         };
         let job = self.next_job;
         self.next_job += 1;
@@ -219,5 +248,80 @@ impl Changes {
         let job = self.next_job;
         self.next_job += 1;
         job
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::control::api::Staged;
+    use crate::control::http::Caller;
+    use crate::model::config::{BackendConfig, ServiceConfig};
+    use crate::model::service::{self, Prepared, Services};
+    use crate::runtime::helpers::Inbox;
+    use crate::runtime::key::Slots;
+
+    /// A plane whose workers acknowledge only when told to.
+    struct Fake {
+        services: Services,
+        unacknowledged: bool,
+    }
+
+    impl Plane for Fake {
+        fn services(&self) -> &Services {
+            &self.services
+        }
+        fn bound(&self) -> Vec<(Option<Key>, SocketAddr)> {
+            Vec::new()
+        }
+        fn admin_addr(&self) -> Option<SocketAddr> {
+            None
+        }
+        fn stage_listener(&mut self, _: SocketAddr) -> io::Result<Staged> {
+            Err(io::Error::other("not in this test"))
+        }
+        fn unstage(&mut self, _: Staged) {}
+        fn add_service(&mut self, _: Prepared, _: Staged, _: Instant) {}
+        fn replace_service(&mut self, _: Key, _: Prepared, _: Option<Staged>, _: Instant) {}
+        fn set_backends(&mut self, key: Key, prepared: Prepared, _: Instant) {
+            self.services.set_backends(key, prepared.config.backends, prepared.backend_addrs);
+            self.unacknowledged = true;
+        }
+        fn remove_service(&mut self, _: Key, _: Instant) {}
+        fn settled(&self) -> bool {
+            !self.unacknowledged
+        }
+    }
+
+    #[test]
+    fn a_change_is_answered_only_once_every_worker_has_it() {
+        let mut services = Services::default();
+        let mut config = ServiceConfig::new("web", "127.0.0.1:8080");
+        config.backends.push(BackendConfig::new("a", "127.0.0.1:9001"));
+        services.insert(service::prepare(config, &Lookups::new()).unwrap());
+        let mut plane = Fake { services, unacknowledged: false };
+        let outbox = Inbox::<Answer>::new(mio::Poll::new().unwrap().registry(), mio::Token(1)).unwrap().outbox();
+        let mut changes = Changes::new(Resolver::new(outbox), None);
+        let request = Request {
+            method: "PUT".into(),
+            path: "/web/b".into(),
+            query: None,
+            body: br#"{"address": "127.0.0.1:9002"}"#.to_vec(),
+            keep_alive: true,
+            from: Caller::default(),
+        };
+        let now = Instant::now();
+        let conn = Slots::<()>::new().insert(());
+        assert!(changes.submit(&mut plane, conn, request, now).is_empty(), "applied here, not yet everywhere");
+        assert!(changes.is_saving(), "a drain waits for it");
+        assert!(changes.on_settled(&mut plane, now).is_empty(), "still not acknowledged");
+        plane.unacknowledged = false;
+        let replies = changes.on_settled(&mut plane, now);
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].response.status, 200);
+        assert!(!changes.is_saving());
     }
 }

@@ -247,12 +247,12 @@ impl Probe {
         let Some(service) = cx.services.service(backend.service) else { return Step::Close };
         let (rise, fall) = (service.settings.rise, service.settings.fall);
         let names = format!("{}/{}", service.settings.name, backend.config.name);
-        let Some(backend) = cx.services.backend_mut(self.backend) else { return Step::Close };
         match &result {
-            Ok(()) => backend.counters.check_success += 1,
-            Err(_) => backend.counters.check_fail += 1,
+            Ok(()) => backend.state.check_success.add(1),
+            Err(_) => backend.state.check_fail.add(1),
         }
-        let transition = backend.health.record_check(result.is_ok(), rise, fall);
+        let passed = result.is_ok();
+        let transition = backend.state.health.update(|h| h.record_check(passed, rise, fall));
         match (transition, &result) {
             (Some(Transition::WentDown), Err(why)) => warn!("{names} is down: {fall} checks failed, last: {why}"),
             (Some(Transition::CameUp), _) => info!("{names} is up: {rise} checks passed"),

@@ -286,8 +286,8 @@ fn connect_next(plan: &mut Plan, token: Token, cx: &mut Cx<'_>) -> Result<Attemp
         });
         match started {
             Ok(stream) => {
-                if let Some(b) = cx.services.backend_mut(target) {
-                    b.counters.active += 1;
+                if let Some(b) = cx.services.backend(target) {
+                    b.state.active.add(1);
                 }
                 return Ok(Attempt { stream, target });
             }
@@ -431,13 +431,19 @@ impl Pair {
         };
         let connected = self.connect_ms.map_or_else(String::new, |ms| format!("{failed}connected in {ms} ms, "));
         let how = self.ended.as_ref().map_or_else(|| "both sides closed".to_string(), Fault::to_string);
-        format!("{service}: {}{to}: {connected}closed after {lasted} ms ({how}), {sent} bytes sent, {received} bytes received", self.peer)
+        // With several worker loops, which one served it (their threads are named for them).
+        let thread = std::thread::current();
+        let worker = thread
+            .name()
+            .and_then(|n| n.strip_prefix("shuttle-w"))
+            .map_or_else(String::new, |i| format!(", worker {i}"));
+        format!("{service}: {}{to}: {connected}closed after {lasted} ms ({how}), {sent} bytes sent, {received} bytes received{worker}", self.peer)
     }
 
     /// Takes this pair off its backend's `active` count.
     fn release_backend(&mut self, cx: &mut Cx<'_>) {
-        if let Some(b) = self.holds.take().and_then(|k| cx.services.backend_mut(k)) {
-            b.counters.active = b.counters.active.saturating_sub(1);
+        if let Some(b) = self.holds.take().and_then(|k| cx.services.backend(k)) {
+            b.state.active.sub_one();
         }
     }
 
@@ -555,14 +561,14 @@ impl Pair {
         match &fault {
             Fault::Backend(_) | Fault::Timeout(Side::Backend) => {
                 if let Phase::Relaying { target, .. } = &self.phase {
-                    if let Some(b) = cx.services.backend_mut(*target) {
-                        b.counters.errors += 1;
+                    if let Some(b) = cx.services.backend(*target) {
+                        b.state.errors.add(1);
                     }
                 }
             }
             Fault::Local(_) => {
-                if let Some(s) = cx.services.service_mut(self.service) {
-                    s.errors += 1;
+                if let Some(s) = cx.services.service(self.service) {
+                    s.errors.add(1);
                 }
             }
             _ => {}
@@ -577,9 +583,9 @@ impl Pair {
             return;
         }
         if let Phase::Relaying { target, .. } = &self.phase {
-            if let Some(b) = cx.services.backend_mut(*target) {
-                b.counters.sent += self.up.unreported;
-                b.counters.received += self.down.unreported;
+            if let Some(b) = cx.services.backend(*target) {
+                b.state.sent.add(self.up.unreported);
+                b.state.received.add(self.down.unreported);
             }
         }
         self.up.unreported = 0;

@@ -8,6 +8,8 @@
 //! all most connections need, so the failover order is computed only when a
 //! connect fails, one candidate at a time.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::model::config::Balance;
 
 /// What the balancer needs to know of one backend.
@@ -34,6 +36,44 @@ pub struct Cursor {
     next: usize,
     /// Connections the backend at `next` has taken in its current turn (RR).
     taken: u32,
+}
+
+impl Cursor {
+    fn to_bits(self) -> u64 {
+        // Positions index a service's backends, far fewer than 2^32.
+        (self.next as u64) << 32 | u64::from(self.taken)
+    }
+
+    fn from_bits(bits: u64) -> Cursor {
+        Cursor { next: (bits >> 32) as usize, taken: bits as u32 }
+    }
+}
+
+/// A service's cursor as every loop shares it: one atomic word, advanced by
+/// compare-and-swap. Picks are then one sequence whichever loop makes them,
+/// so round robin's weights and least connected's turns hold over the whole
+/// process exactly as in one loop, with no lock.
+#[derive(Debug, Default)]
+pub struct SharedCursor(AtomicU64);
+
+impl SharedCursor {
+    /// Picks the first backend for a new client and advances the cursor; `None` when none is eligible.
+    pub fn pick(&self, balance: Balance, n: usize, at: impl Fn(usize) -> Candidate) -> Option<usize> {
+        let mut bits = self.0.load(Ordering::Acquire);
+        loop {
+            let mut cursor = Cursor::from_bits(bits);
+            let chosen = pick(balance, &mut cursor, n, &at);
+            let new = cursor.to_bits();
+            if new == bits {
+                return chosen;
+            }
+            match self.0.compare_exchange_weak(bits, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return chosen,
+                // Another loop picked meanwhile: pick again from where it left the cursor.
+                Err(now) => bits = now,
+            }
+        }
+    }
 }
 
 /// Picks the first backend for a new client; `None` when none is eligible.
@@ -193,5 +233,33 @@ mod tests {
         assert_eq!(picks(Balance::LeastConn, &backends, 2), [0, 0]);
         let mut cursor = Cursor::default();
         assert_eq!(order(Balance::LeastConn, &mut cursor, &backends), [0]);
+    }
+
+    #[test]
+    fn a_shared_cursor_keeps_one_sequence_over_threads() {
+        let cursor = std::sync::Arc::new(SharedCursor::default());
+        let weights = [1u32, 2, 3];
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let cursor = cursor.clone();
+                std::thread::spawn(move || {
+                    let mut counts = [0usize; 3];
+                    for _ in 0..600 {
+                        let i = cursor.pick(Balance::RoundRobin, 3, |i| up(weights[i])).unwrap();
+                        counts[i] += 1;
+                    }
+                    counts
+                })
+            })
+            .collect();
+        let mut total = [0usize; 3];
+        for t in threads {
+            for (sum, n) in total.iter_mut().zip(t.join().unwrap()) {
+                *sum += n;
+            }
+        }
+        // 1800 picks are 300 whole rounds of 1 + 2 + 3.
+        assert_eq!(total, [300, 600, 900]);
+        assert_eq!(Cursor::from_bits(Cursor { next: 7, taken: 3 }.to_bits()), Cursor { next: 7, taken: 3 });
     }
 }

@@ -3,8 +3,12 @@
 //!
 //! `Health` is pure bookkeeping; the probe that feeds it from the event loop
 //! lives in `probe.rs`, and failed client connects feed it from `proxy.rs`.
+//! `SharedHealth` holds it in one atomic word, so that every loop proxying to a
+//! backend reads and feeds the same health without a lock, and each
+//! transition happens (and is logged) exactly once.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A change of a backend's `up` state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +81,29 @@ impl Health {
         self.failures = 0;
     }
 
+    /// One word: the up bit above the current run. The runs never overlap
+    /// (failures count only while up, passing checks only while down), so
+    /// one counter holds whichever applies.
+    fn to_bits(self) -> u64 {
+        let run = if self.up { self.failures } else { self.successes };
+        (u64::from(self.up) << 32) | u64::from(run)
+    }
+
+    fn from_bits(bits: u64) -> Health {
+        let (up, run) = (bits >> 32 & 1 == 1, bits as u32);
+        if up {
+            Health { up, failures: run, successes: 0 }
+        } else {
+            Health { up, failures: 0, successes: run }
+        }
+    }
+
+    /// This health after a completed client connect.
+    pub fn after_connect_success(mut self) -> Health {
+        self.record_connect_success();
+        self
+    }
+
     fn fail(&mut self, fall: u32) -> Option<Transition> {
         if !self.up {
             return None;
@@ -88,6 +115,47 @@ impl Health {
             return Some(Transition::WentDown);
         }
         None
+    }
+}
+
+/// A backend's health as every loop sees it: one atomic word, updated by
+/// compare-and-swap, so the byte path takes no lock.
+#[derive(Debug)]
+pub struct SharedHealth(AtomicU64);
+
+impl Default for SharedHealth {
+    fn default() -> Self {
+        SharedHealth(AtomicU64::new(Health::default().to_bits()))
+    }
+}
+
+impl SharedHealth {
+    /// The health now.
+    pub fn get(&self) -> Health {
+        Health::from_bits(self.0.load(Ordering::Acquire))
+    }
+
+    /// Whether traffic may go to the backend.
+    pub fn is_up(&self) -> bool {
+        self.get().is_up()
+    }
+
+    /// Applies `f` atomically; of concurrent updates, exactly the one that
+    /// made a transition returns it.
+    pub fn update(&self, f: impl Fn(&mut Health) -> Option<Transition>) -> Option<Transition> {
+        let mut transition = None;
+        let _ = self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |bits| {
+            let mut health = Health::from_bits(bits);
+            transition = f(&mut health);
+            let new = health.to_bits();
+            (new != bits).then_some(new)
+        });
+        transition
+    }
+
+    /// Forgets the run and marks the backend up (its checks were turned off).
+    pub fn reset(&self) {
+        self.0.store(Health::default().to_bits(), Ordering::Release);
     }
 }
 
@@ -146,5 +214,36 @@ mod tests {
         h.record_connect_failure(1);
         h.record_connect_success();
         assert!(!h.is_up());
+    }
+
+    #[test]
+    fn the_word_holds_every_state_a_run_reaches() {
+        let mut h = Health::default();
+        for (passed, rise, fall) in
+            [(false, 3, 4), (false, 3, 4), (false, 3, 4), (false, 3, 4), (true, 3, 4), (true, 3, 4)]
+        {
+            h.record_check(passed, rise, fall);
+            assert_eq!(Health::from_bits(h.to_bits()), h);
+        }
+        let top = Health { up: true, failures: u32::MAX, successes: 0 };
+        assert_eq!(Health::from_bits(top.to_bits()), top);
+    }
+
+    #[test]
+    fn concurrent_failures_make_one_transition() {
+        let shared = std::sync::Arc::new(SharedHealth::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    (0..1000).filter(|_| shared.update(|h| h.record_connect_failure(1000)).is_some()).count()
+                })
+            })
+            .collect();
+        let transitions: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(transitions, 1, "4000 failures with fall 1000 go down exactly once");
+        assert!(!shared.is_up());
+        shared.reset();
+        assert!(shared.is_up());
     }
 }

@@ -7,34 +7,18 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
 use crate::model::address::{self, Lookups};
-use crate::model::balance::{self, Candidate, Cursor};
+use crate::model::balance::{self, Candidate, SharedCursor};
 use crate::model::config::{self, BackendConfig, ServiceConfig};
-use crate::model::health::{Health, Transition};
+pub use crate::model::counters::Counters;
+use crate::model::counters::{BackendState, Counter};
+use crate::model::health::Transition;
 use crate::runtime::key::{Key, Slots};
-
-/// Counters of one backend, as the stats API shows them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Bytes client → backend.
-    pub sent: u64,
-    /// Bytes backend → client.
-    pub received: u64,
-    /// Failed connects and backend-side failures.
-    pub errors: u64,
-    /// Connections established, in all.
-    pub connections: u64,
-    /// Connections open or being opened now.
-    pub active: u64,
-    /// Health checks passed.
-    pub check_success: u64,
-    /// Health checks failed.
-    pub check_fail: u64,
-}
 
 /// One running backend.
 #[derive(Debug)]
@@ -47,10 +31,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// `config.check_address`, resolved; `None` when it is never checked.
     pub check_addr: Option<SocketAddr>,
-    /// Up or down, and the current run of results.
-    pub health: Health,
-    /// Traffic and check counters.
-    pub counters: Counters,
+    /// Health and counters, shared by every loop that proxies to it.
+    pub state: Arc<BackendState>,
     /// The event-loop entry that probes it, if any.
     pub probe: Option<Key>,
 }
@@ -65,12 +47,13 @@ pub struct Service {
     /// Backends in config order.
     pub backends: Vec<Key>,
     /// Clients that found no backend to go to.
-    pub errors: u64,
+    pub errors: Arc<Counter>,
     /// The event-loop entry of its listener.
     pub listener: Option<Key>,
     /// The timeouts new connections get, converted once per config change.
     limits: Limits,
-    cursor: Cursor,
+    /// Shared by every loop, so balancing is one sequence over the process.
+    cursor: Arc<SharedCursor>,
     /// Deleted: hidden from the API, kept while its listener hands over queued clients.
     retired: bool,
 }
@@ -175,7 +158,7 @@ pub struct Limits {
 /// What the balancer sees of a backend; a vanished one is never chosen.
 fn candidate(backends: &Slots<Backend>, key: Key) -> Candidate {
     match backends.get(key) {
-        Some(b) => Candidate { weight: b.config.weight, up: b.health.is_up(), active: b.counters.active },
+        Some(b) => Candidate { weight: b.config.weight, up: b.state.health.is_up(), active: b.state.active.get() },
         None => Candidate { weight: 0, up: false, active: 0 },
     }
 }
@@ -210,6 +193,17 @@ impl Plan {
     pub fn is_empty(&self) -> bool {
         self.first.is_none() && self.last.is_none()
     }
+}
+
+/// A service's state as every loop shares it (see [`Services::share`]).
+#[derive(Debug, Clone, Default)]
+pub struct Shared {
+    /// Clients that found no backend.
+    pub errors: Arc<Counter>,
+    /// Where balancing stands.
+    pub cursor: Arc<SharedCursor>,
+    /// Each backend's counters and health, in the service's order.
+    pub backends: Vec<Arc<BackendState>>,
 }
 
 /// What a backends update did, so the loop can start and stop probes.
@@ -286,9 +280,9 @@ impl Services {
             settings: config,
             addr,
             backends: Vec::new(),
-            errors: 0,
+            errors: Arc::default(),
             listener: None,
-            cursor: Cursor::default(),
+            cursor: Arc::default(),
             retired: false,
         });
         self.by_name.insert(name, key);
@@ -334,15 +328,7 @@ impl Services {
                     new_keys.push(k);
                 }
                 None => {
-                    let b = Backend {
-                        config,
-                        service: key,
-                        addr,
-                        check_addr,
-                        health: Health::default(),
-                        counters: Counters::default(),
-                        probe: None,
-                    };
+                    let b = Backend { config, service: key, addr, check_addr, state: Arc::default(), probe: None };
                     let k = self.backends.insert(b);
                     changes.added.push(k);
                     new_keys.push(k);
@@ -384,6 +370,28 @@ impl Services {
         Some((service, backends))
     }
 
+    /// What every loop shares of a service: its error counter and its
+    /// backends' state, in order.
+    pub fn shared(&self, key: Key) -> Shared {
+        let Some(s) = self.services.get(key) else { return Shared::default() };
+        let backends = s.backends.iter().filter_map(|&k| self.backends.get(k)).map(|b| b.state.clone()).collect();
+        Shared { errors: s.errors.clone(), cursor: s.cursor.clone(), backends }
+    }
+
+    /// Makes a service count into `shared`, which another loop's copy of the
+    /// same service made with [`Services::shared`]: both then show the same
+    /// counters and health. Backends are matched by position.
+    pub fn share(&mut self, key: Key, shared: &Shared) {
+        let Some(s) = self.services.get_mut(key) else { return };
+        s.errors = shared.errors.clone();
+        s.cursor = shared.cursor.clone();
+        for (&k, state) in s.backends.iter().zip(&shared.backends) {
+            if let Some(b) = self.backends.get_mut(k) {
+                b.state = state.clone();
+            }
+        }
+    }
+
     /// The timeouts new connections to the service get.
     pub fn limits(&self, key: Key) -> Limits {
         self.services.get(key).map_or_else(Limits::default, |s| s.limits)
@@ -392,10 +400,10 @@ impl Services {
     /// Chooses a backend for a new client; an empty plan means none is available.
     pub fn plan(&mut self, key: Key) -> Plan {
         let mut plan = Plan { service: key, first: None, tried: Vec::new(), last: None };
-        let Some(service) = self.services.get_mut(key) else { return plan };
+        let Some(service) = self.services.get(key) else { return plan };
         let (backends, slots) = (&service.backends, &self.backends);
         let at = |i: usize| candidate(slots, backends[i]);
-        let chosen = balance::pick(service.settings.balance, &mut service.cursor, backends.len(), at);
+        let chosen = service.cursor.pick(service.settings.balance, backends.len(), at);
         plan.first = chosen.map(|i| backends[i]);
         plan
     }
@@ -423,14 +431,14 @@ impl Services {
 
     /// Counts a failed backend connect and feeds passive health; returns a transition to log.
     pub fn connect_failed(&mut self, backend: Key) -> Option<Transition> {
-        let b = self.backends.get_mut(backend)?;
-        b.counters.errors += 1;
+        let b = self.backends.get(backend)?;
+        b.state.errors.add(1);
         let settings = self.services.get(b.service).map(|s| &s.settings);
         let fall = settings.map_or(1, |s| s.fall);
         let checked = settings.is_some_and(|s| config::seconds(s.check_interval).is_some());
         // Only backends that checks can bring back are marked down by traffic (reference §4 passive health).
         if checked && b.check_addr.is_some() {
-            b.health.record_connect_failure(fall)
+            b.state.health.update(|h| h.record_connect_failure(fall))
         } else {
             None
         }
@@ -438,9 +446,15 @@ impl Services {
 
     /// Counts an established backend connection.
     pub fn connect_succeeded(&mut self, backend: Key) {
-        if let Some(b) = self.backends.get_mut(backend) {
-            b.counters.connections += 1;
-            b.health.record_connect_success();
+        if let Some(b) = self.backends.get(backend) {
+            b.state.connections.add(1);
+            // A plain load unless a run of failures is open: no store per connection.
+            if b.state.health.get() != b.state.health.get().after_connect_success() {
+                b.state.health.update(|h| {
+                    h.record_connect_success();
+                    None
+                });
+            }
         }
     }
 
@@ -468,9 +482,9 @@ impl Services {
     /// A backend's stats object (reference §5): its config, then its state and counters.
     pub fn backend_stats(&self, key: Key) -> Option<Stats> {
         let b = self.backends.get(key)?;
-        let c = &b.counters;
+        let c = b.state.counters();
         let mut fields = config_fields(&b.config, BACKEND_FIELDS);
-        fields.push(("up".into(), Stats::Field(json!(b.health.is_up()))));
+        fields.push(("up".into(), Stats::Field(json!(b.state.health.is_up()))));
         fields.extend(counter_fields(&[
             ("sent", c.sent),
             ("received", c.received),
@@ -486,13 +500,14 @@ impl Services {
     /// A service's stats object: its settings, summed counters and its backends' stats (reference §5).
     pub fn service_stats(&self, key: Key) -> Option<Stats> {
         let s = self.services.get(key)?;
-        let mut sum = Counters { errors: s.errors, ..Counters::default() };
+        let mut sum = Counters { errors: s.errors.get(), ..Counters::default() };
         for b in s.backends.iter().filter_map(|&k| self.backends.get(k)) {
-            sum.sent += b.counters.sent;
-            sum.received += b.counters.received;
-            sum.errors += b.counters.errors;
-            sum.connections += b.counters.connections;
-            sum.active += b.counters.active;
+            let c = b.state.counters();
+            sum.sent += c.sent;
+            sum.received += c.received;
+            sum.errors += c.errors;
+            sum.connections += c.connections;
+            sum.active += c.active;
         }
         let mut fields = config_fields(&s.settings, SERVICE_FIELDS);
         fields.extend(counter_fields(&[
@@ -633,14 +648,14 @@ mod tests {
         let mut services = Services::default();
         let (key, added) = services.insert(service(&[("a", 1), ("b", 2)]));
         assert_eq!(added.len(), 2);
-        services.backend_mut(added[0]).unwrap().counters.sent = 42;
+        services.backend(added[0]).unwrap().state.sent.add(42);
         let changes = services.replace(key, service(&[("b", 3), ("a", 1), ("c", 4)]));
         assert_eq!(changes.added.len(), 2, "b changed address and c is new");
         assert_eq!(changes.removed.len(), 1);
         assert_eq!(changes.removed[0].config.address, "127.0.0.1:2");
         let a = services.find_backend(key, "a").unwrap();
         assert_eq!(a, added[0]);
-        assert_eq!(services.backend(a).unwrap().counters.sent, 42);
+        assert_eq!(services.backend(a).unwrap().state.counters().sent, 42);
         let names: Vec<_> = services.config(key).unwrap().backends.into_iter().map(|b| b.name).collect();
         assert_eq!(names, ["b", "a", "c"]);
     }
@@ -668,9 +683,9 @@ mod tests {
     fn stats_sum_backend_counters_and_service_errors() {
         let mut services = Services::default();
         let (key, added) = services.insert(service(&[("a", 1), ("b", 2)]));
-        services.backend_mut(added[0]).unwrap().counters.sent = 5;
-        services.backend_mut(added[1]).unwrap().counters.sent = 7;
-        services.service_mut(key).unwrap().errors = 3;
+        services.backend(added[0]).unwrap().state.sent.add(5);
+        services.backend(added[1]).unwrap().state.sent.add(7);
+        services.service(key).unwrap().errors.add(3);
         services.connect_failed(added[1]);
         let stats = serde_json::to_value(services.service_stats(key).unwrap()).unwrap();
         assert_eq!(stats["sent"], 12);

@@ -24,10 +24,26 @@ use crate::runtime::throttle::Throttle;
 /// waker, the state lock, helper threads' files, slack.
 pub const FIXED_FDS: u64 = 32;
 
+/// What a worker loop holds besides its entries: its epoll and waker.
+const WORKER_FIXED_FDS: u64 = 2;
+
+/// The part of the fd limit each of `n` worker loops may give its pairs and
+/// listeners. The control loop keeps the fixed descriptors, the probes'
+/// share and room for admin clients; the workers split the rest evenly (the
+/// kernel spreads connections evenly too).
+pub fn worker_share(limit: u64, n: usize) -> u64 {
+    let probes = (limit.saturating_sub(FIXED_FDS) / 4).max(1);
+    let admin = (limit.saturating_sub(FIXED_FDS) / 8).min(64);
+    let rest = limit.saturating_sub(FIXED_FDS + probes + admin);
+    rest / n.max(1) as u64 + WORKER_FIXED_FDS
+}
+
 /// Who holds descriptors now, and the probes waiting for one.
 #[derive(Debug)]
 pub struct FdBudget {
     limit: u64,
+    /// Descriptors held outside the entries.
+    fixed: u64,
     /// Proxied pairs open (two fds each).
     pub pairs: usize,
     /// Admin connections open.
@@ -49,8 +65,18 @@ pub struct FdBudget {
 impl FdBudget {
     /// A budget for a process whose fd limit is `limit`.
     pub fn new(limit: u64) -> FdBudget {
+        FdBudget::with_fixed(limit, FIXED_FDS)
+    }
+
+    /// A worker loop's budget: its part of the limit from [`worker_share`].
+    pub fn for_worker(share: u64) -> FdBudget {
+        FdBudget::with_fixed(share, WORKER_FIXED_FDS)
+    }
+
+    fn with_fixed(limit: u64, fixed: u64) -> FdBudget {
         FdBudget {
             limit,
+            fixed,
             pairs: 0,
             admin_conns: 0,
             listeners: 0,
@@ -69,14 +95,14 @@ impl FdBudget {
 
     /// Checks that may be in flight at once: a quarter of what is not fixed.
     pub fn probe_share(&self) -> usize {
-        (self.limit.saturating_sub(FIXED_FDS) / 4).max(1) as usize
+        (self.limit.saturating_sub(self.fixed) / 4).max(1) as usize
     }
 
     /// Whether one more pair (two descriptors) fits beside everything else,
     /// keeping the probes' share free for them.
     pub fn has_room_for_pair(&self) -> bool {
         let reserved = self.probe_share().min(self.probes).max(self.checking);
-        let in_use = (2 * self.pairs + self.admin_conns + self.listeners + reserved) as u64 + FIXED_FDS;
+        let in_use = (2 * self.pairs + self.admin_conns + self.listeners + reserved) as u64 + self.fixed;
         in_use + 2 <= self.limit
     }
 
@@ -176,5 +202,14 @@ mod tests {
             budget.pairs += 1;
         }
         assert_eq!(budget.pairs, (100 - 32) / 2);
+    }
+
+    #[test]
+    fn workers_split_what_the_control_loop_leaves() {
+        // 1,000,000: the fixed fds, 249,992 for probes, 64 for admin clients; the rest in 4.
+        assert_eq!(worker_share(1_000_000, 4), (1_000_000 - 32 - 249_992 - 64) / 4 + 2);
+        let shares: u64 = (0..2).map(|_| worker_share(72, 2) - 2).sum();
+        assert!(shares + 32 + 10 <= 72, "the workers and the control loop fit the limit together");
+        assert!(worker_share(72, 2) >= 2 + 1 + 6, "a worker at a tiny limit still fits a listener and a few pairs");
     }
 }

@@ -42,48 +42,79 @@ pub enum Answer {
         /// How it went.
         result: io::Result<()>,
     },
+    /// Worker loop `worker` has applied every change up to `generation`.
+    Applied {
+        /// The worker's index.
+        worker: usize,
+        /// The last change it applied.
+        generation: u64,
+    },
+    /// Worker loop `worker` answered the watchdog's ping `seq`.
+    Alive {
+        /// The worker's index.
+        worker: usize,
+        /// The ping's number.
+        seq: u64,
+    },
+    /// Worker loop `worker` has stopped: drained, or `failed` with why.
+    Exited {
+        /// The worker's index.
+        worker: usize,
+        /// Why it stopped early, if it did.
+        failed: Option<String>,
+    },
 }
 
-/// The loop's end: answers arrive here after its waker fired.
+/// The loop's end: messages (helpers' answers, or a worker loop's orders)
+/// arrive here after its waker fired.
 #[derive(Debug)]
-pub struct Inbox {
-    answers: Receiver<Answer>,
-    outbox: Outbox,
+pub struct Inbox<T = Answer> {
+    answers: Receiver<T>,
+    outbox: Outbox<T>,
 }
 
-/// The helpers' end: posts an answer and wakes the loop.
-#[derive(Debug, Clone)]
-pub struct Outbox {
-    answers: Sender<Answer>,
+/// The senders' end: posts a message and wakes the loop.
+#[derive(Debug)]
+pub struct Outbox<T = Answer> {
+    answers: Sender<T>,
     waker: Arc<Waker>,
 }
 
-impl Outbox {
-    fn post(&self, answer: Answer) {
-        // The loop may be gone (shutting down): nobody is left to tell.
-        if self.answers.send(answer).is_ok() {
-            if let Err(e) = self.waker.wake() {
-                log::error!("cannot wake the event loop: {e}");
-            }
-        }
+impl<T> Clone for Outbox<T> {
+    fn clone(&self) -> Self {
+        Outbox { answers: self.answers.clone(), waker: self.waker.clone() }
     }
 }
 
-impl Inbox {
-    /// An inbox whose waker raises `token` on `registry`.
-    pub fn new(registry: &Registry, token: Token) -> io::Result<Inbox> {
+impl<T> Outbox<T> {
+    /// Posts `answer` and wakes the loop; `false` if the loop is gone.
+    pub fn post(&self, answer: T) -> bool {
+        // The loop may be gone (shutting down): nobody is left to tell.
+        if self.answers.send(answer).is_err() {
+            return false;
+        }
+        if let Err(e) = self.waker.wake() {
+            log::error!("cannot wake the event loop: {e}");
+        }
+        true
+    }
+}
+
+impl<T> Inbox<T> {
+    /// An inbox whose waker raises `token` on `registry` (mio allows one waker per poll).
+    pub fn new(registry: &Registry, token: Token) -> io::Result<Inbox<T>> {
         let waker = Arc::new(Waker::new(registry, token)?);
         let (tx, answers) = mpsc::channel();
         Ok(Inbox { answers, outbox: Outbox { answers: tx, waker } })
     }
 
-    /// The next answer that has arrived, if any.
-    pub fn next(&self) -> Option<Answer> {
+    /// The next message that has arrived, if any.
+    pub fn next(&self) -> Option<T> {
         self.answers.try_recv().ok()
     }
 
-    /// Where helpers post.
-    pub fn outbox(&self) -> Outbox {
+    /// Where senders post.
+    pub fn outbox(&self) -> Outbox<T> {
         self.outbox.clone()
     }
 }
@@ -118,12 +149,12 @@ impl Resolver {
         let spawned = thread::Builder::new().name("shuttle-resolve".into()).spawn(move || {
             let found = lookup_all(&asked);
             in_flight.fetch_sub(1, Ordering::Relaxed);
-            outbox.post(Answer::Resolved { job, found });
+            let _ = outbox.post(Answer::Resolved { job, found });
         });
         if let Err(e) = spawned {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             let found = names.into_iter().map(|n| (n, Err(format!("cannot start a resolver thread: {e}")))).collect();
-            self.outbox.post(Answer::Resolved { job, found });
+            let _ = self.outbox.post(Answer::Resolved { job, found });
         }
         Ok(())
     }
@@ -201,7 +232,7 @@ impl Worker {
         thread::Builder::new().name(name.into()).spawn(move || {
             for (job, work) in queue {
                 let result = work();
-                outbox.post(Answer::Done { job, result });
+                let _ = outbox.post(Answer::Done { job, result });
             }
         })?;
         Ok(Worker { jobs })

@@ -14,8 +14,45 @@ const BACKLOG: i32 = 1024;
 
 /// A nonblocking listener on `addr` with `SO_REUSEADDR`, a deep backlog, and `TCP_NODELAY` for what it accepts.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind_one(addr, false)
+}
+
+/// `n` listeners on one address, one per worker, among which the kernel
+/// spreads new connections (`SO_REUSEPORT`). For port 0 the first picks the
+/// port and the others join it. With `n == 1` this is [`bind`].
+///
+/// `SO_REUSEPORT` would also let these sockets join another process's
+/// listeners on the address (any process of the same user that set the
+/// option) and silently share its traffic. So the address is first bound
+/// once without the option: if anyone listens there, that fails as a plain
+/// [`bind`] would, with "address in use".
+pub fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<TcpListener>> {
+    if n <= 1 {
+        return Ok(vec![bind(addr)?]);
+    }
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            probe.set_only_v6(true)?;
+        }
+        probe.bind(&addr.into())?;
+    }
+    let first = bind_one(addr, true)?;
+    let at = first.local_addr()?;
+    let mut group = vec![first];
+    for _ in 1..n {
+        group.push(bind_one(at, true)?);
+    }
+    Ok(group)
+}
+
+fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

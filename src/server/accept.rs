@@ -51,6 +51,15 @@ impl Server {
         let Some(service) = listener.service else { return false };
         match listener.socket.accept() {
             Ok((stream, peer)) => {
+                if self.panic_on_accept {
+                    panic!("{} asked this worker to fail", super::FAULT_ENV);
+                }
+                if self.hang_on_accept {
+                    // What a bug spinning forever looks like from outside.
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                    }
+                }
                 if let Err(shortage) = self.start_pair(service, stream, peer, now) {
                     self.pause(key, &shortage, now);
                     return false;
@@ -108,8 +117,8 @@ impl Server {
     ) -> Result<(), io::Error> {
         let plan = self.services.plan(service);
         if plan.is_empty() {
-            if let Some(s) = self.services.service_mut(service) {
-                s.errors += 1;
+            if let Some(s) = self.services.service(service) {
+                s.errors.add(1);
                 debug!("{}: {peer}: closed at once (no backend available)", s.settings.name);
             }
             net::close_gently(&stream);
@@ -127,8 +136,8 @@ impl Server {
             }
             Err(Fault::Local(e)) => {
                 debug!("{name}: {peer}: closing: {e}");
-                if let Some(s) = self.services.service_mut(service) {
-                    s.errors += 1;
+                if let Some(s) = self.services.service(service) {
+                    s.errors.add(1);
                 }
                 Err(e)
             }

@@ -4,15 +4,16 @@
 
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::{error, warn};
 
-use super::{Entry, Server};
+use super::{Entry, Role, Server};
 use crate::context::Cx;
 use crate::control::access::Refusal;
 use crate::control::admin::{AdminConn, AdminStep};
 use crate::control::api::{self, Response};
 use crate::control::change::{Changes, Reply};
 use crate::control::http::Request;
+use crate::runtime::helpers::Answer;
 use crate::runtime::key::Key;
 use crate::runtime::ready::Step;
 use crate::runtime::throttle;
@@ -87,8 +88,36 @@ impl Server {
 
     /// Helpers answered: go on with the change that waited for them.
     pub(super) fn on_answers(&mut self, now: Instant) {
-        while let Some(answer) = self.inbox.next() {
-            let replies = self.with_changes(|changes, server| changes.on_answer(server, answer, now));
+        loop {
+            let Role::Control { inbox, .. } = &self.role else { return };
+            let Some(answer) = inbox.next() else { return };
+            let replies = match answer {
+                Answer::Applied { worker, generation } => {
+                    if let Some(workers) = self.workers_mut() {
+                        workers.applied(worker, generation);
+                    }
+                    self.with_changes(|changes, server| changes.on_settled(server, now))
+                }
+                Answer::Alive { worker, seq } => {
+                    if let Some(workers) = self.workers_mut() {
+                        workers.alive(worker, seq);
+                    }
+                    Vec::new()
+                }
+                Answer::Exited { worker, failed } => {
+                    if let Some(workers) = self.workers_mut() {
+                        workers.exited(worker);
+                    }
+                    if let Some(why) = failed.filter(|_| self.failed.is_none()) {
+                        error!("worker {worker} stopped: {why}; shutting down, for a supervisor to restart shuttle");
+                        self.failed = Some(format!("worker {worker} stopped: {why}"));
+                        self.begin_drain(now);
+                    }
+                    // A change may have waited for that worker only.
+                    self.with_changes(|changes, server| changes.on_settled(server, now))
+                }
+                answer => self.with_changes(|changes, server| changes.on_answer(server, answer, now)),
+            };
             self.deliver(replies, now);
         }
     }

@@ -1,6 +1,11 @@
 //! What the admin routes may do to the loop (`api::Plane`): read the running
 //! services, stage a listener, and apply a prepared change: listeners,
 //! probes and services, in the order that never drops a connection.
+//!
+//! The same calls drive one loop or several: the control loop of workers
+//! applies a change to its own services (config, stats, probes), then sends
+//! it on to every worker (`workers.rs`), which applies it through these very
+//! calls to its copy (listeners and pairs).
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,10 +13,10 @@ use std::time::Instant;
 
 use log::info;
 
+use super::workers::Op;
 use super::{Entry, Server};
 use crate::control::api::{Plane, Staged};
 use crate::model::config;
-use crate::model::health::Health;
 use crate::model::service::{Prepared, Services};
 use crate::runtime::key::Key;
 use crate::runtime::net;
@@ -24,6 +29,7 @@ impl Plane for Server {
     fn bound(&self) -> Vec<(Option<Key>, SocketAddr)> {
         let listeners = self.entries.iter().filter_map(|(_, e)| match e {
             Entry::Listener(l) => Some((l.service, l.socket.local_addr().ok()?)),
+            Entry::Group(g) => Some((g.service, g.local)),
             _ => None,
         });
         listeners.collect()
@@ -34,6 +40,9 @@ impl Plane for Server {
     }
 
     fn stage_listener(&mut self, addr: SocketAddr) -> io::Result<Staged> {
+        if let Some(n) = self.workers().map(|w| w.len()) {
+            return self.stage_group(addr, n);
+        }
         let socket = net::bind(addr)?;
         let local = socket.local_addr()?;
         let listener = self.stage(socket)?;
@@ -44,24 +53,59 @@ impl Plane for Server {
         self.remove_entry(staged.listener);
     }
 
+    fn settled(&self) -> bool {
+        self.workers().is_none_or(|w| w.settled())
+    }
+
     fn add_service(&mut self, prepared: Prepared, listener: Staged, now: Instant) {
-        self.commit_service(prepared, listener.listener, now);
+        if self.workers().is_none() {
+            self.commit_service(prepared, listener.listener, now);
+            return;
+        }
+        let (key, backends) = self.services.insert(prepared.clone());
+        let sockets = self.adopt_group(key, listener);
+        for backend in backends {
+            self.start_probe(backend, now);
+        }
+        let shared = self.services.shared(key);
+        let ops = sockets.into_iter().flatten().map(|socket| Op::Add {
+            prepared: prepared.clone(),
+            socket,
+            shared: shared.clone(),
+        });
+        self.send(ops.collect());
     }
 
     fn replace_service(&mut self, key: Key, prepared: Prepared, listener: Option<Staged>, now: Instant) {
+        let fan_out = self.workers().map(|_| prepared.clone());
         let changes = self.services.replace(key, prepared);
         for removed in changes.removed {
             if let Some(probe) = removed.probe {
                 self.remove_entry(probe);
             }
         }
-        if let Some(staged) = listener {
-            self.adopt_listener(key, staged.listener, now);
-        }
+        let Some(prepared) = fan_out else {
+            if let Some(staged) = listener {
+                self.adopt_listener(key, staged.listener, now);
+            }
+            return self.reconcile_probes(key, now);
+        };
+        let sockets = match listener {
+            Some(staged) => self.adopt_group(key, staged),
+            None => (0..self.workers().map_or(0, |w| w.len())).map(|_| None).collect(),
+        };
         self.reconcile_probes(key, now);
+        let shared = self.services.shared(key);
+        let ops = sockets.into_iter().map(|socket| Op::Replace {
+            prepared: prepared.clone(),
+            socket,
+            shared: shared.clone(),
+        });
+        self.send(ops.collect());
     }
 
     fn set_backends(&mut self, key: Key, prepared: Prepared, now: Instant) {
+        let fan_out = self.workers().map(|_| prepared.clone());
         let Prepared { config, backend_addrs, .. } = prepared;
         let changes = self.services.set_backends(key, config.backends, backend_addrs);
         for removed in changes.removed {
@@ -70,6 +114,11 @@ impl Plane for Server {
             }
         }
         self.reconcile_probes(key, now);
+        if let Some(prepared) = fan_out {
+            let shared = self.services.shared(key);
+            let n = self.workers().map_or(0, |w| w.len());
+            self.send((0..n).map(|_| Op::Backends { prepared: prepared.clone(), shared: shared.clone() }).collect());
+        }
     }
 
     fn remove_service(&mut self, key: Key, now: Instant) {
@@ -80,6 +129,15 @@ impl Plane for Server {
         for probe in probes {
             self.remove_entry(probe);
         }
+        if let Some(n) = self.workers().map(|w| w.len()) {
+            // Each worker retires its own listener; here only the record goes.
+            let name = self.services.service(key).map(|s| s.settings.name.clone()).unwrap_or_default();
+            if let Some(group) = self.services.service(key).and_then(|s| s.listener) {
+                self.remove_entry(group);
+            }
+            drop(self.services.remove(key));
+            return self.send((0..n).map(|_| Op::Remove { name: name.clone() }).collect());
+        }
         match self.services.service(key).and_then(|s| s.listener) {
             Some(listener) => self.retire_listener(listener, now),
             None => drop(self.services.remove(key)),
@@ -88,10 +146,20 @@ impl Plane for Server {
 }
 
 impl Server {
+    fn send(&mut self, ops: Vec<Op>) {
+        if let Some(workers) = self.workers_mut() {
+            workers.send(ops);
+        }
+    }
+
     /// Starts or stops probes so that exactly the checked backends of a checking
     /// service have one. A backend left without checks is up: nothing could ever
     /// bring it back otherwise.
     pub(crate) fn reconcile_probes(&mut self, service: Key, now: Instant) {
+        // Workers of several leave health to the control loop, whose state they share.
+        if !self.hosts_probes() {
+            return;
+        }
         let Some(s) = self.services.service(service) else { return };
         let checks = config::seconds(s.settings.check_interval).is_some();
         let name = s.settings.name.clone();
@@ -106,8 +174,8 @@ impl Server {
             }
             if let Some(b) = self.services.backend_mut(backend).filter(|_| !want) {
                 b.probe = None;
-                if !b.health.is_up() {
-                    b.health = Health::default();
+                if !b.state.health.is_up() {
+                    b.state.health.reset();
                     info!("{name}/{} is up: health checks are off", b.config.name);
                 }
             }

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use crate::support::{connect, echo, one_backend, round_trip, try_connect, wait_until, Shuttle};
+use crate::support::{connect, echo, one_backend, round_trip, test_workers, try_connect, wait_until, Shuttle};
 
 /// CPU time (user + system) of process `pid` in clock ticks.
 fn cpu_ticks(pid: i32) -> u64 {
@@ -21,7 +21,8 @@ fn cpu_ticks(pid: i32) -> u64 {
 fn fd_exhaustion_pauses_accepts_without_spinning_and_recovers() {
     let backend = echo();
     let config = one_backend(backend.address());
-    let shuttle = Shuttle::start_with_fd_limit(&config, &[], 48);
+    // Each worker loop beyond the first holds a few descriptors of its own.
+    let shuttle = Shuttle::start_with_fd_limit(&config, &[], 48 + 24 * (test_workers() as u64 - 1));
     let addr = shuttle.service_addr("web");
 
     // Each pair takes two descriptors, so well before 60 clients shuttle runs
@@ -44,7 +45,11 @@ fn fd_exhaustion_pauses_accepts_without_spinning_and_recovers() {
     let used = cpu_ticks(shuttle.pid()) - before;
     assert!(used <= 30, "shuttle burnt {used} ticks of CPU in one second while out of descriptors");
     let pauses = shuttle.stderr_lines().iter().filter(|l| l.contains("pausing accepts")).count();
-    assert_eq!(pauses, 1, "one exhaustion episode is logged once");
+    // Each worker loop has its own share of the descriptors, and says so once.
+    assert!(
+        (1..=test_workers()).contains(&pauses),
+        "one exhaustion episode is logged once per loop, got {pauses} lines"
+    );
 
     // Closing the others frees descriptors: the last queued clients get served.
     let mut last: Vec<TcpStream> = clients.split_off(clients.len() - 5);

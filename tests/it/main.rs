@@ -24,3 +24,4 @@ mod stalls;
 mod startup;
 mod state;
 mod timeouts;
+mod workers;

@@ -59,6 +59,8 @@ pub struct Launch {
     /// A file bind-mounted over `/etc/resolv.conf` in a mount namespace of the
     /// child's own, so its lookups go to a server the test runs (needs root).
     pub resolv_conf: Option<PathBuf>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 /// The binary under test: this crate's `shuttle`, or the one named by
@@ -68,6 +70,13 @@ pub fn shuttle_bin() -> PathBuf {
         Some(path) if !path.is_empty() => PathBuf::from(path),
         _ => PathBuf::from(env!("CARGO_BIN_EXE_shuttle")),
     }
+}
+
+/// How many worker loops every shuttle the tests start runs, from
+/// `SHUTTLE_TEST_WORKERS` (default 1), unless a test passes `-workers` itself.
+/// CI runs the whole suite with 1 and with 2.
+pub fn test_workers() -> usize {
+    std::env::var("SHUTTLE_TEST_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
 }
 
 /// What a short run of the binary printed.
@@ -229,9 +238,14 @@ impl Shuttle {
         if !sets_http {
             command.args(["-http", "127.0.0.1:0"]);
         }
+        let sets_workers = args.iter().any(|a| a.trim_start_matches('-').split('=').next() == Some("workers"));
+        if !sets_workers && test_workers() > 1 {
+            command.args(["-workers".to_string(), test_workers().to_string()]);
+        }
         command
             .env("RUST_LOG", "info")
             .env("RUST_LOG_STYLE", "never")
+            .envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

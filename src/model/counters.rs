@@ -1,0 +1,110 @@
+//! Counters and health of a backend, shared by every loop that proxies to it:
+//! each loop adds with relaxed atomics (no lock on the byte path), and the
+//! stats API reads the process's exact sums.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::model::health::SharedHealth;
+
+/// Counters of one backend, as the stats API shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Bytes client → backend.
+    pub sent: u64,
+    /// Bytes backend → client.
+    pub received: u64,
+    /// Failed connects and backend-side failures.
+    pub errors: u64,
+    /// Connections established, in all.
+    pub connections: u64,
+    /// Connections open or being opened now.
+    pub active: u64,
+    /// Health checks passed.
+    pub check_success: u64,
+    /// Health checks failed.
+    pub check_fail: u64,
+}
+
+/// One counter that any loop may add to.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Relaxed: a counter orders nothing else.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes one away, never below zero.
+    pub fn sub_one(&self) {
+        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+    }
+
+    /// The value now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// What every loop shares of one backend.
+#[derive(Debug, Default)]
+pub struct BackendState {
+    /// Bytes client → backend.
+    pub sent: Counter,
+    /// Bytes backend → client.
+    pub received: Counter,
+    /// Failed connects and backend-side failures.
+    pub errors: Counter,
+    /// Connections established, in all.
+    pub connections: Counter,
+    /// Connections open or being opened now, over all loops (LC balances on it).
+    pub active: Counter,
+    /// Health checks passed.
+    pub check_success: Counter,
+    /// Health checks failed.
+    pub check_fail: Counter,
+    /// Up or down, and the current run of results.
+    pub health: SharedHealth,
+}
+
+impl BackendState {
+    /// The counters now.
+    pub fn counters(&self) -> Counters {
+        Counters {
+            sent: self.sent.get(),
+            received: self.received.get(),
+            errors: self.errors.get(),
+            connections: self.connections.get(),
+            active: self.active.get(),
+            check_success: self.check_success.get(),
+            check_fail: self.check_fail.get(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn active_never_goes_below_zero() {
+        let state = BackendState::default();
+        state.active.add(1);
+        state.active.sub_one();
+        state.active.sub_one();
+        assert_eq!(state.counters().active, 0);
+    }
+
+    #[test]
+    fn sums_are_exact_under_concurrent_adds() {
+        let state = std::sync::Arc::new(BackendState::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let state = state.clone();
+                std::thread::spawn(move || (0..10_000).for_each(|_| state.sent.add(3)))
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(state.counters().sent, 120_000);
+    }
+}
