@@ -330,14 +330,21 @@ fn an_address_another_process_holds_is_409_and_no_worker_changes() {
     assert!(wait_until(DEADLINE, || shared.accept().is_ok()), "the other process's listener got its client");
 }
 
-#[test]
-fn a_worker_that_dies_takes_the_process_down_gently_with_status_1() {
-    let up = echo();
+/// Shuttle with two workers and service `web` to `up`, started with fault
+/// injection `var=worker`; the directory holding its config comes along.
+fn with_fault(up: &crate::support::Backend, var: &str, worker: &str) -> (Shuttle, tempfile::TempDir) {
     let config = json!([service("web", vec![backend("b", up.address())])]);
     let dir = crate::support::tempdir();
     let path = crate::support::write_config(dir.path(), &config);
-    let launch = Launch { env: vec![("SHUTTLE_TEST_WORKER_PANIC".into(), "1".into())], ..Launch::default() };
-    let mut shuttle = Shuttle::launch(&["-config", path.to_str().expect("path"), "-workers", "2", "-debug"], launch);
+    let launch = Launch { env: vec![(var.into(), worker.into())], ..Launch::default() };
+    let shuttle = Shuttle::launch(&["-config", path.to_str().expect("path"), "-workers", "2", "-debug"], launch);
+    (shuttle, dir)
+}
+
+#[test]
+fn a_worker_that_dies_takes_the_process_down_gently_with_status_1() {
+    let up = echo();
+    let (mut shuttle, _dir) = with_fault(&up, "SHUTTLE_TEST_WORKER_PANIC", "1");
     let web = shuttle.service_addr("web");
     // Clients until one lands on worker 1, which then panics; those on worker 0 are served.
     let mut survivors = Vec::new();
@@ -451,11 +458,7 @@ fn round_robin_is_one_sequence_over_the_workers() {
 #[test]
 fn a_stuck_worker_is_found_by_the_watchdog_and_the_process_exits_1() {
     let up = echo();
-    let config = json!([service("web", vec![backend("b", up.address())])]);
-    let dir = crate::support::tempdir();
-    let path = crate::support::write_config(dir.path(), &config);
-    let launch = Launch { env: vec![("SHUTTLE_TEST_WORKER_HANG".into(), "0".into())], ..Launch::default() };
-    let mut shuttle = Shuttle::launch(&["-config", path.to_str().expect("path"), "-workers", "2"], launch);
+    let (mut shuttle, _dir) = with_fault(&up, "SHUTTLE_TEST_WORKER_HANG", "0");
     let web = shuttle.service_addr("web");
     // Until a client lands on worker 0, which then stops turning.
     let started = Instant::now();
