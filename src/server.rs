@@ -715,8 +715,8 @@ impl Server {
         }
         if matches!(self.role, Role::Control { .. }) {
             let open = self.fds.process_pairs();
-            self.notify
-                .send(&format!("STOPPING=1\nSTATUS=draining: {open} open connections get up to {:?}\n", self.grace));
+            let them = if open == 1 { "connection gets" } else { "connections get" };
+            self.notify.send(&format!("STOPPING=1\nSTATUS=draining: {open} open {them} up to {:?}\n", self.grace));
         }
         let (mut listeners, mut others) = (Vec::new(), Vec::new());
         for (key, entry) in self.entries.iter() {
