@@ -67,3 +67,29 @@ impl Info {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn fields_come_in_the_documented_order() {
+        let started = Started::now();
+        let info = Info::new(started, started.mono + Duration::from_millis(2500), 2, 3, 4, 5);
+        assert_eq!(info.uptime_seconds, 2, "whole seconds, rounded down");
+        let text = serde_json::to_string(&info).unwrap();
+        let order =
+            ["version", "commit", "pid", "started", "uptime_seconds", "workers", "services", "backends", "active"];
+        let at: Vec<usize> = order.iter().map(|k| text.find(&format!("\"{k}\"")).unwrap()).collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{text}");
+        assert!(text.contains(r#""workers":2,"services":3,"backends":4,"active":5"#), "{text}");
+    }
+
+    #[test]
+    fn an_uptime_is_never_negative() {
+        let started = Started::now();
+        let earlier = started.mono.checked_sub(Duration::from_secs(1)).unwrap_or(started.mono);
+        assert_eq!(Info::new(started, earlier, 1, 0, 0, 0).uptime_seconds, 0);
+    }
+}

@@ -245,4 +245,19 @@ mod tests {
         assert!(shares + 32 + 10 <= 72, "the workers and the control loop fit the limit together");
         assert!(worker_share(72, 2) >= 2 + 1 + 6, "a worker at a tiny limit still fits a listener and a few pairs");
     }
+
+    #[test]
+    fn loops_sharing_a_gauge_count_the_process_pairs() {
+        let mut control = FdBudget::new(1024);
+        let mut worker = FdBudget::for_worker(512);
+        worker.share_pairs(control.pairs_gauge());
+        control.pair_opened();
+        worker.pair_opened();
+        worker.pair_opened();
+        assert_eq!((control.pairs, worker.pairs, control.process_pairs()), (1, 2, 3));
+        worker.pair_closed();
+        assert_eq!((worker.pairs, worker.process_pairs()), (1, 2));
+        let alone = FdBudget::new(1024);
+        assert_eq!(alone.process_pairs(), 0, "a budget of its own counts only its own");
+    }
 }
