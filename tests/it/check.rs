@@ -183,3 +183,17 @@ fn check_refuses_a_state_file_in_a_directory_others_can_write() {
     let (_, lines) = Shuttle::start_expect_failure(&["-state", arg(&state)]);
     assert_eq!(out.stderr.lines().last(), lines.last().map(String::as_str), "{lines:?}");
 }
+
+#[test]
+fn check_reads_the_token_file_as_start_up_does() {
+    let dir = tempdir();
+    let missing = dir.path().join("token.txt");
+    let out = check(&["-admin-token-file", arg(&missing)]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let (_, lines) = Shuttle::start_expect_failure(&["-admin-token-file", arg(&missing)]);
+    assert_eq!(out.stderr.lines().last(), lines.last().map(String::as_str), "{lines:?}");
+    let empty = write_file(dir.path(), "empty.txt", b"\n");
+    let out = check(&["-admin-token-file", arg(&empty)]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("empty"), "{out:?}");
+}
