@@ -14,6 +14,7 @@ shuttle: a TCP proxy and load balancer, reconfigured live over HTTP/JSON
 usage: shuttle [-config FILE] [-state FILE] [-http ADDR] [-http-mode MODE]
                [-admin-host NAME] [-admin-token-file FILE] [-grace SECONDS]
                [-workers N|auto] [-pin] [-debug]
+       shuttle -check [-config FILE] [-state FILE] [-http ADDR] [-admin-token-file FILE]
 
   -config FILE            default config (a JSON list of services); never written
   -state FILE             live config: loaded at start if it exists, written after every change
@@ -26,13 +27,17 @@ usage: shuttle [-config FILE] [-state FILE] [-http ADDR] [-http-mode MODE]
   -workers N|auto         event loops that proxy, one thread each (default 1: one loop does
                           everything); auto: one per CPU this process may run on
   -pin                    pin worker i to the i-th CPU this process may run on
+  -check                  check the file start-up would load (the state file if it exists,
+                          else -config) as start-up does, names resolved, and exit; binds
+                          nothing and takes no lock
   -debug                  log at debug level, one line per connection (otherwise RUST_LOG
                           rules, default info); -debug=false turns it off
   -h, -help               print this help
   -V, -version            print the version
 
 Flags take one dash or two (-config or --config). Exit status: 0 after a clean
-shutdown, 1 when start-up fails, 2 for a bad command line.";
+shutdown (or a -check that passed), 1 when start-up or -check fails, 2 for a
+bad command line.";
 
 /// What the command line asked for.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +62,8 @@ pub struct Flags {
     pub pin: bool,
     /// `-debug`.
     pub debug: bool,
+    /// `-check`: validate the config and exit.
+    pub check: bool,
 }
 
 /// How many worker loops `-workers` asked for.
@@ -83,7 +90,7 @@ pub enum Command {
 }
 
 /// Flags that take no value; Go also accepts `-flag=true` for them.
-const SWITCHES: &[&str] = &["--debug", "--pin", "--help", "--version"];
+const SWITCHES: &[&str] = &["--debug", "--pin", "--check", "--help", "--version"];
 
 /// One argument, normalised for pico-args, and how the user wrote it.
 struct Arg {
@@ -175,6 +182,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
         workers: value(&mut args, "--workers", parse_workers)?.unwrap_or(Workers::Count(1)),
         pin: args.contains("--pin"),
         debug: args.contains("--debug"),
+        check: args.contains("--check"),
     };
     let rest = args.finish();
     if let Some(first) = rest.first() {
@@ -309,6 +317,16 @@ mod tests {
             let e = run(&["-workers", bad]).unwrap_err();
             assert!(e.starts_with("-workers: "), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn check_is_a_switch() {
+        assert!(!run(&[]).unwrap().check);
+        let flags = run(&["-check", "-config", "a.json"]).unwrap();
+        assert!(flags.check);
+        assert_eq!(flags.config, Some("a.json".into()));
+        assert!(run(&["--check=true"]).unwrap().check);
+        assert!(!run(&["-check=false"]).unwrap().check);
     }
 
     #[test]

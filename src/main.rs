@@ -7,10 +7,12 @@ use std::process::ExitCode;
 use shuttle::cli::{self, Command, Flags};
 use shuttle::control::access::{self, Access};
 use shuttle::control::admin::AdminAddr;
+use shuttle::control::info::Started;
 use shuttle::control::state::StateFile;
 use shuttle::model::address;
 use shuttle::model::config::{self, one_line, ServiceConfig};
 use shuttle::model::service;
+use shuttle::runtime::notify::Notifier;
 use shuttle::runtime::{files, helpers, logsink};
 use shuttle::server::{Options, Server, StartupError};
 
@@ -39,9 +41,25 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Taken first: `GET /_info` reports when the process started.
+    let started = Started::now();
     logsink::init(flags.debug);
-    let result =
-        start(flags).and_then(|mut server| server.run().map_err(|e| Failed(format!("event loop failed: {e}"))));
+    if flags.check {
+        let checked = check(&flags);
+        logsink::flush();
+        return match checked {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(Failed(message)) => {
+                eprintln!("shuttle: {}", one_line(&message));
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let result = start(flags, started)
+        .and_then(|mut server| server.run().map_err(|e| Failed(format!("event loop failed: {e}"))));
     logsink::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -53,13 +71,36 @@ fn main() -> ExitCode {
     }
 }
 
-/// Everything before the loop runs: each failure is one line and exit 1.
-fn start(flags: Flags) -> Result<Server, Failed> {
-    // The state file is locked before it is read: a second shuttle on it stops here.
-    let state = match &flags.state {
-        Some(path) => Some(StateFile::open(path).map_err(|e| Failed::at(path, e))?),
-        None => None,
-    };
+/// `-check`: everything start-up reads and checks, with nothing bound and no
+/// lock taken (a running shuttle holds it, and its state file must be checkable).
+fn check(flags: &Flags) -> Result<String, Failed> {
+    if let Some(path) = &flags.state {
+        StateFile::check(path).map_err(|e| Failed::at(path, e))?;
+    }
+    let loaded = load(flags)?;
+    let services = loaded.prepared.len();
+    let backends: usize = loaded.prepared.iter().map(|p| p.config.backends.len()).sum();
+    let what = loaded.source.as_ref().map_or_else(|| "no config".to_string(), |p| p.display().to_string());
+    let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+    Ok(format!("{}: ok ({}, {})", one_line(&what), plural(services, "service"), plural(backends, "backend")))
+}
+
+/// What start-up reads and checks before it binds anything: the part that
+/// `-check` runs too, so the two can never disagree.
+struct Loaded {
+    /// The file the services came from: the state file when it exists, else `-config`.
+    source: Option<PathBuf>,
+    /// The services, resolved and checked against each other.
+    prepared: Vec<service::Prepared>,
+    /// The `-http` address, resolved.
+    admin: AdminAddr,
+    /// The admin token, if `-admin-token-file` named one.
+    token: Option<Vec<u8>>,
+}
+
+/// Reads the config (or state) file, resolves its names within the 5 s
+/// deadline, runs the cross-service checks and reads the token file.
+fn load(flags: &Flags) -> Result<Loaded, Failed> {
     // The state file wins when it exists (reference §1); a corrupt one stops start-up and is never overwritten.
     let source = match (&flags.state, &flags.config) {
         (Some(state), _) if state.exists() => Some(state.clone()),
@@ -69,12 +110,38 @@ fn start(flags: Flags) -> Result<Server, Failed> {
         None => Vec::new(),
         Some(path) => config::load(path).map_err(|e| Failed::at(path, e))?,
     };
-    let admin = admin_address(&flags)?;
+    let admin = admin_address(flags)?;
     let prepared = prepare(configs, &source)?;
+    // A TCP admin address with a fixed port is known already; `Server::new`
+    // checks again once it is bound, when port 0 has become a real port.
+    let admin_tcp = match &admin {
+        AdminAddr::Tcp(addr) => Some(*addr),
+        AdminAddr::Unix(..) => None,
+    };
+    service::check_all(&prepared, admin_tcp).map_err(|e| at_source(&source, e))?;
     let token = match &flags.token_file {
         Some(path) => Some(read_token(path)?),
         None => None,
     };
+    Ok(Loaded { source, prepared, admin, token })
+}
+
+/// A failure of the config, named with the file it came from, if any.
+fn at_source(source: &Option<PathBuf>, e: String) -> Failed {
+    match source {
+        Some(path) => Failed::at(path, e),
+        None => Failed(e),
+    }
+}
+
+/// Everything before the loop runs: each failure is one line and exit 1.
+fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
+    // The state file is locked before it is read: a second shuttle on it stops here.
+    let state = match &flags.state {
+        Some(path) => Some(StateFile::open(path).map_err(|e| Failed::at(path, e))?),
+        None => None,
+    };
+    let Loaded { source, prepared, admin, token } = load(&flags)?;
     if let AdminAddr::Tcp(addr) = &admin {
         if token.is_none() && !access::is_local_only(addr) {
             log::warn!(
@@ -103,7 +170,9 @@ fn start(flags: Flags) -> Result<Server, Failed> {
     if workers > 1 {
         log::info!("{workers} worker loops proxy; one control loop runs the admin API and the health checks");
     }
-    let options = Options { admin, access, state, grace: flags.grace, fd_limit, workers, pin: flags.pin };
+    let notify = Notifier::from_env();
+    let options =
+        Options { admin, access, state, grace: flags.grace, fd_limit, workers, pin: flags.pin, started, notify };
     Server::new(options, prepared).map_err(|e| match (&source, &e) {
         // A service that cannot start is named with the file it came from.
         (Some(path), StartupError::Listen { .. } | StartupError::Service(_)) => Failed::at(path, e),
@@ -118,11 +187,7 @@ fn prepare(configs: Vec<ServiceConfig>, source: &Option<PathBuf>) -> Result<Vec<
     names.sort();
     names.dedup();
     let lookups = helpers::resolve_now(names);
-    let fail = |e: String| match source {
-        Some(path) => Failed::at(path, e),
-        None => Failed(e),
-    };
-    configs.into_iter().map(|c| service::prepare(c, &lookups).map_err(fail)).collect()
+    configs.into_iter().map(|c| service::prepare(c, &lookups).map_err(|e| at_source(source, e))).collect()
 }
 
 /// The `-http` address: a unix socket path, or `host:port` resolved now.

@@ -35,6 +35,7 @@ use crate::control::access::Access;
 use crate::control::admin::{AdminAddr, AdminConn, AdminListener};
 use crate::control::api;
 use crate::control::change::Changes;
+use crate::control::info::Started;
 use crate::control::probe::Probe;
 use crate::control::state::StateFile;
 use crate::data::buffer::BufferPool;
@@ -43,6 +44,7 @@ use crate::model::service::{self, Services};
 use crate::runtime::fds::FdBudget;
 use crate::runtime::helpers::{Inbox, Outbox, Resolver, Worker};
 use crate::runtime::key::{Key, Side, Slots};
+use crate::runtime::notify::Notifier;
 
 use crate::runtime::ready::{Ready, Step};
 use crate::runtime::throttle::Throttle;
@@ -60,6 +62,8 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 const MAX_ADMIN_CONNS: usize = 64;
 /// Free relay buffers kept for reuse.
 const POOL_FREE: usize = 256;
+/// How long a second SIGTERM waits for the workers to cut their connections and stop.
+const STOP_WAIT: Duration = Duration::from_secs(1);
 
 /// A service's listening socket.
 #[derive(Debug)]
@@ -135,6 +139,10 @@ pub struct Options {
     pub workers: usize,
     /// Whether each worker is pinned to a CPU of its own.
     pub pin: bool,
+    /// When the process started, for `GET /_info`.
+    pub started: Started,
+    /// Where systemd hears that shuttle is ready, and stopping.
+    pub notify: Notifier,
 }
 
 /// Why the loop could not start.
@@ -189,6 +197,8 @@ pub struct Server {
     access: Access,
     /// The admin API's TCP address once bound, for the loop check.
     admin_addr: Option<SocketAddr>,
+    /// The admin API's address as the logs show it (the real port, or the socket path).
+    admin_shown: String,
     /// What this loop hosts besides pairs and listeners.
     pub(crate) role: Role,
     ready: VecDeque<Key>,
@@ -213,6 +223,12 @@ pub struct Server {
     /// Listeners paused for lack of fds; woken when a pair closes.
     paused: Vec<Key>,
     draining: Option<Instant>,
+    /// Set by a second SIGTERM/SIGINT: the drain ends now, open connections are cut.
+    stopping_now: bool,
+    /// When the process started, for `GET /_info`.
+    pub(crate) started: Started,
+    /// systemd's `$NOTIFY_SOCKET`; only the control loop sends.
+    notify: Notifier,
     /// Why a worker loop failed, once one did: the process then drains and exits 1.
     failed: Option<String>,
     /// Fault injection for the tests of a dying worker (see [`FAULT_ENV`]).
@@ -252,6 +268,8 @@ impl Server {
             None => None,
         };
         let changes = Changes::new(Resolver::new(inbox.outbox()), state);
+        // Every loop counts its pairs into one gauge, for `/_info` and the second signal.
+        let pairs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         // Workers get the pairs' part of the fd limit between them; the control
         // loop keeps the whole limit for its probes' share and admin clients.
         let workers = match options.workers {
@@ -259,11 +277,17 @@ impl Server {
             n => {
                 let share = crate::runtime::fds::worker_share(options.fd_limit, n);
                 let outbox = inbox.outbox();
-                Some(workers::Workers::spawn(n, options.pin, share, options.grace, &outbox).map_err(StartupError::Io)?)
+                Some(
+                    workers::Workers::spawn(n, options.pin, share, options.grace, &outbox, &pairs)
+                        .map_err(StartupError::Io)?,
+                )
             }
         };
         let role = Role::Control { inbox, workers };
         let mut server = Server::bare(poll, role, options.fd_limit, options.grace, options.access);
+        server.fds.share_pairs(pairs);
+        server.started = options.started;
+        server.notify = options.notify;
         server.signals = Some(signals);
         server.changes = Some(changes);
         let now = Instant::now();
@@ -274,6 +298,7 @@ impl Server {
         let admin = AdminListener::bind(&options.admin)
             .map_err(|source| StartupError::Admin { addr: admin_text.clone(), source })?;
         server.admin_addr = admin.tcp_addr();
+        server.admin_shown = server.admin_addr.map_or(admin_text, |a| a.to_string());
         // The admin address is known only now (port 0): no backend may point at it.
         service::check_all(&services, server.admin_addr).map_err(StartupError::Service)?;
         for prepared in services {
@@ -308,6 +333,7 @@ impl Server {
             grace,
             access,
             admin_addr: None,
+            admin_shown: String::new(),
             role,
             ready: VecDeque::new(),
             queued: Vec::new(),
@@ -320,6 +346,9 @@ impl Server {
             refusals: Throttle::new(admin::REFUSALS_LOGGED_EVERY),
             paused: Vec::new(),
             draining: None,
+            stopping_now: false,
+            started: Started::now(),
+            notify: Notifier::disabled(),
             failed: None,
             panic_on_accept: false,
             hang_on_accept: false,
@@ -435,7 +464,7 @@ impl Server {
         match &mut entry {
             Entry::Pair(pair) => {
                 pair.close(&mut cx);
-                self.fds.pairs -= 1;
+                self.fds.pair_closed();
                 // A closed pair frees an fd: let listeners paused for lack of fds try again.
                 for listener in std::mem::take(&mut self.paused) {
                     self.enqueue(listener);
@@ -475,6 +504,9 @@ impl Server {
     /// Runs the loop until SIGTERM/SIGINT and the drain that follows.
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
+        if matches!(self.role, Role::Control { .. }) {
+            self.notify_ready();
+        }
         loop {
             let now = Instant::now();
             let timeout = if self.ready.is_empty() {
@@ -554,6 +586,7 @@ impl Server {
         let signals: Vec<i32> = signals.pending().collect();
         for signal in signals {
             match signal {
+                SIGTERM | SIGINT if self.draining.is_some() => self.stop_now(now),
                 SIGTERM | SIGINT => self.begin_drain(now),
                 // A closing ssh session or a log rotator must not kill every connection.
                 SIGHUP => info!("SIGHUP received: reloading is not supported yet; shuttle keeps running unchanged"),
@@ -680,6 +713,11 @@ impl Server {
             }
             _ => info!("shutting down: listeners closed, {pairs} open {them} up to {:?}", self.grace),
         }
+        if matches!(self.role, Role::Control { .. }) {
+            let open = self.fds.process_pairs();
+            let them = if open == 1 { "connection gets" } else { "connections get" };
+            self.notify.send(&format!("STOPPING=1\nSTATUS=draining: {open} open {them} up to {:?}\n", self.grace));
+        }
         let (mut listeners, mut others) = (Vec::new(), Vec::new());
         for (key, entry) in self.entries.iter() {
             match entry {
@@ -699,11 +737,53 @@ impl Server {
         self.draining = Some(now.checked_add(self.grace).unwrap_or(now + Duration::from_secs(1 << 30)));
     }
 
+    /// A second SIGTERM/SIGINT during the drain: open connections are cut now.
+    /// Workers are told to do the same and are waited for (briefly), so the
+    /// process ends with every loop stopped, not in the middle of one.
+    fn stop_now(&mut self, now: Instant) {
+        if self.stopping_now {
+            return;
+        }
+        self.stopping_now = true;
+        match &self.role {
+            Role::Worker { index, .. } => {
+                log::debug!("worker {index}: closing {} open connections now", self.fds.pairs)
+            }
+            Role::Control { workers, .. } => {
+                let open = self.fds.process_pairs();
+                info!("second signal: closing {open} open connection{} now", if open == 1 { "" } else { "s" });
+                if let Some(workers) = workers {
+                    workers.stop();
+                }
+            }
+        }
+        let wait = if matches!(self.role, Role::Worker { .. }) { Duration::ZERO } else { STOP_WAIT };
+        self.draining = Some(now + wait);
+    }
+
+    /// Tells systemd (if it listens) that every listener and the admin API are up.
+    fn notify_ready(&mut self) {
+        if !self.notify.is_enabled() {
+            return;
+        }
+        let services = self.services.len();
+        let status = format!(
+            "serving {services} service{}, admin API on {}",
+            if services == 1 { "" } else { "s" },
+            self.admin_shown
+        );
+        self.notify.send(&format!("READY=1\nMAINPID={}\nSTATUS={status}\n", std::process::id()));
+    }
+
     /// Whether the drain after SIGTERM is over: every connection closed (and
     /// every listener has served its queue, and no state file write is in
     /// flight), or the grace period ran out.
     fn drained(&self, now: Instant) -> bool {
         let Some(deadline) = self.draining else { return false };
+        if self.stopping_now {
+            // Workers were told to cut their connections and go; a stuck one is not waited for.
+            return now >= deadline || self.workers().is_none_or(|w| w.all_exited());
+        }
         let saving = self.changes.as_ref().is_some_and(Changes::is_saving);
         let workers = self.workers().is_none_or(|w| w.all_exited());
         if self.fds.pairs == 0 && self.fds.listeners == 0 && !saving && workers {

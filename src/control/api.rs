@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use crate::control::http::Request;
+use crate::control::info::Info;
 use crate::model::address::{self, Lookups};
 use crate::model::config::{self, BackendConfig, ServiceConfig};
 use crate::model::service::{self, Prepared, Services};
@@ -137,6 +138,8 @@ pub trait Plane {
     /// Whether every loop has applied every change so far (the answer to a
     /// change waits until they have).
     fn settled(&self) -> bool;
+    /// What `GET /_info` shows.
+    fn info(&self) -> Info;
 }
 
 /// Whether a request changes the config (and so takes its turn), or only reads.
@@ -146,7 +149,7 @@ pub fn is_change(request: &Request) -> bool {
 
 /// Answers a request that changes nothing.
 pub fn read(plane: &impl Plane, request: &Request) -> Response {
-    match read_route(plane.services(), request) {
+    match read_route(plane, request) {
         Ok(body) => Response::ok(body),
         Err(e) => e.into_response(),
     }
@@ -158,7 +161,8 @@ fn segments(request: &Request) -> Vec<&str> {
     path.trim_start_matches('/').split('/').collect()
 }
 
-fn read_route(services: &Services, request: &Request) -> Result<Vec<u8>, ApiError> {
+fn read_route(plane: &impl Plane, request: &Request) -> Result<Vec<u8>, ApiError> {
+    let services = plane.services();
     let segments = segments(request);
     match (request.method.as_str(), segments.as_slice()) {
         ("GET", [""]) => {
@@ -166,6 +170,7 @@ fn read_route(services: &Services, request: &Request) -> Result<Vec<u8>, ApiErro
             Ok(pretty(&all))
         }
         ("GET", ["_config"]) => Ok(config::to_json(&services.configs()).into_bytes()),
+        ("GET", ["_info"]) => Ok(pretty(&plane.info())),
         ("GET", [name]) => {
             let key = find_service(services, name)?;
             services.service_stats(key).map(|stats| pretty(&stats)).ok_or_else(|| no_service(name))
@@ -175,14 +180,17 @@ fn read_route(services: &Services, request: &Request) -> Result<Vec<u8>, ApiErro
             let key = find_backend(services, service, name, backend)?;
             services.backend_stats(key).map(|stats| pretty(&stats)).ok_or_else(|| no_service(name))
         }
-        (_, [""] | ["_config"]) => Err(ApiError::MethodNotAllowed(READ_ONLY)),
+        (_, [""] | ["_config"] | ["_info"]) => Err(ApiError::MethodNotAllowed(READ_ONLY)),
         (_, [_] | [_, _]) => Err(ApiError::MethodNotAllowed(READ_WRITE)),
         _ => Err(no_path(request)),
     }
 }
 
 fn no_path(request: &Request) -> ApiError {
-    ApiError::NotFound(format!("no such path {:?}; paths are /, /_config, /SERVICE and /SERVICE/BACKEND", request.path))
+    ApiError::NotFound(format!(
+        "no such path {:?}; paths are /, /_config, /_info, /SERVICE and /SERVICE/BACKEND",
+        request.path
+    ))
 }
 
 fn no_service(name: &str) -> ApiError {
@@ -250,7 +258,7 @@ pub fn draft(plane: &impl Plane, request: &Request) -> Result<Draft, ApiError> {
     let segments = segments(request);
     let backends_only = has_param(request.query.as_deref(), "backends_only");
     match (request.method.as_str(), segments.as_slice()) {
-        (_, [""] | ["_config"]) => Err(ApiError::MethodNotAllowed(READ_ONLY)),
+        (_, [""] | ["_config"] | ["_info"]) => Err(ApiError::MethodNotAllowed(READ_ONLY)),
         ("PUT" | "POST", [name]) => put_service(services, name, &request.body, backends_only),
         ("DELETE", [name]) => {
             writable_name("service", name)?;

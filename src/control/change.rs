@@ -294,6 +294,9 @@ mod tests {
         fn settled(&self) -> bool {
             !self.unacknowledged
         }
+        fn info(&self) -> crate::control::info::Info {
+            crate::control::info::Info::new(crate::control::info::Started::now(), Instant::now(), 1, 0, 0, 0)
+        }
     }
 
     #[test]

@@ -6,5 +6,6 @@ pub mod admin;
 pub mod api;
 pub mod change;
 pub mod http;
+pub mod info;
 pub mod probe;
 pub mod state;

@@ -103,6 +103,12 @@ impl StateFile {
         Ok(StateFile { path: path.to_path_buf(), _lock: lock })
     }
 
+    /// What [`StateFile::open`] checks short of the lock, for `-check`: a
+    /// running shuttle holds the lock, and its state file must still be checkable.
+    pub fn check(path: &Path) -> Result<(), StateError> {
+        files::check_private_dir(files::parent_dir(path)).map_err(StateError::Directory)
+    }
+
     /// The state file's path.
     pub fn path(&self) -> &Path {
         &self.path

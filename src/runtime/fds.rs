@@ -13,6 +13,8 @@
 //!   queue instead of being accepted and dropped (as HAProxy's maxconn does).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
@@ -44,8 +46,11 @@ pub struct FdBudget {
     limit: u64,
     /// Descriptors held outside the entries.
     fixed: u64,
-    /// Proxied pairs open (two fds each).
+    /// Proxied pairs open (two fds each); change it through
+    /// [`FdBudget::pair_opened`] and [`FdBudget::pair_closed`].
     pub pairs: usize,
+    /// Pairs open over every loop of the process, which all share it.
+    process_pairs: Arc<AtomicU64>,
     /// Admin connections open.
     pub admin_conns: usize,
     /// Listening sockets (service listeners and the admin one).
@@ -78,6 +83,7 @@ impl FdBudget {
             limit,
             fixed,
             pairs: 0,
+            process_pairs: Arc::default(),
             admin_conns: 0,
             listeners: 0,
             probes: 0,
@@ -86,6 +92,33 @@ impl FdBudget {
             short: None,
             skipped_checks: Throttle::new(Duration::from_secs(10)),
         }
+    }
+
+    /// Counts this loop's pairs into `gauge` too, which the other loops share.
+    pub fn share_pairs(&mut self, gauge: Arc<AtomicU64>) {
+        self.process_pairs = gauge;
+    }
+
+    /// The gauge of every loop's pairs, to share with another loop.
+    pub fn pairs_gauge(&self) -> Arc<AtomicU64> {
+        self.process_pairs.clone()
+    }
+
+    /// A pair was opened.
+    pub fn pair_opened(&mut self) {
+        self.pairs += 1;
+        self.process_pairs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A pair was closed.
+    pub fn pair_closed(&mut self) {
+        self.pairs -= 1;
+        let _ = self.process_pairs.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+    }
+
+    /// Pairs open now over every loop that shares this budget's gauge.
+    pub fn process_pairs(&self) -> u64 {
+        self.process_pairs.load(Ordering::Relaxed)
     }
 
     /// The fd limit.
@@ -211,5 +244,20 @@ mod tests {
         let shares: u64 = (0..2).map(|_| worker_share(72, 2) - 2).sum();
         assert!(shares + 32 + 10 <= 72, "the workers and the control loop fit the limit together");
         assert!(worker_share(72, 2) >= 2 + 1 + 6, "a worker at a tiny limit still fits a listener and a few pairs");
+    }
+
+    #[test]
+    fn loops_sharing_a_gauge_count_the_process_pairs() {
+        let mut control = FdBudget::new(1024);
+        let mut worker = FdBudget::for_worker(512);
+        worker.share_pairs(control.pairs_gauge());
+        control.pair_opened();
+        worker.pair_opened();
+        worker.pair_opened();
+        assert_eq!((control.pairs, worker.pairs, control.process_pairs()), (1, 2, 3));
+        worker.pair_closed();
+        assert_eq!((worker.pairs, worker.process_pairs()), (1, 2));
+        let alone = FdBudget::new(1024);
+        assert_eq!(alone.process_pairs(), 0, "a budget of its own counts only its own");
     }
 }

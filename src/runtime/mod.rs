@@ -9,6 +9,8 @@ pub mod helpers;
 pub mod key;
 pub mod logsink;
 pub mod net;
+pub mod notify;
 pub mod ready;
 pub mod throttle;
 pub mod timer;
+pub mod utc;

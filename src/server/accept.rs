@@ -131,7 +131,7 @@ impl Server {
         let name = self.services.service(service).map_or("?", |s| s.settings.name.as_str());
         match opened {
             Ok(_) => {
-                self.fds.pairs += 1;
+                self.fds.pair_opened();
                 Ok(())
             }
             Err(Fault::Local(e)) => {

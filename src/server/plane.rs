@@ -16,6 +16,7 @@ use log::info;
 use super::workers::Op;
 use super::{Entry, Server};
 use crate::control::api::{Plane, Staged};
+use crate::control::info::Info;
 use crate::model::config;
 use crate::model::service::{Prepared, Services};
 use crate::runtime::key::Key;
@@ -51,6 +52,13 @@ impl Plane for Server {
 
     fn unstage(&mut self, staged: Staged) {
         self.remove_entry(staged.listener);
+    }
+
+    fn info(&self) -> Info {
+        let services = self.services.len();
+        let backends = self.services.keys().filter_map(|k| self.services.service(k)).map(|s| s.backends.len()).sum();
+        let workers = self.workers().map_or(1, |w| w.len());
+        Info::new(self.started, Instant::now(), workers, services, backends, self.fds.process_pairs())
     }
 
     fn settled(&self) -> bool {

@@ -25,6 +25,8 @@
 use std::io;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -51,6 +53,8 @@ pub enum Order {
     },
     /// SIGTERM: stop accepting, let open connections finish, exit.
     Drain,
+    /// A second SIGTERM: close every open connection now, exit.
+    Stop,
     /// The watchdog asks: answer [`Answer::Alive`] with this number.
     Ping(u64),
 }
@@ -138,7 +142,15 @@ pub struct Group {
 impl Workers {
     /// Starts `n` worker loops whose fd budget is `fd_limit` each; they
     /// report to `control`. With `pin`, worker i runs on the i-th allowed CPU.
-    pub fn spawn(n: usize, pin: bool, fd_limit: u64, grace: Duration, control: &Outbox) -> io::Result<Workers> {
+    /// Every worker counts its pairs into `pairs`, which the control loop reads.
+    pub fn spawn(
+        n: usize,
+        pin: bool,
+        fd_limit: u64,
+        grace: Duration,
+        control: &Outbox,
+        pairs: &Arc<AtomicU64>,
+    ) -> io::Result<Workers> {
         let cpus = if pin { cpus::allowed()? } else { Vec::new() };
         let mut links = Vec::with_capacity(n);
         for index in 0..n {
@@ -147,10 +159,11 @@ impl Workers {
             let orders = inbox.outbox();
             let control = control.clone();
             let cpu = (!cpus.is_empty()).then(|| cpus[index % cpus.len()]);
+            let pairs = pairs.clone();
             // `top -H` and `ps -L` show 15 bytes of a thread's name: keep the number in them.
             let thread = thread::Builder::new()
                 .name(format!("shuttle-w{index}"))
-                .spawn(move || run_worker(index, poll, inbox, control, fd_limit, grace, cpu))?;
+                .spawn(move || run_worker(index, poll, inbox, control, Budget { fd_limit, pairs }, grace, cpu))?;
             links.push(Link { orders, applied: 0, ping: None, exited: false, thread: Some(thread) });
         }
         Ok(Workers { links, generation: 0, next_ping: Instant::now() + PING_EVERY, pings: 0 })
@@ -185,6 +198,13 @@ impl Workers {
     pub fn drain(&self) {
         for link in self.links.iter().filter(|l| !l.exited) {
             let _ = link.orders.post(Order::Drain);
+        }
+    }
+
+    /// Tells every worker to close its connections and stop now.
+    pub fn stop(&self) {
+        for link in self.links.iter().filter(|l| !l.exited) {
+            let _ = link.orders.post(Order::Stop);
         }
     }
 
@@ -259,13 +279,19 @@ impl Workers {
     }
 }
 
+/// A worker's share of the descriptor limit, and the process's gauge of open pairs.
+struct Budget {
+    fd_limit: u64,
+    pairs: Arc<AtomicU64>,
+}
+
 /// A worker thread's whole life: build its loop, run it, report how it ended.
 fn run_worker(
     index: usize,
     poll: Poll,
     orders: Inbox<Order>,
     control: Outbox,
-    fd_limit: u64,
+    budget: Budget,
     grace: Duration,
     cpu: Option<usize>,
 ) {
@@ -277,7 +303,8 @@ fn run_worker(
     }
     let report = control.clone();
     let ran = catch_unwind(AssertUnwindSafe(move || {
-        let mut server = Server::worker(index, poll, orders, control, fd_limit, grace);
+        let mut server = Server::worker(index, poll, orders, control, budget.fd_limit, grace);
+        server.fds.share_pairs(budget.pairs);
         server.run()
     }));
     let failed = match ran {
@@ -357,6 +384,10 @@ impl Server {
                     }
                 }
                 Order::Drain => self.begin_drain(now),
+                Order::Stop => {
+                    self.begin_drain(now);
+                    self.stop_now(now);
+                }
                 Order::Ping(seq) => {
                     if let Role::Worker { index, control, .. } = &self.role {
                         let _ = control.post(Answer::Alive { worker: *index, seq });

@@ -12,10 +12,13 @@ mod support;
 
 mod admin;
 mod balance;
+mod check;
 mod failover;
 mod hardening;
 mod health;
+mod info;
 mod limits;
+mod notify;
 mod proxy;
 mod readme;
 mod regressions;
