@@ -18,6 +18,7 @@ use mio::Interest;
 
 use crate::context::Cx;
 use crate::model::health::Transition;
+use crate::model::service::LastCheck;
 use crate::runtime::key::{Key, Side};
 use crate::runtime::net::{self, ConnectOutcome};
 use crate::runtime::ready::{Ready, Step};
@@ -47,6 +48,8 @@ pub struct Probe {
     ready: Ready,
     /// When the check in flight fails for lack of an answer, if ever.
     deadline: Option<Instant>,
+    /// How long the check in flight may take, for the reason it failed.
+    limit: Duration,
     /// The one armed timer: the next check while idle, the deadline while checking.
     timer: Option<TimerKey>,
     /// When the current (or next) check is due; the schedule's phase.
@@ -88,6 +91,7 @@ impl Probe {
             holds_slot: false,
             ready: Ready::default(),
             deadline: None,
+            limit: Duration::ZERO,
             timer,
             due,
         }
@@ -118,7 +122,10 @@ impl Probe {
                 self.holds_slot = true;
                 self.start(key, cx)
             }
-            _ if self.deadline.is_some_and(|d| cx.now >= d) => self.finish(key, Err("timeout".into()), cx),
+            _ if self.deadline.is_some_and(|d| cx.now >= d) => {
+                let why = format!("timed out after {:?}", self.limit);
+                self.finish(key, Err(why), cx)
+            }
             _ => {
                 self.arm(key, self.deadline, cx);
                 Step::Wait
@@ -170,6 +177,7 @@ impl Probe {
                 self.state = ProbeState::Connecting { stream };
                 self.ready = Ready::default();
                 self.deadline = deadline.map(|d| started + d);
+                self.limit = deadline.unwrap_or_default();
                 self.arm(key, self.deadline, cx);
                 Step::Wait
             }
@@ -253,6 +261,10 @@ impl Probe {
         }
         let passed = result.is_ok();
         let transition = backend.state.health.update(|h| h.record_check(passed, rise, fall));
+        let last = LastCheck { at: std::time::SystemTime::now(), error: result.as_ref().err().cloned() };
+        if let Some(b) = cx.services.backend_mut(self.backend) {
+            b.last_check = Some(last);
+        }
         match (transition, &result) {
             (Some(Transition::WentDown), Err(why)) => warn!("{names} is down: {fall} checks failed, last: {why}"),
             (Some(Transition::CameUp), _) => info!("{names} is up: {rise} checks passed"),
@@ -334,14 +346,19 @@ fn read_expect(stream: &mut TcpStream, seen: &mut Vec<u8>, expect: &[u8], ready:
     while ready.readable {
         let want = (EXPECT_LIMIT - seen.len()).min(chunk.len());
         match stream.read(&mut chunk[..want]) {
-            Ok(0) => return Progress::Done(Err("connection closed before the expected reply".into())),
+            // Closed early: say whether a reply came and lacked the text, or none came.
+            Ok(0) if seen.is_empty() => return Progress::Done(Err("connection closed before any reply".into())),
+            Ok(0) => {
+                let why = format!("reply did not contain {:?} ({} bytes, then closed)", lossy(expect), seen.len());
+                return Progress::Done(Err(why));
+            }
             Ok(n) => {
                 seen.extend_from_slice(&chunk[..n]);
                 if contains(seen, expect) {
                     return Progress::Done(Ok(()));
                 }
                 if seen.len() >= EXPECT_LIMIT {
-                    let why = format!("unexpected reply: no {:?} in the first 4 KiB", lossy(expect));
+                    let why = format!("reply did not contain {:?} in its first 4 KiB", lossy(expect));
                     return Progress::Done(Err(why));
                 }
             }

@@ -33,8 +33,19 @@ pub struct Backend {
     pub check_addr: Option<SocketAddr>,
     /// Health and counters, shared by every loop that proxies to it.
     pub state: Arc<BackendState>,
+    /// The last health check's outcome, kept by the loop that runs the probes.
+    pub last_check: Option<LastCheck>,
     /// The event-loop entry that probes it, if any.
     pub probe: Option<Key>,
+}
+
+/// When the last health check of a backend ended and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastCheck {
+    /// When it ended.
+    pub at: std::time::SystemTime,
+    /// Why it failed; `None` when it passed.
+    pub error: Option<String>,
 }
 
 /// One running service; its backends are listed by key, in balancing order.
@@ -328,7 +339,15 @@ impl Services {
                     new_keys.push(k);
                 }
                 None => {
-                    let b = Backend { config, service: key, addr, check_addr, state: Arc::default(), probe: None };
+                    let b = Backend {
+                        config,
+                        service: key,
+                        addr,
+                        check_addr,
+                        state: Arc::default(),
+                        last_check: None,
+                        probe: None,
+                    };
                     let k = self.backends.insert(b);
                     changes.added.push(k);
                     new_keys.push(k);
@@ -494,6 +513,14 @@ impl Services {
             ("check_success", c.check_success),
             ("check_fail", c.check_fail),
         ]));
+        // null until a first check has ended (and for a backend never checked).
+        let last = b.last_check.as_ref();
+        let at = last.map_or(Value::Null, |l| json!(crate::runtime::utc::rfc3339(l.at)));
+        let result = last.map_or(Value::Null, |l| json!(if l.error.is_none() { "passed" } else { "failed" }));
+        let error = last.and_then(|l| l.error.clone()).map_or(Value::Null, Value::from);
+        fields.push(("last_check".into(), Stats::Field(at)));
+        fields.push(("last_check_result".into(), Stats::Field(result)));
+        fields.push(("last_error".into(), Stats::Field(error)));
         Some(Stats::Object(fields))
     }
 

@@ -901,3 +901,67 @@ fn five_hundred_checked_backends_keep_client_latency_low() {
         assert!(p99 < bound, "p99 of proxied round trips ({kind}) with {BACKENDS} checked backends: {p99:?}");
     }
 }
+
+/// The last check's fields of backend `b0` of service `web`, once one has
+/// ended with `result` ("passed" or "failed").
+fn last_check(admin: SocketAddr, result: &str) -> Value {
+    let mut stats = Value::Null;
+    let ended = wait_until(HEALTH_DEADLINE, || {
+        stats = get(admin, "/web/b0");
+        stats["last_check_result"] == result
+    });
+    assert!(ended, "no check ended {result}: {stats}");
+    let at = stats["last_check"].as_str().unwrap_or_default().to_string();
+    // RFC 3339 UTC, e.g. 2026-12-03T07:55:01Z (fractions allowed).
+    assert!(at.len() >= 20 && at.as_bytes()[10] == b'T' && at.ends_with('Z'), "last_check {at:?}");
+    stats
+}
+
+#[test]
+fn health_fields_say_when_the_last_check_ended_and_why_it_failed() {
+    // Never checked: nulls.
+    let up = echo();
+    let shuttle = Shuttle::start_with_config(&json!([service("web", vec![backend("b0", up.address())])]), &[]);
+    let stats = get(shuttle.admin_addr(), "/web/b0");
+    assert_eq!(
+        (&stats["last_check"], &stats["last_check_result"], &stats["last_error"]),
+        (&Value::Null, &Value::Null, &Value::Null)
+    );
+    drop(shuttle);
+
+    // Passed, then refused.
+    let up = echo();
+    let web = with(service("web", vec![checked("b0", up.address(), up.address())]), &[("check_interval", json!(0.1))]);
+    let shuttle = Shuttle::start_with_config(&json!([web]), &[]);
+    let admin = shuttle.admin_addr();
+    assert_eq!(last_check(admin, "passed")["last_error"], Value::Null);
+    let dead = crate::support::refusing();
+    let web = with(service("web", vec![checked("b0", up.address(), dead)]), &[("check_interval", json!(0.1))]);
+    put(admin, "/web", &web);
+    assert_eq!(last_check(admin, "failed")["last_error"], "refused");
+    drop(shuttle);
+
+    // A reply that lacks the expected text says so, with the text.
+    let responder = HttpResponder::start("503 Service Unavailable");
+    let web = with(
+        service("web", vec![checked("b0", responder.address(), responder.address())]),
+        &[
+            ("check_interval", json!(0.1)),
+            ("check_send", json!("GET / HTTP/1.0\r\n\r\n")),
+            ("check_expect", json!("200 OK")),
+        ],
+    );
+    let shuttle = Shuttle::start_with_config(&json!([web]), &[]);
+    let why = last_check(shuttle.admin_addr(), "failed")["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(why.starts_with(r#"reply did not contain "200 OK""#), "{why}");
+    drop(shuttle);
+
+    // A check that hangs names its deadline.
+    let hole = blackhole();
+    let web = with(
+        service("web", vec![checked("b0", up.address(), hole.address())]),
+        &[("check_interval", json!(0.2)), ("connect_timeout", json!(0.3))],
+    );
+    let shuttle = Shuttle::start_with_config(&json!([web]), &[]);
+    assert_eq!(last_check(shuttle.admin_addr(), "failed")["last_error"], "timed out after 300ms");
+}
