@@ -27,3 +27,4 @@ pub mod fuzzing;
 pub mod model;
 pub mod runtime;
 pub mod server;
+pub mod startup;

@@ -1,0 +1,179 @@
+//! Start-up (reference §1): everything between the parsed flags and a
+//! running loop: pick and load the config or state file, resolve and check
+//! it, read the token, bind. `-check` runs the same steps and binds nothing.
+//! Every failure is one line naming the file or address at fault.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::cli::{self, Flags};
+use crate::control::access::{self, Access};
+use crate::control::admin::AdminAddr;
+use crate::control::info::Started;
+use crate::control::state::StateFile;
+use crate::model::address;
+use crate::model::config::{self, one_line, ServiceConfig};
+use crate::model::service;
+use crate::runtime::notify::Notifier;
+use crate::runtime::{files, helpers};
+use crate::server::{Options, Server, StartupError};
+
+/// Why start-up failed: one line, naming the file or address at fault.
+#[derive(Debug)]
+pub struct Failed(pub String);
+
+impl Failed {
+    fn at(path: &Path, message: impl std::fmt::Display) -> Failed {
+        Failed(format!("{}: {message}", path.display()))
+    }
+}
+
+/// `-check`: everything start-up reads and checks, with nothing bound and no
+/// lock taken (a running shuttle holds it, and its state file must be checkable).
+pub fn check(flags: &Flags) -> Result<String, Failed> {
+    if let Some(path) = &flags.state {
+        StateFile::check(path).map_err(|e| Failed::at(path, e))?;
+    }
+    let loaded = load(flags)?;
+    let services = loaded.prepared.len();
+    let backends: usize = loaded.prepared.iter().map(|p| p.config.backends.len()).sum();
+    let what = loaded.source.as_ref().map_or_else(|| "no config".to_string(), |p| p.display().to_string());
+    let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+    Ok(format!("{}: ok ({}, {})", one_line(&what), plural(services, "service"), plural(backends, "backend")))
+}
+
+/// What start-up reads and checks before it binds anything: the part that
+/// `-check` runs too, so the two can never disagree.
+struct Loaded {
+    /// The file the services came from: the state file when it exists, else `-config`.
+    source: Option<PathBuf>,
+    /// The services, resolved and checked against each other.
+    prepared: Vec<service::Prepared>,
+    /// The `-http` address, resolved.
+    admin: AdminAddr,
+    /// The admin token, if `-admin-token-file` named one.
+    token: Option<Vec<u8>>,
+}
+
+/// Reads the config (or state) file, resolves its names within the 5 s
+/// deadline, runs the cross-service checks and reads the token file.
+fn load(flags: &Flags) -> Result<Loaded, Failed> {
+    // The state file wins when it exists (reference §1); a corrupt one stops start-up and is never overwritten.
+    let source = match (&flags.state, &flags.config) {
+        (Some(state), _) if state.exists() => Some(state.clone()),
+        (_, config) => config.clone(),
+    };
+    let configs = match &source {
+        None => Vec::new(),
+        Some(path) => config::load(path).map_err(|e| Failed::at(path, e))?,
+    };
+    let admin = admin_address(flags)?;
+    let prepared = prepare(configs, &source)?;
+    // A TCP admin address with a fixed port is known already; `Server::new`
+    // checks again once it is bound, when port 0 has become a real port.
+    let admin_tcp = match &admin {
+        AdminAddr::Tcp(addr) => Some(*addr),
+        AdminAddr::Unix(..) => None,
+    };
+    service::check_all(&prepared, admin_tcp).map_err(|e| at_source(&source, e))?;
+    let token = match &flags.token_file {
+        Some(path) => Some(read_token(path)?),
+        None => None,
+    };
+    Ok(Loaded { source, prepared, admin, token })
+}
+
+/// A failure of the config, named with the file it came from, if any.
+fn at_source(source: &Option<PathBuf>, e: String) -> Failed {
+    match source {
+        Some(path) => Failed::at(path, e),
+        None => Failed(e),
+    }
+}
+
+/// Everything before the loop runs: each failure is one line and exit 1.
+pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
+    // The state file is locked before it is read: a second shuttle on it stops here.
+    let state = match &flags.state {
+        Some(path) => Some(StateFile::open(path).map_err(|e| Failed::at(path, e))?),
+        None => None,
+    };
+    let Loaded { source, prepared, admin, token } = load(&flags)?;
+    if let AdminAddr::Tcp(addr) = &admin {
+        if token.is_none() && !access::is_local_only(addr) {
+            log::warn!(
+                "the admin API listens on {addr}, which other hosts can reach, and needs no token: anyone who can connect can reconfigure shuttle; use -admin-token-file"
+            );
+        }
+    }
+    let access = Access::new(&flags.admin_hosts, token, matches!(admin, AdminAddr::Unix(..)));
+    let fd_limit = match crate::runtime::net::raise_fd_limit() {
+        Ok(limit) => {
+            log::debug!("file descriptor limit: {limit}");
+            limit
+        }
+        Err(e) => {
+            log::warn!("cannot raise the file descriptor limit: {e}");
+            1024
+        }
+    };
+    let workers = match flags.workers {
+        cli::Workers::Count(n) => n,
+        cli::Workers::Auto => match crate::runtime::cpus::allowed() {
+            Ok(cpus) => cpus.len().clamp(1, cli::MAX_WORKERS),
+            Err(e) => return Err(Failed(format!("-workers auto: cannot learn which CPUs this process may use: {e}"))),
+        },
+    };
+    if workers > 1 {
+        log::info!("{workers} worker loops proxy; one control loop runs the admin API and the health checks");
+    }
+    let notify = Notifier::from_env();
+    let options =
+        Options { admin, access, state, grace: flags.grace, fd_limit, workers, pin: flags.pin, started, notify };
+    Server::new(options, prepared).map_err(|e| match (&source, &e) {
+        // A service that cannot start is named with the file it came from.
+        (Some(path), StartupError::Listen { .. } | StartupError::Service(_)) => Failed::at(path, e),
+        _ => Failed(e.to_string()),
+    })
+}
+
+/// Resolves every host name of the config (off this thread, with a deadline)
+/// and checks the resolved addresses.
+fn prepare(configs: Vec<ServiceConfig>, source: &Option<PathBuf>) -> Result<Vec<service::Prepared>, Failed> {
+    let mut names: Vec<String> = configs.iter().flat_map(config::host_names).collect();
+    names.sort();
+    names.dedup();
+    let lookups = helpers::resolve_now(names);
+    configs.into_iter().map(|c| service::prepare(c, &lookups).map_err(|e| at_source(source, e))).collect()
+}
+
+/// The `-http` address: a unix socket path, or `host:port` resolved now.
+fn admin_address(flags: &Flags) -> Result<AdminAddr, Failed> {
+    if flags.http.starts_with('/') {
+        return Ok(AdminAddr::Unix(flags.http.clone().into(), flags.http_mode));
+    }
+    let bad = |e: String| Failed(format!("admin API: cannot listen on {}: {e}", flags.http));
+    let parsed = address::parse(&flags.http).map_err(bad)?;
+    let lookups = helpers::resolve_now(parsed.name().map(str::to_string).into_iter().collect());
+    let addr: SocketAddr = parsed.resolve(&lookups).map_err(bad)?;
+    Ok(AdminAddr::Tcp(addr))
+}
+
+/// The admin token: the first line of a regular file, trimmed, not empty.
+fn read_token(path: &Path) -> Result<Vec<u8>, Failed> {
+    use std::os::unix::fs::PermissionsExt;
+    let bytes = files::read_regular(path, 64 * 1024)
+        .map_err(|e| Failed::at(path, format!("cannot read the admin token: {e}")))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.is_empty() {
+        return Err(Failed::at(path, "the admin token file is empty; put the token on its first line"));
+    }
+    if token.len() > 4096 || token.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(Failed::at(path, "the admin token must be one word of at most 4096 characters"));
+    }
+    if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+        log::warn!("{}: the admin token file can be read by other users; chmod 600 it", path.display());
+    }
+    Ok(token.as_bytes().to_vec())
+}
