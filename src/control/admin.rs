@@ -102,7 +102,14 @@ impl AdminListener {
     pub fn accept(&self) -> io::Result<(AdminStream, String)> {
         match self {
             AdminListener::Tcp(l) => l.accept().map(|(s, peer)| (AdminStream::Tcp(s), peer.to_string())),
-            AdminListener::Unix(l, _) => l.accept().map(|(s, _)| (AdminStream::Unix(s), "unix socket".to_string())),
+            AdminListener::Unix(l, _) => l.accept().map(|(s, _)| {
+                // The socket's peer, as the kernel vouches for it: who changed what, in the audit log.
+                let who = match crate::runtime::net::peer_cred(&s) {
+                    Some((uid, pid)) => format!("unix socket (uid {uid}, pid {pid})"),
+                    None => "unix socket".to_string(),
+                };
+                (AdminStream::Unix(s), who)
+            }),
         }
     }
 }

@@ -384,7 +384,8 @@ pub fn prepare(plane: &mut impl Plane, draft: Draft, lookups: &Lookups) -> Resul
             configs.push(prepared.config.clone());
             match (existing, listener) {
                 (Some(key), listener) => {
-                    (Apply::Replace { key, prepared, listener }, configs, format!("service {name} updated"))
+                    let summary = replace_summary(plane.services(), key, &prepared.config);
+                    (Apply::Replace { key, prepared, listener }, configs, summary)
                 }
                 (None, Some(listener)) => (Apply::Add { prepared, listener }, configs, format!("service {name} added")),
                 // A new service has no running address, so it always gets a listener.
@@ -395,8 +396,9 @@ pub fn prepare(plane: &mut impl Plane, draft: Draft, lookups: &Lookups) -> Resul
     Ok(Ready { step, configs: sorted(configs), summary })
 }
 
-/// Applies a ready change; cannot fail. Returns the 200 that answers it.
-pub fn commit(plane: &mut impl Plane, ready: Ready, now: Instant) -> Response {
+/// Applies a ready change; cannot fail. Returns the 200 that answers it and
+/// what changed, for the audit log.
+pub fn commit(plane: &mut impl Plane, ready: Ready, now: Instant) -> (Response, String) {
     let body = config::to_json(&ready.configs).into_bytes();
     match ready.step {
         Apply::Add { prepared, listener } => plane.add_service(prepared, listener, now),
@@ -404,8 +406,7 @@ pub fn commit(plane: &mut impl Plane, ready: Ready, now: Instant) -> Response {
         Apply::Backends { key, prepared } => plane.set_backends(key, prepared, now),
         Apply::Delete { key } => plane.remove_service(key, now),
     }
-    log::info!("{}", ready.summary);
-    Response::ok(body)
+    (Response::ok(body), ready.summary)
 }
 
 /// Undoes what [`prepare`] staged for a change that will not happen.
@@ -414,6 +415,26 @@ pub fn abandon(plane: &mut impl Plane, ready: Ready) {
         Apply::Add { listener, .. } | Apply::Replace { listener: Some(listener), .. } => plane.unstage(listener),
         _ => {}
     }
+}
+
+/// "service web updated: balance "RR" → "LC", connect_timeout 5 → 2; backends: unchanged".
+fn replace_summary(services: &Services, key: Key, new: &ServiceConfig) -> String {
+    let fields = |c: &ServiceConfig| match serde_json::to_value(c) {
+        Ok(serde_json::Value::Object(mut map)) => {
+            map.remove("backends");
+            map
+        }
+        _ => serde_json::Map::new(),
+    };
+    let old = services.config(key).map(|c| fields(&c)).unwrap_or_default();
+    let changed: Vec<String> = fields(new)
+        .into_iter()
+        .filter(|(k, v)| old.get(k) != Some(v))
+        .map(|(k, v)| format!("{k} {} → {v}", old.get(&k).map_or_else(|| "unset".to_string(), |o| o.to_string())))
+        .collect();
+    let backends = backends_summary(services, key, new);
+    let backends = backends.split_once(" backends updated: ").map_or("", |(_, rest)| rest);
+    format!("service {} updated: {}; backends: {backends}", new.name, changed.join(", "))
 }
 
 /// "service web backends updated: added b2, removed b0, changed b1".

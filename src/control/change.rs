@@ -17,7 +17,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 
 use crate::control::api::{self, ApiError, Draft, Plane, Ready, Response};
 use crate::control::http::Request;
@@ -38,13 +38,41 @@ pub struct Reply {
     pub response: Response,
 }
 
+/// Who asked for a change, and what: the audit log's words for it.
+#[derive(Debug, Clone)]
+struct About {
+    /// "PUT /web".
+    what: String,
+    /// The peer address, or the unix socket's peer uid and pid.
+    who: String,
+}
+
+impl About {
+    fn of(request: &Request, who: String) -> About {
+        About { what: format!("{} {}", request.method, request.path), who }
+    }
+
+    /// Logs the outcome: an applied change at info, with what changed; a
+    /// refused one at warn, with its status and reason.
+    fn log(&self, response: &Response, summary: Option<&str>) {
+        let About { what, who } = self;
+        if response.status < 300 {
+            info!("admin: {what} from {who}: {}", summary.unwrap_or("done"));
+        } else {
+            let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap_or_default();
+            let why = body["error"].as_str().unwrap_or("");
+            warn!("admin: {what} from {who} refused with {}: {why}", response.status);
+        }
+    }
+}
+
 /// The change in flight, by what it waits for.
 #[derive(Debug)]
 enum Current {
     /// Names are being looked up; past `deadline` the change gets a 400.
-    Resolving { conn: Key, job: u64, deadline: Instant, draft: Draft, names: Vec<String> },
+    Resolving { conn: Key, job: u64, deadline: Instant, draft: Draft, names: Vec<String>, about: About },
     /// The state file is being written; once it is, the change is applied.
-    Saving { conn: Key, job: u64, ready: Ready },
+    Saving { conn: Key, job: u64, ready: Ready, about: About },
     /// Applied here; the answer waits until every worker loop has it too.
     Applying { conn: Key, response: Response },
 }
@@ -52,7 +80,7 @@ enum Current {
 /// The queue of admin changes and the one in flight.
 #[derive(Debug)]
 pub struct Changes {
-    waiting: VecDeque<(Key, Request)>,
+    waiting: VecDeque<(Key, Request, String)>,
     current: Option<Current>,
     next_job: u64,
     resolver: Resolver,
@@ -66,15 +94,25 @@ impl Changes {
         Changes { waiting: VecDeque::new(), current: None, next_job: 1, resolver, state }
     }
 
-    /// Takes a change request from admin connection `conn`; replies that are ready come back.
-    pub fn submit(&mut self, plane: &mut impl Plane, conn: Key, request: Request, now: Instant) -> Vec<Reply> {
+    /// Takes a change request from admin connection `conn`, sent by `who`;
+    /// replies that are ready come back.
+    pub fn submit(
+        &mut self,
+        plane: &mut impl Plane,
+        conn: Key,
+        request: Request,
+        who: String,
+        now: Instant,
+    ) -> Vec<Reply> {
         let mut replies = Vec::new();
         if self.waiting.len() >= MAX_WAITING {
             let message = format!("{MAX_WAITING} changes are waiting for their turn already; try again later");
-            replies.push(Reply { conn, response: ApiError::Unavailable(message).into_response() });
+            let response = ApiError::Unavailable(message).into_response();
+            About::of(&request, who).log(&response, None);
+            replies.push(Reply { conn, response });
             return replies;
         }
-        self.waiting.push_back((conn, request));
+        self.waiting.push_back((conn, request, who));
         self.pump(plane, now, &mut replies);
         replies
     }
@@ -83,15 +121,18 @@ impl Changes {
     pub fn on_answer(&mut self, plane: &mut impl Plane, answer: Answer, now: Instant) -> Vec<Reply> {
         let mut replies = Vec::new();
         match (answer, self.current.take()) {
-            (Answer::Resolved { job, found }, Some(Current::Resolving { conn, job: expected, draft, .. }))
+            (Answer::Resolved { job, found }, Some(Current::Resolving { conn, job: expected, draft, about, .. }))
                 if job == expected =>
             {
-                replies.extend(self.resolved(plane, conn, draft, &found, now));
+                replies.extend(self.resolved(plane, conn, draft, &found, about, now));
             }
-            (Answer::Done { job, result }, Some(Current::Saving { conn, job: expected, ready })) if job == expected => {
+            (Answer::Done { job, result }, Some(Current::Saving { conn, job: expected, ready, about }))
+                if job == expected =>
+            {
                 let response = match result {
                     Ok(()) => {
-                        let response = api::commit(plane, ready, now);
+                        let (response, summary) = api::commit(plane, ready, now);
+                        about.log(&response, Some(&summary));
                         if !plane.settled() {
                             self.current = Some(Current::Applying { conn, response });
                             return replies;
@@ -101,9 +142,11 @@ impl Changes {
                     Err(e) => {
                         api::abandon(plane, ready);
                         let path = self.state.as_ref().map(|(s, _)| s.path().display().to_string()).unwrap_or_default();
-                        warn!("admin: cannot write the state file {path}: {e}; the change was not applied");
-                        ApiError::Internal(format!("cannot write the state file {path}: {e}; nothing was changed"))
-                            .into_response()
+                        let response =
+                            ApiError::Internal(format!("cannot write the state file {path}: {e}; nothing was changed"))
+                                .into_response();
+                        about.log(&response, None);
+                        response
                     }
                 };
                 replies.push(Reply { conn, response });
@@ -136,10 +179,11 @@ impl Changes {
         let mut replies = Vec::new();
         if let Some(Current::Resolving { deadline, .. }) = &self.current {
             if now >= *deadline {
-                if let Some(Current::Resolving { conn, names, .. }) = self.current.take() {
+                if let Some(Current::Resolving { conn, names, about, .. }) = self.current.take() {
                     let slow = names.first().map_or_else(String::new, |n| helpers::timed_out(n));
-                    warn!("admin: {slow}; the change was refused");
-                    replies.push(Reply { conn, response: ApiError::BadRequest(slow).into_response() });
+                    let response = ApiError::BadRequest(slow).into_response();
+                    about.log(&response, None);
+                    replies.push(Reply { conn, response });
                 }
             }
         }
@@ -158,7 +202,7 @@ impl Changes {
     /// Admin connection `conn` is gone: its waiting requests go too, and a
     /// change of its still being resolved is given up. A save in flight is not.
     pub fn forget(&mut self, conn: Key) {
-        self.waiting.retain(|(c, _)| *c != conn);
+        self.waiting.retain(|(c, _, _)| *c != conn);
         if matches!(&self.current, Some(Current::Resolving { conn: c, .. }) if *c == conn) {
             self.current = None;
         }
@@ -178,32 +222,39 @@ impl Changes {
     /// Starts waiting changes until one has to wait for a helper.
     pub fn pump(&mut self, plane: &mut impl Plane, now: Instant, replies: &mut Vec<Reply>) {
         while self.current.is_none() {
-            let Some((conn, request)) = self.waiting.pop_front() else { return };
-            if let Some(reply) = self.start(plane, conn, &request, now) {
+            let Some((conn, request, who)) = self.waiting.pop_front() else { return };
+            if let Some(reply) = self.start(plane, conn, &request, About::of(&request, who), now) {
                 replies.push(reply);
             }
         }
     }
 
-    fn start(&mut self, plane: &mut impl Plane, conn: Key, request: &Request, now: Instant) -> Option<Reply> {
+    fn start(
+        &mut self,
+        plane: &mut impl Plane,
+        conn: Key,
+        request: &Request,
+        about: About,
+        now: Instant,
+    ) -> Option<Reply> {
         let draft = match api::draft(plane, request) {
             Ok(draft) => draft,
-            Err(e) => return Some(Reply { conn, response: e.into_response() }),
+            Err(e) => return Some(refused(&about, conn, e)),
         };
         let names = draft.host_names();
         if names.is_empty() {
-            return self.resolved(plane, conn, draft, &Lookups::new(), now);
+            return self.resolved(plane, conn, draft, &Lookups::new(), about, now);
         }
         let job = self.job();
         match self.resolver.submit(job, names.clone()) {
             Ok(()) => {
                 let deadline = now + RESOLVE_DEADLINE;
-                self.current = Some(Current::Resolving { conn, job, deadline, draft, names });
+                self.current = Some(Current::Resolving { conn, job, deadline, draft, names, about });
                 None
             }
             Err(Busy(n)) => {
                 let message = format!("name resolution is busy: {n} lookups have not answered yet; try again later");
-                Some(Reply { conn, response: ApiError::Unavailable(message).into_response() })
+                Some(refused(&about, conn, ApiError::Unavailable(message)))
             }
         }
     }
@@ -214,14 +265,16 @@ impl Changes {
         conn: Key,
         draft: Draft,
         lookups: &Lookups,
+        about: About,
         now: Instant,
     ) -> Option<Reply> {
         let ready = match api::prepare(plane, draft, lookups) {
             Ok(ready) => ready,
-            Err(e) => return Some(Reply { conn, response: e.into_response() }),
+            Err(e) => return Some(refused(&about, conn, e)),
         };
         let Some((state, worker)) = &self.state else {
-            let response = api::commit(plane, ready, now);
+            let (response, summary) = api::commit(plane, ready, now);
+            about.log(&response, Some(&summary));
             if !plane.settled() {
                 self.current = Some(Current::Applying { conn, response });
                 return None;
@@ -232,14 +285,14 @@ impl Changes {
         self.next_job += 1;
         match worker.submit(job, state.save_job(ready.state_text())) {
             Ok(()) => {
-                self.current = Some(Current::Saving { conn, job, ready });
+                self.current = Some(Current::Saving { conn, job, ready, about });
                 None
             }
             Err(e) => {
                 api::abandon(plane, ready);
                 let message =
                     format!("cannot write the state file {}: {e}; nothing was changed", state.path().display());
-                Some(Reply { conn, response: ApiError::Internal(message).into_response() })
+                Some(refused(&about, conn, ApiError::Internal(message)))
             }
         }
     }
@@ -249,6 +302,13 @@ impl Changes {
         self.next_job += 1;
         job
     }
+}
+
+/// The answer to a change that will not happen, logged with who asked.
+fn refused(about: &About, conn: Key, e: ApiError) -> Reply {
+    let response = e.into_response();
+    about.log(&response, None);
+    Reply { conn, response }
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Socket plumbing: binding listeners with an explicit backlog, nonblocking
 //! connects and their outcome, accept-error classes, and the fd limit.
 //!
-//! This is the only file with `unsafe` (one `setrlimit` call).
+//! Its `unsafe` is confined to two syscall wrappers: `getrlimit`/`setrlimit`
+//! and `getsockopt(SO_PEERCRED)`.
 
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -63,6 +64,26 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(TcpListener::from_std(socket.into()))
+}
+
+/// The uid and pid of a unix socket's peer (`SO_PEERCRED`), as the kernel
+/// recorded them at connect.
+#[allow(unsafe_code)]
+pub fn peer_cred(stream: &impl std::os::fd::AsRawFd) -> Option<(u32, i32)> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which lives
+    // across the call; the fd is open for as long as `stream` is borrowed.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some((cred.uid, cred.pid))
 }
 
 /// Makes a listener drop new connection attempts (SYNs) while it still

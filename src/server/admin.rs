@@ -60,7 +60,11 @@ impl Server {
         if !api::is_change(&request) {
             return vec![Reply { conn, response: api::read(self, &request) }];
         }
-        self.with_changes(|changes, server| changes.submit(server, conn, request, now))
+        let who = match self.entries.get(conn) {
+            Some(Entry::Admin(c)) => c.peer().to_string(),
+            _ => "?".into(),
+        };
+        self.with_changes(|changes, server| changes.submit(server, conn, request, who, now))
     }
 
     fn refuse(&mut self, conn: Key, request: &Request, refusal: &Refusal, now: Instant) -> Response {

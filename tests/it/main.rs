@@ -11,6 +11,7 @@
 mod support;
 
 mod admin;
+mod audit;
 mod balance;
 mod check;
 mod failover;
