@@ -378,7 +378,8 @@ mod tests {
         };
         let now = Instant::now();
         let conn = Slots::<()>::new().insert(());
-        assert!(changes.submit(&mut plane, conn, request, now).is_empty(), "applied here, not yet everywhere");
+        let who = "127.0.0.1:1".to_string();
+        assert!(changes.submit(&mut plane, conn, request, who, now).is_empty(), "applied here, not yet everywhere");
         assert!(changes.is_saving(), "a drain waits for it");
         assert!(changes.on_settled(&mut plane, now).is_empty(), "still not acknowledged");
         plane.unacknowledged = false;
