@@ -68,19 +68,37 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// Its HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest(_) => 400,
+            ApiError::NotFound(_) => 404,
+            ApiError::MethodNotAllowed(_) => 405,
+            ApiError::Conflict(_) => 409,
+            ApiError::Internal(_) => 500,
+            ApiError::Unavailable(_) => 503,
+        }
+    }
+
+    /// What the `error` field says.
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::MethodNotAllowed(allow) => format!("method not allowed; use {allow}"),
+            ApiError::BadRequest(m)
+            | ApiError::NotFound(m)
+            | ApiError::Conflict(m)
+            | ApiError::Internal(m)
+            | ApiError::Unavailable(m) => m.clone(),
+        }
+    }
+
     /// The response that reports it.
     pub fn into_response(self) -> Response {
-        match self {
-            ApiError::BadRequest(m) => Response::error(400, &m),
-            ApiError::NotFound(m) => Response::error(404, &m),
-            ApiError::MethodNotAllowed(allow) => Response {
-                fields: vec![("Allow", allow.to_string())],
-                ..Response::error(405, &format!("method not allowed; use {allow}"))
-            },
-            ApiError::Conflict(m) => Response::error(409, &m),
-            ApiError::Internal(m) => Response::error(500, &m),
-            ApiError::Unavailable(m) => Response::error(503, &m),
+        let mut response = Response::error(self.status(), &self.message());
+        if let ApiError::MethodNotAllowed(allow) = self {
+            response.fields.push(("Allow", allow.to_string()));
         }
+        response
     }
 }
 

@@ -52,17 +52,15 @@ impl About {
         About { what: format!("{} {}", request.method, request.path), who }
     }
 
-    /// Logs the outcome: an applied change at info, with what changed; a
-    /// refused one at warn, with its status and reason.
-    fn log(&self, response: &Response, summary: Option<&str>) {
-        let About { what, who } = self;
-        if response.status < 300 {
-            info!("admin: {what} from {who}: {}", summary.unwrap_or("done"));
-        } else {
-            let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap_or_default();
-            let why = body["error"].as_str().unwrap_or("");
-            warn!("admin: {what} from {who} refused with {}: {why}", response.status);
-        }
+    /// Logs an applied change at info, with what changed.
+    fn applied(&self, summary: &str) {
+        info!("admin: {} from {}: {summary}", self.what, self.who);
+    }
+
+    /// Logs a refused change at warn, with its status and reason, and answers it.
+    fn refused(&self, e: ApiError) -> Response {
+        warn!("admin: {} from {} refused with {}: {}", self.what, self.who, e.status(), e.message());
+        e.into_response()
     }
 }
 
@@ -107,8 +105,7 @@ impl Changes {
         let mut replies = Vec::new();
         if self.waiting.len() >= MAX_WAITING {
             let message = format!("{MAX_WAITING} changes are waiting for their turn already; try again later");
-            let response = ApiError::Unavailable(message).into_response();
-            About::of(&request, who).log(&response, None);
+            let response = About::of(&request, who).refused(ApiError::Unavailable(message));
             replies.push(Reply { conn, response });
             return replies;
         }
@@ -132,7 +129,7 @@ impl Changes {
                 let response = match result {
                     Ok(()) => {
                         let (response, summary) = api::commit(plane, ready, now);
-                        about.log(&response, Some(&summary));
+                        about.applied(&summary);
                         if !plane.settled() {
                             self.current = Some(Current::Applying { conn, response });
                             return replies;
@@ -142,11 +139,9 @@ impl Changes {
                     Err(e) => {
                         api::abandon(plane, ready);
                         let path = self.state.as_ref().map(|(s, _)| s.path().display().to_string()).unwrap_or_default();
-                        let response =
-                            ApiError::Internal(format!("cannot write the state file {path}: {e}; nothing was changed"))
-                                .into_response();
-                        about.log(&response, None);
-                        response
+                        about.refused(ApiError::Internal(format!(
+                            "cannot write the state file {path}: {e}; nothing was changed"
+                        )))
                     }
                 };
                 replies.push(Reply { conn, response });
@@ -181,9 +176,7 @@ impl Changes {
             if now >= *deadline {
                 if let Some(Current::Resolving { conn, names, about, .. }) = self.current.take() {
                     let slow = names.first().map_or_else(String::new, |n| helpers::timed_out(n));
-                    let response = ApiError::BadRequest(slow).into_response();
-                    about.log(&response, None);
-                    replies.push(Reply { conn, response });
+                    replies.push(Reply { conn, response: about.refused(ApiError::BadRequest(slow)) });
                 }
             }
         }
@@ -274,7 +267,7 @@ impl Changes {
         };
         let Some((state, worker)) = &self.state else {
             let (response, summary) = api::commit(plane, ready, now);
-            about.log(&response, Some(&summary));
+            about.applied(&summary);
             if !plane.settled() {
                 self.current = Some(Current::Applying { conn, response });
                 return None;
@@ -306,9 +299,7 @@ impl Changes {
 
 /// The answer to a change that will not happen, logged with who asked.
 fn refused(about: &About, conn: Key, e: ApiError) -> Reply {
-    let response = e.into_response();
-    about.log(&response, None);
-    Reply { conn, response }
+    Reply { conn, response: about.refused(e) }
 }
 
 #[cfg(test)]

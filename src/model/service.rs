@@ -468,7 +468,8 @@ impl Services {
         if let Some(b) = self.backends.get(backend) {
             b.state.connections.add(1);
             // A plain load unless a run of failures is open: no store per connection.
-            if b.state.health.get() != b.state.health.get().after_connect_success() {
+            let health = b.state.health.get();
+            if health != health.after_connect_success() {
                 b.state.health.update(|h| {
                     h.record_connect_success();
                     None

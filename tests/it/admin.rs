@@ -306,7 +306,7 @@ pub(crate) fn config_json(admin: SocketAddr) -> Value {
 
 /// Stats of `/{service}` or `/{service}/{backend}`, which must be 200.
 #[track_caller]
-fn stats(admin: SocketAddr, target: &str) -> Value {
+pub(crate) fn stats(admin: SocketAddr, target: &str) -> Value {
     get(admin, target).expect(200).json()
 }
 

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::admin::{config_bytes, get, put};
+use crate::admin::{config_bytes, get, put, stats};
 use crate::support::{
     backend, connect, echo, named, read_line, refusing, round_trip, service, try_connect, wait_until, Launch, Shuttle,
     DEADLINE,
@@ -35,10 +35,6 @@ fn served_by(shuttle: &Shuttle, name: &str) -> [usize; 2] {
         }
     }
     by
-}
-
-fn stats(admin: SocketAddr, target: &str) -> Value {
-    get(admin, target).expect(200).json()
 }
 
 /// The first line a client of `addr` reads: the tag of the `named` backend it reached.
@@ -134,6 +130,12 @@ fn a_new_service_serves_at_once_on_every_worker() {
             round_trip(&mut client, b"new service");
         }
     }
+    // Both workers served the new services, not only the one that happened to be ready.
+    let total = || {
+        let per: Vec<[usize; 2]> = (0..10).map(|i| served_by(&shuttle, &format!("s{i}"))).collect();
+        per.iter().fold([0, 0], |acc, by| [acc[0] + by[0], acc[1] + by[1]])
+    };
+    assert!(wait_until(DEADLINE, || total()[0] > 0 && total()[1] > 0), "served by {:?}", total());
 }
 
 #[test]
@@ -452,10 +454,10 @@ fn round_robin_is_one_sequence_over_the_workers() {
     let round = ["b0", "b1", "b1", "b2", "b2", "b2"];
     let expected: Vec<String> = round.iter().cycle().take(60).map(|s| s.to_string()).collect();
     assert_eq!(got, expected);
-    let by = served_by(&shuttle, "web");
     assert!(
         wait_until(DEADLINE, || served_by(&shuttle, "web").iter().all(|&n| n > 0)),
-        "both workers must have taken some: {by:?}"
+        "both workers must have taken some: {:?}",
+        served_by(&shuttle, "web")
     );
 }
 
