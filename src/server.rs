@@ -40,6 +40,7 @@ use crate::control::probe::Probe;
 use crate::control::state::StateFile;
 use crate::data::buffer::BufferPool;
 use crate::data::proxy::Pair;
+use crate::model::counters::StatusCounts;
 use crate::model::service::{self, Services};
 use crate::runtime::fds::FdBudget;
 use crate::runtime::helpers::{Inbox, Outbox, Resolver, Worker};
@@ -227,6 +228,8 @@ pub struct Server {
     stopping_now: bool,
     /// When the process started, for `GET /_info`.
     pub(crate) started: Started,
+    /// Admin responses by status, for the metrics.
+    pub(crate) admin_statuses: std::sync::Arc<StatusCounts>,
     /// systemd's `$NOTIFY_SOCKET`; only the control loop sends.
     notify: Notifier,
     /// Why a worker loop failed, once one did: the process then drains and exits 1.
@@ -348,6 +351,7 @@ impl Server {
             draining: None,
             stopping_now: false,
             started: Started::now(),
+            admin_statuses: std::sync::Arc::default(),
             notify: Notifier::disabled(),
             failed: None,
             panic_on_accept: false,

@@ -12,6 +12,7 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
@@ -22,6 +23,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use crate::context::Cx;
 use crate::control::api::Response;
 use crate::control::http::{self, Decoder, Progress, Request, MAX_BODY, MAX_HEAD};
+use crate::model::counters::StatusCounts;
 use crate::runtime::key::{Key, Side};
 use crate::runtime::ready::{Ready, Step};
 use crate::runtime::timer::{TimerKey, Wheel};
@@ -245,6 +247,8 @@ pub struct AdminConn {
     /// Progress of the current request or response: bytes moved since `since`.
     moved: u64,
     since: Instant,
+    /// Where every response sent is counted, for the metrics.
+    statuses: Arc<StatusCounts>,
 }
 
 impl AdminConn {
@@ -256,6 +260,7 @@ impl AdminConn {
         registry: &Registry,
         now: Instant,
         timers: &mut Wheel<Key>,
+        statuses: Arc<StatusCounts>,
     ) -> io::Result<AdminConn> {
         let token = key.token(Side::Client);
         let interest = Interest::READABLE | Interest::WRITABLE;
@@ -280,6 +285,7 @@ impl AdminConn {
             accepted: now,
             moved: 0,
             since: now,
+            statuses,
         })
     }
 
@@ -392,8 +398,15 @@ impl AdminConn {
     }
 
     fn queue(&mut self, response: Response, keep_alive: bool, now: Instant) {
+        self.statuses.count(response.status);
         let extra: Vec<(&str, &str)> = response.fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
-        self.output.extend_from_slice(&http::response(response.status, &response.body, keep_alive, &extra));
+        self.output.extend_from_slice(&http::response(
+            response.status,
+            response.content_type,
+            &response.body,
+            keep_alive,
+            &extra,
+        ));
         self.phase = Phase::Writing { keep_alive };
         self.restart_progress(now);
     }

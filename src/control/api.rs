@@ -22,17 +22,23 @@ use std::time::Instant;
 
 use crate::control::http::Request;
 use crate::control::info::Info;
+use crate::control::metrics::{self, Process};
 use crate::model::address::{self, Lookups};
 use crate::model::config::{self, BackendConfig, ServiceConfig};
 use crate::model::service::{self, Prepared, Services};
 use crate::runtime::key::Key;
+
+/// The media type of every admin body but the metrics'.
+pub const JSON: &str = "application/json";
 
 /// A response to one admin request.
 #[derive(Debug)]
 pub struct Response {
     /// HTTP status.
     pub status: u16,
-    /// JSON body, pretty-printed with a trailing newline.
+    /// The body's media type: JSON but for the metrics.
+    pub content_type: &'static str,
+    /// The body: pretty-printed JSON with a trailing newline, or the metrics' text.
     pub body: Vec<u8>,
     /// Extra header fields, e.g. the `Allow` of a 405.
     pub fields: Vec<(&'static str, String)>,
@@ -41,12 +47,12 @@ pub struct Response {
 impl Response {
     /// A 200 with this body.
     pub fn ok(body: Vec<u8>) -> Response {
-        Response { status: 200, body, fields: Vec::new() }
+        Response { status: 200, content_type: JSON, body, fields: Vec::new() }
     }
 
     /// An error status with `{"error": message}`.
     pub fn error(status: u16, message: &str) -> Response {
-        Response { status, body: error_body(message), fields: Vec::new() }
+        Response { status, content_type: JSON, body: error_body(message), fields: Vec::new() }
     }
 }
 
@@ -158,6 +164,8 @@ pub trait Plane {
     fn settled(&self) -> bool;
     /// What `GET /_info` shows.
     fn info(&self) -> Info;
+    /// What only the loop knows of the process, for `GET /metrics`.
+    fn process(&self) -> Process<'_>;
 }
 
 /// Whether a request changes the config (and so takes its turn), or only reads.
@@ -167,6 +175,11 @@ pub fn is_change(request: &Request) -> bool {
 
 /// Answers a request that changes nothing.
 pub fn read(plane: &impl Plane, request: &Request) -> Response {
+    // Prometheus scrapes `/metrics` by default: it shadows the stats of a service named so (reference §5.1).
+    if request.method == "GET" && matches!(segments(request).as_slice(), ["metrics"] | ["_metrics"]) {
+        let body = metrics::render(plane.services(), &plane.process()).into_bytes();
+        return Response { content_type: metrics::CONTENT_TYPE, ..Response::ok(body) };
+    }
     match read_route(plane, request) {
         Ok(body) => Response::ok(body),
         Err(e) => e.into_response(),
@@ -198,7 +211,7 @@ fn read_route(plane: &impl Plane, request: &Request) -> Result<Vec<u8>, ApiError
             let key = find_backend(services, service, name, backend)?;
             services.backend_stats(key).map(|stats| pretty(&stats)).ok_or_else(|| no_service(name))
         }
-        (_, [""] | ["_config"] | ["_info"]) => Err(ApiError::MethodNotAllowed(READ_ONLY)),
+        (_, [""] | ["_config"] | ["_info"] | ["_metrics"]) => Err(ApiError::MethodNotAllowed(READ_ONLY)),
         (_, [_] | [_, _]) => Err(ApiError::MethodNotAllowed(READ_WRITE)),
         _ => Err(no_path(request)),
     }
@@ -206,7 +219,7 @@ fn read_route(plane: &impl Plane, request: &Request) -> Result<Vec<u8>, ApiError
 
 fn no_path(request: &Request) -> ApiError {
     ApiError::NotFound(format!(
-        "no such path {:?}; paths are /, /_config, /_info, /SERVICE and /SERVICE/BACKEND",
+        "no such path {:?}; paths are /, /_config, /_info, /metrics, /SERVICE and /SERVICE/BACKEND",
         request.path
     ))
 }
@@ -276,7 +289,7 @@ pub fn draft(plane: &impl Plane, request: &Request) -> Result<Draft, ApiError> {
     let segments = segments(request);
     let backends_only = has_param(request.query.as_deref(), "backends_only");
     match (request.method.as_str(), segments.as_slice()) {
-        (_, [""] | ["_config"] | ["_info"]) => Err(ApiError::MethodNotAllowed(READ_ONLY)),
+        (_, [""] | ["_config"] | ["_info"] | ["_metrics"]) => Err(ApiError::MethodNotAllowed(READ_ONLY)),
         ("PUT" | "POST", [name]) => put_service(services, name, &request.body, backends_only),
         ("DELETE", [name]) => {
             writable_name("service", name)?;

@@ -348,6 +348,17 @@ mod tests {
         fn info(&self) -> crate::control::info::Info {
             crate::control::info::Info::new(crate::control::info::Started::now(), Instant::now(), 1, 0, 0, 0)
         }
+        fn process(&self) -> crate::control::metrics::Process<'_> {
+            crate::control::metrics::Process {
+                started: std::time::SystemTime::now(),
+                workers: 1,
+                active: 0,
+                max_fds: 1024,
+                // A test's plane lives as long as the test: leaking it is harmless.
+                admin: Box::leak(Box::default()),
+                access_log: None,
+            }
+        }
     }
 
     #[test]

@@ -556,12 +556,12 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Bytes of a complete HTTP/1.1 response with a JSON body, then the `extra` fields (e.g. `("Allow", "GET, PUT")`).
-pub fn response(status: u16, body: &[u8], keep_alive: bool, extra: &[(&str, &str)]) -> Vec<u8> {
+/// Bytes of a complete HTTP/1.1 response with a body of `content_type`, then the `extra` fields (e.g. `("Allow", "GET, PUT")`).
+pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool, extra: &[(&str, &str)]) -> Vec<u8> {
     let connection = if keep_alive { "keep-alive" } else { "close" };
     let (reason, len) = (reason(status), body.len());
     let mut head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n\
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n\
          Content-Length: {len}\r\nConnection: {connection}\r\n"
     );
     // A CR or LF in a field would split the response: such a field is dropped, never sent.

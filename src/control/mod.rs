@@ -7,5 +7,6 @@ pub mod api;
 pub mod change;
 pub mod http;
 pub mod info;
+pub mod metrics;
 pub mod probe;
 pub mod state;

@@ -410,6 +410,9 @@ impl Pair {
         self.down.release(cx.pool);
         self.report(cx);
         self.release_backend(cx);
+        if let Some(s) = cx.services.service(self.service) {
+            s.state.duration.observe(cx.now.saturating_duration_since(self.accepted));
+        }
         if log::log_enabled!(log::Level::Debug) {
             debug!("{}", self.summary(cx));
         }
@@ -478,7 +481,11 @@ impl Pair {
         let Phase::Connecting { target, started, .. } = self.phase else { return };
         cx.services.connect_succeeded(target);
         self.backend.last_progress = cx.now;
-        self.connect_ms = Some(u32::try_from(cx.now.duration_since(started).as_millis()).unwrap_or(u32::MAX));
+        let took = cx.now.saturating_duration_since(started);
+        if let Some(s) = cx.services.service(self.service) {
+            s.state.connect_time.observe(took);
+        }
+        self.connect_ms = Some(u32::try_from(took.as_millis()).unwrap_or(u32::MAX));
         self.set_phase(Phase::Relaying { target });
     }
 
@@ -568,7 +575,7 @@ impl Pair {
             }
             Fault::Local(_) => {
                 if let Some(s) = cx.services.service(self.service) {
-                    s.errors.add(1);
+                    s.state.errors.add(1);
                 }
             }
             _ => {}

@@ -5,8 +5,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::model::health::SharedHealth;
+use crate::model::histogram::{Histogram, CONNECT_BOUNDS, DURATION_BOUNDS};
 
-/// Counters of one backend, as the stats API shows them.
+/// Counters of one backend, as the stats API and the metrics show them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
     /// Bytes client → backend.
@@ -15,6 +16,8 @@ pub struct Counters {
     pub received: u64,
     /// Failed connects and backend-side failures.
     pub errors: u64,
+    /// Failed connects alone (metrics only; the stats API shows `errors`).
+    pub connect_errors: u64,
     /// Connections established, in all.
     pub connections: u64,
     /// Connections open or being opened now.
@@ -55,6 +58,8 @@ pub struct BackendState {
     pub received: Counter,
     /// Failed connects and backend-side failures.
     pub errors: Counter,
+    /// Failed connects alone (a part of `errors`).
+    pub connect_errors: Counter,
     /// Connections established, in all.
     pub connections: Counter,
     /// Connections open or being opened now, over all loops (LC balances on it).
@@ -74,11 +79,60 @@ impl BackendState {
             sent: self.sent.get(),
             received: self.received.get(),
             errors: self.errors.get(),
+            connect_errors: self.connect_errors.get(),
             connections: self.connections.get(),
             active: self.active.get(),
             check_success: self.check_success.get(),
             check_fail: self.check_fail.get(),
         }
+    }
+}
+
+/// What every loop shares of one service besides its backends.
+#[derive(Debug)]
+pub struct ServiceState {
+    /// Clients that found no backend to go to (and local connect failures).
+    pub errors: Counter,
+    /// How long established backend connects took.
+    pub connect_time: Histogram,
+    /// How long finished connections lasted, from accept to close.
+    pub duration: Histogram,
+}
+
+impl Default for ServiceState {
+    fn default() -> Self {
+        ServiceState {
+            errors: Counter::default(),
+            connect_time: Histogram::new(CONNECT_BOUNDS),
+            duration: Histogram::new(DURATION_BOUNDS),
+        }
+    }
+}
+
+/// Admin responses by status code, counted as they are sent.
+#[derive(Debug)]
+pub struct StatusCounts {
+    /// Index `status - 100`, for 100..=599.
+    by_status: Box<[Counter]>,
+}
+
+impl Default for StatusCounts {
+    fn default() -> Self {
+        StatusCounts { by_status: (100..600).map(|_| Counter::default()).collect() }
+    }
+}
+
+impl StatusCounts {
+    /// Counts one response with `status`; a code outside 100..=599 is never sent, so never counted.
+    pub fn count(&self, status: u16) {
+        if let Some(c) = status.checked_sub(100).and_then(|i| self.by_status.get(usize::from(i))) {
+            c.add(1);
+        }
+    }
+
+    /// Every status sent at least once, with its count, in ascending order.
+    pub fn nonzero(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        (100u16..).zip(self.by_status.iter()).map(|(s, c)| (s, c.get())).filter(|&(_, n)| n > 0)
     }
 }
 
@@ -93,6 +147,17 @@ mod tests {
         state.active.sub_one();
         state.active.sub_one();
         assert_eq!(state.counters().active, 0);
+    }
+
+    #[test]
+    fn statuses_outside_the_http_range_are_not_counted() {
+        let counts = StatusCounts::default();
+        counts.count(200);
+        counts.count(200);
+        counts.count(599);
+        counts.count(99);
+        counts.count(600);
+        assert_eq!(counts.nonzero().collect::<Vec<_>>(), vec![(200, 2), (599, 1)]);
     }
 
     #[test]

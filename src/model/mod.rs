@@ -7,4 +7,5 @@ pub mod balance;
 pub mod config;
 pub mod counters;
 pub mod health;
+pub mod histogram;
 pub mod service;

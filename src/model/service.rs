@@ -16,7 +16,7 @@ use crate::model::address::{self, Lookups};
 use crate::model::balance::{self, Candidate, SharedCursor};
 use crate::model::config::{self, BackendConfig, ServiceConfig};
 pub use crate::model::counters::Counters;
-use crate::model::counters::{BackendState, Counter};
+use crate::model::counters::{BackendState, ServiceState};
 use crate::model::health::Transition;
 use crate::runtime::key::{Key, Slots};
 
@@ -57,8 +57,8 @@ pub struct Service {
     pub addr: SocketAddr,
     /// Backends in config order.
     pub backends: Vec<Key>,
-    /// Clients that found no backend to go to.
-    pub errors: Arc<Counter>,
+    /// No-backend errors and histograms, shared by every loop.
+    pub state: Arc<ServiceState>,
     /// The event-loop entry of its listener.
     pub listener: Option<Key>,
     /// The timeouts new connections get, converted once per config change.
@@ -209,8 +209,8 @@ impl Plan {
 /// A service's state as every loop shares it (see [`Services::share`]).
 #[derive(Debug, Clone, Default)]
 pub struct Shared {
-    /// Clients that found no backend.
-    pub errors: Arc<Counter>,
+    /// No-backend errors and histograms.
+    pub state: Arc<ServiceState>,
     /// Where balancing stands.
     pub cursor: Arc<SharedCursor>,
     /// Each backend's counters and health, in the service's order.
@@ -291,7 +291,7 @@ impl Services {
             settings: config,
             addr,
             backends: Vec::new(),
-            errors: Arc::default(),
+            state: Arc::default(),
             listener: None,
             cursor: Arc::default(),
             retired: false,
@@ -394,7 +394,7 @@ impl Services {
     pub fn shared(&self, key: Key) -> Shared {
         let Some(s) = self.services.get(key) else { return Shared::default() };
         let backends = s.backends.iter().filter_map(|&k| self.backends.get(k)).map(|b| b.state.clone()).collect();
-        Shared { errors: s.errors.clone(), cursor: s.cursor.clone(), backends }
+        Shared { state: s.state.clone(), cursor: s.cursor.clone(), backends }
     }
 
     /// Makes a service count into `shared`, which another loop's copy of the
@@ -402,7 +402,7 @@ impl Services {
     /// counters and health. Backends are matched by position.
     pub fn share(&mut self, key: Key, shared: &Shared) {
         let Some(s) = self.services.get_mut(key) else { return };
-        s.errors = shared.errors.clone();
+        s.state = shared.state.clone();
         s.cursor = shared.cursor.clone();
         for (&k, state) in s.backends.iter().zip(&shared.backends) {
             if let Some(b) = self.backends.get_mut(k) {
@@ -452,6 +452,7 @@ impl Services {
     pub fn connect_failed(&mut self, backend: Key) -> Option<Transition> {
         let b = self.backends.get(backend)?;
         b.state.errors.add(1);
+        b.state.connect_errors.add(1);
         let settings = self.services.get(b.service).map(|s| &s.settings);
         let fall = settings.map_or(1, |s| s.fall);
         let checked = settings.is_some_and(|s| config::seconds(s.check_interval).is_some());
@@ -528,7 +529,7 @@ impl Services {
     /// A service's stats object: its settings, summed counters and its backends' stats (reference §5).
     pub fn service_stats(&self, key: Key) -> Option<Stats> {
         let s = self.services.get(key)?;
-        let mut sum = Counters { errors: s.errors.get(), ..Counters::default() };
+        let mut sum = Counters { errors: s.state.errors.get(), ..Counters::default() };
         for b in s.backends.iter().filter_map(|&k| self.backends.get(k)) {
             let c = b.state.counters();
             sum.sent += c.sent;
@@ -713,7 +714,7 @@ mod tests {
         let (key, added) = services.insert(service(&[("a", 1), ("b", 2)]));
         services.backend(added[0]).unwrap().state.sent.add(5);
         services.backend(added[1]).unwrap().state.sent.add(7);
-        services.service(key).unwrap().errors.add(3);
+        services.service(key).unwrap().state.errors.add(3);
         services.connect_failed(added[1]);
         let stats = serde_json::to_value(services.service_stats(key).unwrap()).unwrap();
         assert_eq!(stats["sent"], 12);

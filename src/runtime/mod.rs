@@ -10,6 +10,7 @@ pub mod key;
 pub mod logsink;
 pub mod net;
 pub mod notify;
+pub mod procfs;
 pub mod ready;
 pub mod throttle;
 pub mod timer;

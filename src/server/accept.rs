@@ -118,7 +118,7 @@ impl Server {
         let plan = self.services.plan(service);
         if plan.is_empty() {
             if let Some(s) = self.services.service(service) {
-                s.errors.add(1);
+                s.state.errors.add(1);
                 debug!("{}: {peer}: closed at once (no backend available)", s.settings.name);
             }
             net::close_gently(&stream);
@@ -137,7 +137,7 @@ impl Server {
             Err(Fault::Local(e)) => {
                 debug!("{name}: {peer}: closing: {e}");
                 if let Some(s) = self.services.service(service) {
-                    s.errors.add(1);
+                    s.state.errors.add(1);
                 }
                 Err(e)
             }
@@ -163,10 +163,11 @@ impl Server {
             match listener.accept() {
                 Ok((stream, peer)) => {
                     self.admin_short = false;
-                    let Server { poll, entries, timers, .. } = self;
+                    let Server { poll, entries, timers, admin_statuses, .. } = self;
                     let registry = poll.registry();
+                    let statuses = admin_statuses.clone();
                     let made = entries.try_insert_with(|conn| {
-                        AdminConn::new(conn, stream, peer, registry, now, timers).map(Entry::Admin)
+                        AdminConn::new(conn, stream, peer, registry, now, timers, statuses).map(Entry::Admin)
                     });
                     match made {
                         Ok(conn) => {

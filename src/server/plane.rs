@@ -17,6 +17,7 @@ use super::workers::Op;
 use super::{Entry, Server};
 use crate::control::api::{Plane, Staged};
 use crate::control::info::Info;
+use crate::control::metrics::Process;
 use crate::model::config;
 use crate::model::service::{Prepared, Services};
 use crate::runtime::key::Key;
@@ -59,6 +60,17 @@ impl Plane for Server {
         let backends = self.services.keys().filter_map(|k| self.services.service(k)).map(|s| s.backends.len()).sum();
         let workers = self.workers().map_or(1, |w| w.len());
         Info::new(self.started, Instant::now(), workers, services, backends, self.fds.process_pairs())
+    }
+
+    fn process(&self) -> Process<'_> {
+        Process {
+            started: self.started.wall,
+            workers: self.workers().map_or(1, |w| w.len()),
+            active: self.fds.process_pairs(),
+            max_fds: self.fds.limit(),
+            admin: &self.admin_statuses,
+            access_log: None,
+        }
     }
 
     fn settled(&self) -> bool {

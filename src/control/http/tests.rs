@@ -237,7 +237,7 @@ fn head_path_decoded_query_raw() {
 
 #[test]
 fn response_bytes_exact() {
-    let bytes = response(405, b"{}\n", false, &[("Allow", "GET, PUT"), ("X", "a\r\nb")]);
+    let bytes = response(405, "application/json", b"{}\n", false, &[("Allow", "GET, PUT"), ("X", "a\r\nb")]);
     let want = "HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/json\r\nContent-Length: 3\r\n\
         Connection: close\r\nAllow: GET, PUT\r\n\r\n{}\n";
     assert_eq!(String::from_utf8_lossy(&bytes), want);
