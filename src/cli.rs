@@ -5,7 +5,9 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::data::finished::Format;
 use crate::model::config::{one_line, MAX_SECONDS};
+use crate::runtime::accesslog::Target;
 
 /// The help text.
 pub const USAGE: &str = "\
@@ -13,7 +15,8 @@ shuttle: a TCP proxy and load balancer, reconfigured live over HTTP/JSON
 
 usage: shuttle [-config FILE] [-state FILE] [-http ADDR] [-http-mode MODE]
                [-admin-host NAME] [-admin-token-file FILE] [-grace SECONDS]
-               [-workers N|auto] [-pin] [-debug]
+               [-workers N|auto] [-pin] [-access-log PATH|-] [-access-log-format text|json]
+               [-debug]
        shuttle -check [-config FILE] [-state FILE] [-http ADDR] [-admin-token-file FILE]
 
   -config FILE            default config (a JSON list of services); never written
@@ -27,6 +30,9 @@ usage: shuttle [-config FILE] [-state FILE] [-http ADDR] [-http-mode MODE]
   -workers N|auto         event loops that proxy, one thread each (default 1: one loop does
                           everything); auto: one per CPU this process may run on
   -pin                    pin worker i to the i-th CPU this process may run on
+  -access-log PATH|-      write one line per finished connection to PATH (appended; SIGUSR1
+                          reopens it), or to standard output with -; off by default
+  -access-log-format F    text (key=value fields, the default) or json (one object a line)
   -check                  check the file start-up would load (the state file if it exists,
                           else -config) as start-up does, names resolved, and exit; binds
                           nothing and takes no lock
@@ -64,6 +70,10 @@ pub struct Flags {
     pub debug: bool,
     /// `-check`: validate the config and exit.
     pub check: bool,
+    /// `-access-log`: where finished connections are logged.
+    pub access_log: Option<Target>,
+    /// `-access-log-format`.
+    pub access_log_format: Format,
 }
 
 /// How many worker loops `-workers` asked for.
@@ -183,6 +193,8 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
         pin: args.contains("--pin"),
         debug: args.contains("--debug"),
         check: args.contains("--check"),
+        access_log: value(&mut args, "--access-log", non_empty)?.map(|v| Target::parse(&v)),
+        access_log_format: value(&mut args, "--access-log-format", parse_format)?.unwrap_or_default(),
     };
     let rest = args.finish();
     if let Some(first) = rest.first() {
@@ -236,6 +248,14 @@ fn parse_workers(s: &str) -> Result<Workers, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(Workers::Count(n)),
         _ => Err(format!("expected a number of workers from 1 to {MAX_WORKERS}, or auto, got {s:?}")),
+    }
+}
+
+fn parse_format(s: &str) -> Result<Format, String> {
+    match s {
+        "text" => Ok(Format::Text),
+        "json" => Ok(Format::Json),
+        _ => Err(format!("expected text or json, got {s:?}")),
     }
 }
 
@@ -327,6 +347,21 @@ mod tests {
         assert_eq!(flags.config, Some("a.json".into()));
         assert!(run(&["--check=true"]).unwrap().check);
         assert!(!run(&["-check=false"]).unwrap().check);
+    }
+
+    #[test]
+    fn access_log_to_a_file_or_standard_output() {
+        let flags = run(&[]).unwrap();
+        assert_eq!((flags.access_log, flags.access_log_format), (None, Format::Text));
+        let flags = run(&["-access-log", "/var/log/shuttle.log", "-access-log-format=json"]).unwrap();
+        assert_eq!(flags.access_log, Some(Target::File("/var/log/shuttle.log".into())));
+        assert_eq!(flags.access_log_format, Format::Json);
+        assert_eq!(run(&["-access-log", "-"]).unwrap().access_log, Some(Target::Stdout));
+        assert_eq!(
+            run(&["-access-log-format", "xml"]).unwrap_err(),
+            r#"-access-log-format: expected text or json, got "xml""#
+        );
+        assert_eq!(run(&["-access-log"]).unwrap_err(), "-access-log: needs a value");
     }
 
     #[test]

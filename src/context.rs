@@ -8,6 +8,7 @@ use mio::Registry;
 
 use crate::data::buffer::BufferPool;
 use crate::model::service::Services;
+use crate::runtime::accesslog::AccessLog;
 use crate::runtime::fds::FdBudget;
 use crate::runtime::key::Key;
 use crate::runtime::timer::Wheel;
@@ -27,4 +28,6 @@ pub struct Cx<'a> {
     pub pool: &'a mut BufferPool,
     /// Who holds descriptors; probes ask it before they connect.
     pub fds: &'a mut FdBudget,
+    /// Where finished pairs are logged, when `-access-log` is on.
+    pub access_log: &'a mut AccessLog,
 }

@@ -42,6 +42,7 @@ use crate::data::buffer::BufferPool;
 use crate::data::proxy::Pair;
 use crate::model::counters::StatusCounts;
 use crate::model::service::{self, Services};
+use crate::runtime::accesslog::AccessLog;
 use crate::runtime::fds::FdBudget;
 use crate::runtime::helpers::{Inbox, Outbox, Resolver, Worker};
 use crate::runtime::key::{Key, Side, Slots};
@@ -144,6 +145,8 @@ pub struct Options {
     pub started: Started,
     /// Where systemd hears that shuttle is ready, and stopping.
     pub notify: Notifier,
+    /// The access log, on with `-access-log`.
+    pub access_log: AccessLog,
 }
 
 /// Why the loop could not start.
@@ -230,6 +233,8 @@ pub struct Server {
     pub(crate) started: Started,
     /// Admin responses by status, for the metrics.
     pub(crate) admin_statuses: std::sync::Arc<StatusCounts>,
+    /// This loop's end of the access log (off without `-access-log`).
+    pub(crate) access_log: AccessLog,
     /// systemd's `$NOTIFY_SOCKET`; only the control loop sends.
     notify: Notifier,
     /// Why a worker loop failed, once one did: the process then drains and exits 1.
@@ -281,7 +286,7 @@ impl Server {
                 let share = crate::runtime::fds::worker_share(options.fd_limit, n);
                 let outbox = inbox.outbox();
                 Some(
-                    workers::Workers::spawn(n, options.pin, share, options.grace, &outbox, &pairs)
+                    workers::Workers::spawn(n, options.pin, share, options.grace, &outbox, &pairs, &options.access_log)
                         .map_err(StartupError::Io)?,
                 )
             }
@@ -291,6 +296,7 @@ impl Server {
         server.fds.share_pairs(pairs);
         server.started = options.started;
         server.notify = options.notify;
+        server.access_log = options.access_log;
         server.signals = Some(signals);
         server.changes = Some(changes);
         let now = Instant::now();
@@ -352,6 +358,7 @@ impl Server {
             stopping_now: false,
             started: Started::now(),
             admin_statuses: std::sync::Arc::default(),
+            access_log: AccessLog::default(),
             notify: Notifier::disabled(),
             failed: None,
             panic_on_accept: false,
@@ -464,6 +471,7 @@ impl Server {
             services: &mut self.services,
             pool: &mut self.pool,
             fds: &mut self.fds,
+            access_log: &mut self.access_log,
         };
         match &mut entry {
             Entry::Pair(pair) => {
@@ -551,7 +559,11 @@ impl Server {
                 }
                 self.resume(key, now);
             }
+            self.access_log.flush();
             if self.drained(now) {
+                if matches!(self.role, Role::Control { .. }) {
+                    self.access_log.finish();
+                }
                 return match self.failed.take() {
                     Some(why) => Err(io::Error::other(why)),
                     None => Ok(()),
@@ -594,7 +606,11 @@ impl Server {
                 SIGTERM | SIGINT => self.begin_drain(now),
                 // A closing ssh session or a log rotator must not kill every connection.
                 SIGHUP => info!("SIGHUP received: reloading is not supported yet; shuttle keeps running unchanged"),
-                SIGUSR1 => info!("SIGUSR1 received and ignored; shuttle keeps running"),
+                SIGUSR1 if self.access_log.is_on() => {
+                    info!("SIGUSR1 received: reopening the access log");
+                    self.access_log.reopen();
+                }
+                SIGUSR1 => info!("SIGUSR1 received: there is no access log to reopen; shuttle keeps running"),
                 SIGUSR2 => info!("SIGUSR2 received and ignored; shuttle keeps running"),
                 other => info!("signal {other} received and ignored; shuttle keeps running"),
             }
@@ -669,9 +685,9 @@ impl Server {
 
     /// Runs `f` on an entry with a context of the loop's other fields, then does what it returns.
     fn drive(&mut self, key: Key, now: Instant, f: impl FnOnce(&mut Entry, &mut Cx<'_>) -> Step) {
-        let Server { poll, entries, timers, services, pool, fds, .. } = self;
+        let Server { poll, entries, timers, services, pool, fds, access_log, .. } = self;
         let Some(entry) = entries.get_mut(key) else { return };
-        let mut cx = Cx { now, registry: poll.registry(), timers, services, pool, fds };
+        let mut cx = Cx { now, registry: poll.registry(), timers, services, pool, fds, access_log };
         let step = f(entry, &mut cx);
         self.apply(key, step);
     }

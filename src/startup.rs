@@ -14,6 +14,7 @@ use crate::control::state::StateFile;
 use crate::model::address;
 use crate::model::config::{self, one_line, ServiceConfig};
 use crate::model::service;
+use crate::runtime::accesslog::{AccessLog, Target};
 use crate::runtime::notify::Notifier;
 use crate::runtime::{files, helpers};
 use crate::server::{Options, Server, StartupError};
@@ -128,8 +129,25 @@ pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
         log::info!("{workers} worker loops proxy; one control loop runs the admin API and the health checks");
     }
     let notify = Notifier::from_env();
-    let options =
-        Options { admin, access, state, grace: flags.grace, fd_limit, workers, pin: flags.pin, started, notify };
+    let access_log = match &flags.access_log {
+        None => AccessLog::default(),
+        Some(target) => AccessLog::start(target.clone(), flags.access_log_format).map_err(|e| match target {
+            Target::File(path) => Failed::at(path, format!("cannot open the access log: {e}")),
+            Target::Stdout => Failed(format!("cannot start the access log: {e}")),
+        })?,
+    };
+    let options = Options {
+        admin,
+        access,
+        state,
+        grace: flags.grace,
+        fd_limit,
+        workers,
+        pin: flags.pin,
+        started,
+        notify,
+        access_log,
+    };
     Server::new(options, prepared).map_err(|e| match (&source, &e) {
         // A service that cannot start is named with the file it came from.
         (Some(path), StartupError::Listen { .. } | StartupError::Service(_)) => Failed::at(path, e),

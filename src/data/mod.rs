@@ -1,4 +1,6 @@
-//! The data plane: proxied pairs and their relay buffers.
+//! The data plane: proxied pairs, their relay buffers, and the access log's
+//! record of each finished one.
 
 pub mod buffer;
+pub mod finished;
 pub mod proxy;

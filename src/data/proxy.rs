@@ -17,7 +17,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, info, warn};
 use mio::net::TcpStream;
@@ -25,6 +25,7 @@ use mio::{Interest, Token};
 
 use crate::context::Cx;
 use crate::data::buffer::{Buffer, BufferPool, Transfer, BUF_SIZE};
+use crate::data::finished::{End, Finished};
 use crate::model::health::Transition;
 use crate::model::service::{Limits, Plan};
 use crate::runtime::key::{Key, Side};
@@ -259,14 +260,25 @@ pub struct Pair {
     accepted: Instant,
     /// The client's address, for the close log.
     peer: SocketAddr,
-    /// How long the backend connect took in ms, once it succeeded.
-    connect_ms: Option<u32>,
+    /// How long the backend connect took, once it succeeded.
+    connected_in: Option<Duration>,
     /// Connects that failed before the one in flight (failovers).
     failed_connects: u16,
     /// Why the pair ended early, for the close log.
     ended: Option<Fault>,
+    /// Which side sent its EOF first, for the access log.
+    first_eof: Option<Side>,
     /// The armed timer and its deadline: at most one, at the earliest deadline.
     timer: Option<(TimerKey, Instant)>,
+}
+
+/// A client that could not be given a backend: why, and after how many failed connects.
+#[derive(Debug)]
+pub struct Refused {
+    /// Why.
+    pub fault: Fault,
+    /// Connects that failed first.
+    pub failed_connects: u16,
 }
 
 /// A started connect: the stream and the backend it goes to.
@@ -277,7 +289,7 @@ struct Attempt {
 
 /// Starts a connect to the next candidate of `plan` that accepts one; failed
 /// candidates are counted as backend errors (reference §3).
-fn connect_next(plan: &mut Plan, token: Token, cx: &mut Cx<'_>) -> Result<Attempt, Fault> {
+fn connect_next(plan: &mut Plan, token: Token, failed: &mut u16, cx: &mut Cx<'_>) -> Result<Attempt, Fault> {
     while let Some(target) = cx.services.next_target(plan) {
         let Some(addr) = cx.services.backend(target).map(|b| b.addr) else { continue };
         let started = net::connect(addr).and_then(|mut stream| {
@@ -293,7 +305,10 @@ fn connect_next(plan: &mut Plan, token: Token, cx: &mut Cx<'_>) -> Result<Attemp
             }
             // An fd or port shortage is ours, not the backend's (pitfall 15).
             Err(e) if net::is_local_shortage(&e) => return Err(Fault::Local(e)),
-            Err(e) => backend_failed(target, &e, cx),
+            Err(e) => {
+                *failed = failed.saturating_add(1);
+                backend_failed(target, &e, cx);
+            }
         }
     }
     Err(Fault::NoBackend)
@@ -332,12 +347,15 @@ impl Pair {
         service: Key,
         mut plan: Plan,
         cx: &mut Cx<'_>,
-    ) -> Result<Pair, Fault> {
+    ) -> Result<Pair, Refused> {
         let limits = cx.services.limits(service);
+        let refused = |fault, failed_connects| Refused { fault, failed_connects };
         cx.registry
             .register(&mut client, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE)
-            .map_err(Fault::Local)?;
-        let attempt = connect_next(&mut plan, key.token(Side::Backend), cx)?;
+            .map_err(|e| refused(Fault::Local(e), 0))?;
+        let mut failed_connects = 0;
+        let attempt = connect_next(&mut plan, key.token(Side::Backend), &mut failed_connects, cx)
+            .map_err(|f| refused(f, failed_connects))?;
         let now = cx.now;
         let mut pair = Pair {
             client: Peer::new(client, now),
@@ -355,9 +373,10 @@ impl Pair {
             holds: Some(attempt.target),
             accepted: now,
             peer,
-            connect_ms: None,
-            failed_connects: 0,
+            connected_in: None,
+            failed_connects,
             ended: None,
+            first_eof: None,
             timer: None,
         };
         pair.rearm(key, cx);
@@ -413,8 +432,51 @@ impl Pair {
         if let Some(s) = cx.services.service(self.service) {
             s.state.duration.observe(cx.now.saturating_duration_since(self.accepted));
         }
+        if cx.access_log.is_on() {
+            self.log_access(cx);
+        }
         if log::log_enabled!(log::Level::Debug) {
             debug!("{}", self.summary(cx));
+        }
+    }
+
+    /// The access log's line for this pair.
+    fn log_access(&self, cx: &mut Cx<'_>) {
+        let target = match &self.phase {
+            Phase::Relaying { target } | Phase::Connecting { target, .. } => *target,
+        };
+        let backend = cx.services.backend(target).map(|b| (b.config.name.as_str(), b.addr));
+        let finished = Finished {
+            at: SystemTime::now(),
+            service: cx.services.service(self.service).map_or("?", |s| s.settings.name.as_str()),
+            client: self.peer,
+            // A client that got no backend shows none, not the last one that failed.
+            backend: backend.filter(|_| !matches!(self.ended, Some(Fault::NoBackend))),
+            connect: self.connected_in,
+            duration: cx.now.saturating_duration_since(self.accepted),
+            sent: self.up.total,
+            received: self.down.total,
+            failed_connects: self.failed_connects,
+            end: self.end(),
+        };
+        cx.access_log.record(&finished);
+    }
+
+    /// How the pair ended, in the access log's words.
+    fn end(&self) -> End {
+        let reset = |e: &io::Error| matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe);
+        match &self.ended {
+            Some(Fault::Client(e)) if reset(e) => End::ClientReset,
+            Some(Fault::Client(_)) => End::ClientError,
+            Some(Fault::Backend(e)) if reset(e) => End::BackendReset,
+            Some(Fault::Backend(_)) => End::BackendError,
+            Some(Fault::Timeout(Side::Client)) => End::ClientTimeout,
+            Some(Fault::Timeout(Side::Backend)) => End::ServerTimeout,
+            Some(Fault::NoBackend) => End::ConnectFailed,
+            Some(Fault::Local(_)) => End::LocalError,
+            None if self.up.state != HalfState::Shut || self.down.state != HalfState::Shut => End::Shutdown,
+            None if self.first_eof == Some(Side::Backend) => End::BackendClosed,
+            None => End::ClientClosed,
         }
     }
 
@@ -432,7 +494,8 @@ impl Pair {
             1 => "after 1 failed connect, ".into(),
             n => format!("after {n} failed connects, "),
         };
-        let connected = self.connect_ms.map_or_else(String::new, |ms| format!("{failed}connected in {ms} ms, "));
+        let connected =
+            self.connected_in.map_or_else(String::new, |d| format!("{failed}connected in {} ms, ", d.as_millis()));
         let how = self.ended.as_ref().map_or_else(|| "both sides closed".to_string(), Fault::to_string);
         // With several worker loops, which one served it (their threads are named for them).
         let thread = std::thread::current();
@@ -485,7 +548,7 @@ impl Pair {
         if let Some(s) = cx.services.service(self.service) {
             s.state.connect_time.observe(took);
         }
-        self.connect_ms = Some(u32::try_from(took.as_millis()).unwrap_or(u32::MAX));
+        self.connected_in = Some(took);
         self.set_phase(Phase::Relaying { target });
     }
 
@@ -500,7 +563,7 @@ impl Pair {
         self.release_backend(cx);
         backend_failed(target, &error, cx);
         let Phase::Connecting { plan, .. } = &mut self.phase else { return Step::Close };
-        match connect_next(plan, key.token(Side::Backend), cx) {
+        match connect_next(plan, key.token(Side::Backend), &mut self.failed_connects, cx) {
             Ok(attempt) => {
                 let now = cx.now;
                 // The old stream is dropped here, which closes it and removes it from epoll.
@@ -542,6 +605,13 @@ impl Pair {
                 (r, more)
             }
         };
+        if self.first_eof.is_none() {
+            if self.up.state != HalfState::Open {
+                self.first_eof = Some(Side::Client);
+            } else if self.down.state != HalfState::Open {
+                self.first_eof = Some(Side::Backend);
+            }
+        }
         if let Err(fault) = result {
             return self.fail(fault, cx);
         }
@@ -562,6 +632,9 @@ impl Pair {
             Fault::NoBackend => {
                 info!("{service}: closing client {}: {fault}", self.peer);
                 net::close_gently(&self.client.stream);
+                if let Some(s) = cx.services.service(self.service) {
+                    s.state.no_backend.add(1);
+                }
             }
             _ => {}
         }

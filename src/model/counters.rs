@@ -91,8 +91,10 @@ impl BackendState {
 /// What every loop shares of one service besides its backends.
 #[derive(Debug)]
 pub struct ServiceState {
-    /// Clients that found no backend to go to (and local connect failures).
+    /// Clients that found no backend to go to (and local connect failures): the stats API's own errors.
     pub errors: Counter,
+    /// Clients closed without a backend: none was available, or every connect failed.
+    pub no_backend: Counter,
     /// How long established backend connects took.
     pub connect_time: Histogram,
     /// How long finished connections lasted, from accept to close.
@@ -103,6 +105,7 @@ impl Default for ServiceState {
     fn default() -> Self {
         ServiceState {
             errors: Counter::default(),
+            no_backend: Counter::default(),
             connect_time: Histogram::new(CONNECT_BOUNDS),
             duration: Histogram::new(DURATION_BOUNDS),
         }

@@ -2,6 +2,7 @@
 //! cached readiness and steps, socket plumbing, and the helper threads that
 //! take blocking calls off the loop.
 
+pub mod accesslog;
 pub mod cpus;
 pub mod fds;
 pub mod files;

@@ -11,6 +11,22 @@ pub fn rfc3339(time: SystemTime) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest / 60 % 60, rest % 60)
 }
 
+/// Writes `time` as `YYYY-MM-DDTHH:MM:SS.mmmZ` without allocating (the access log's timestamps).
+pub fn write_rfc3339_millis(out: &mut impl std::io::Write, time: SystemTime) -> std::io::Result<()> {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days);
+    write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60,
+        since.subsec_millis()
+    )
+}
+
 /// The proleptic Gregorian date `days` after 1970-01-01.
 fn civil_from_days(days: u64) -> (u64, u64, u64) {
     // Shift the epoch to 0000-03-01, so a leap day ends each 4-year cycle.
@@ -42,6 +58,13 @@ mod tests {
         assert_eq!(at(1_709_208_000 + 3661), "2024-02-29T13:01:01Z");
         assert_eq!(at(4_102_444_799), "2099-12-31T23:59:59Z");
         assert_eq!(rfc3339(UNIX_EPOCH - Duration::from_secs(5)), "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn milliseconds_are_written_too() {
+        let mut out = Vec::new();
+        write_rfc3339_millis(&mut out, UNIX_EPOCH + Duration::from_millis(951_782_400_007)).unwrap();
+        assert_eq!(out, b"2000-02-29T00:00:00.007Z");
     }
 
     #[test]

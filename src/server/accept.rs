@@ -12,14 +12,15 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, info, warn};
 
 use super::{Entry, Server, ACCEPT_BATCH, ACCEPT_PAUSE, MAX_ADMIN_CONNS};
 use crate::context::Cx;
 use crate::control::admin::{AdminConn, EVICTION_GRACE};
-use crate::data::proxy::{Fault, Pair};
+use crate::data::finished::{End, Finished};
+use crate::data::proxy::{Fault, Pair, Refused};
 use crate::runtime::key::Key;
 use crate::runtime::net::{self, AcceptError};
 
@@ -119,13 +120,15 @@ impl Server {
         if plan.is_empty() {
             if let Some(s) = self.services.service(service) {
                 s.state.errors.add(1);
+                s.state.no_backend.add(1);
                 debug!("{}: {peer}: closed at once (no backend available)", s.settings.name);
             }
             net::close_gently(&stream);
+            self.log_refused(service, peer, End::NoBackend, 0);
             return Ok(());
         }
-        let Server { poll, entries, timers, services, pool, fds, .. } = self;
-        let mut cx = Cx { now, registry: poll.registry(), timers, services, pool, fds };
+        let Server { poll, entries, timers, services, pool, fds, access_log, .. } = self;
+        let mut cx = Cx { now, registry: poll.registry(), timers, services, pool, fds, access_log };
         let opened =
             entries.try_insert_with(|key| Pair::open(key, stream, peer, service, plan, &mut cx).map(Entry::Pair));
         let name = self.services.service(service).map_or("?", |s| s.settings.name.as_str());
@@ -134,18 +137,41 @@ impl Server {
                 self.fds.pair_opened();
                 Ok(())
             }
-            Err(Fault::Local(e)) => {
+            Err(Refused { fault: Fault::Local(e), failed_connects }) => {
                 debug!("{name}: {peer}: closing: {e}");
                 if let Some(s) = self.services.service(service) {
                     s.state.errors.add(1);
                 }
+                self.log_refused(service, peer, End::LocalError, failed_connects);
                 Err(e)
             }
-            Err(fault) => {
+            Err(Refused { fault, failed_connects }) => {
                 debug!("{name}: {peer}: closed after 0 ms ({fault})");
+                self.log_refused(service, peer, End::ConnectFailed, failed_connects);
                 Ok(())
             }
         }
+    }
+
+    /// The access log's line for a client closed before it had a pair.
+    fn log_refused(&mut self, service: Key, client: SocketAddr, end: End, failed_connects: u16) {
+        if !self.access_log.is_on() {
+            return;
+        }
+        let finished = Finished {
+            at: SystemTime::now(),
+            service: self.services.service(service).map_or("?", |s| s.settings.name.as_str()),
+            client,
+            backend: None,
+            connect: None,
+            // Refused within the turn that accepted it.
+            duration: Duration::ZERO,
+            sent: 0,
+            received: 0,
+            failed_connects,
+            end,
+        };
+        self.access_log.record(&finished);
     }
 
     pub(super) fn accept_admin(&mut self, key: Key, now: Instant) {

@@ -28,9 +28,9 @@ impl Server {
         now: Instant,
         f: impl FnOnce(&mut AdminConn, &mut Cx<'_>) -> AdminStep,
     ) -> AdminStep {
-        let Server { poll, entries, timers, services, pool, fds, .. } = self;
+        let Server { poll, entries, timers, services, pool, fds, access_log, .. } = self;
         let Some(Entry::Admin(conn)) = entries.get_mut(key) else { return AdminStep::Done(Step::Wait) };
-        let mut cx = Cx { now, registry: poll.registry(), timers, services, pool, fds };
+        let mut cx = Cx { now, registry: poll.registry(), timers, services, pool, fds, access_log };
         f(conn, &mut cx)
     }
 

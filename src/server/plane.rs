@@ -69,7 +69,7 @@ impl Plane for Server {
             active: self.fds.process_pairs(),
             max_fds: self.fds.limit(),
             admin: &self.admin_statuses,
-            access_log: None,
+            access_log: self.access_log.counts(),
         }
     }
 

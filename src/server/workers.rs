@@ -37,6 +37,7 @@ use mio::Poll;
 use super::{Entry, Role, Server, WAKER};
 use crate::control::api::{Plane, Staged};
 use crate::model::service::{Prepared, Shared};
+use crate::runtime::accesslog::AccessLog;
 use crate::runtime::cpus;
 use crate::runtime::helpers::{Answer, Inbox, Outbox};
 use crate::runtime::key::Key;
@@ -142,7 +143,8 @@ pub struct Group {
 impl Workers {
     /// Starts `n` worker loops whose fd budget is `fd_limit` each; they
     /// report to `control`. With `pin`, worker i runs on the i-th allowed CPU.
-    /// Every worker counts its pairs into `pairs`, which the control loop reads.
+    /// Every worker counts its pairs into `pairs`, which the control loop
+    /// reads, and logs finished connections to its own end of `access_log`.
     pub fn spawn(
         n: usize,
         pin: bool,
@@ -150,6 +152,7 @@ impl Workers {
         grace: Duration,
         control: &Outbox,
         pairs: &Arc<AtomicU64>,
+        access_log: &AccessLog,
     ) -> io::Result<Workers> {
         let cpus = if pin { cpus::allowed()? } else { Vec::new() };
         let mut links = Vec::with_capacity(n);
@@ -159,11 +162,11 @@ impl Workers {
             let orders = inbox.outbox();
             let control = control.clone();
             let cpu = (!cpus.is_empty()).then(|| cpus[index % cpus.len()]);
-            let pairs = pairs.clone();
+            let budget = Budget { fd_limit, pairs: pairs.clone(), access_log: access_log.for_loop() };
             // `top -H` and `ps -L` show 15 bytes of a thread's name: keep the number in them.
             let thread = thread::Builder::new()
                 .name(format!("shuttle-w{index}"))
-                .spawn(move || run_worker(index, poll, inbox, control, Budget { fd_limit, pairs }, grace, cpu))?;
+                .spawn(move || run_worker(index, poll, inbox, control, budget, grace, cpu))?;
             links.push(Link { orders, applied: 0, ping: None, exited: false, thread: Some(thread) });
         }
         Ok(Workers { links, generation: 0, next_ping: Instant::now() + PING_EVERY, pings: 0 })
@@ -283,6 +286,8 @@ impl Workers {
 struct Budget {
     fd_limit: u64,
     pairs: Arc<AtomicU64>,
+    /// The worker's end of the access log.
+    access_log: AccessLog,
 }
 
 /// A worker thread's whole life: build its loop, run it, report how it ended.
@@ -305,6 +310,7 @@ fn run_worker(
     let ran = catch_unwind(AssertUnwindSafe(move || {
         let mut server = Server::worker(index, poll, orders, control, budget.fd_limit, grace);
         server.fds.share_pairs(budget.pairs);
+        server.access_log = budget.access_log;
         server.run()
     }));
     let failed = match ran {
