@@ -42,7 +42,7 @@ use crate::data::buffer::BufferPool;
 use crate::data::proxy::Pair;
 use crate::model::service::{self, Services};
 use crate::runtime::fds::FdBudget;
-use crate::runtime::helpers::{Inbox, Outbox, Resolver, Worker};
+use crate::runtime::helpers::{Inbox, Outbox, Worker};
 use crate::runtime::key::{Key, Side, Slots};
 use crate::runtime::notify::Notifier;
 
@@ -131,6 +131,8 @@ pub struct Options {
     pub access: Access,
     /// The state file, locked, written after every change.
     pub state: Option<StateFile>,
+    /// The file the services came from, which SIGHUP reads again.
+    pub source: Option<std::path::PathBuf>,
     /// How long open pairs may run on after SIGTERM.
     pub grace: Duration,
     /// The process's open-file limit; accepting pauses before pairs would exhaust it.
@@ -267,7 +269,7 @@ impl Server {
             Some(state) => Some((state, Worker::new("shuttle-state", inbox.outbox()).map_err(StartupError::Io)?)),
             None => None,
         };
-        let changes = Changes::new(Resolver::new(inbox.outbox()), state);
+        let changes = Changes::new(inbox.outbox(), state, options.source);
         // Every loop counts its pairs into one gauge, for `/_info` and the second signal.
         let pairs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         // Workers get the pairs' part of the fd limit between them; the control
@@ -588,8 +590,9 @@ impl Server {
             match signal {
                 SIGTERM | SIGINT if self.draining.is_some() => self.stop_now(now),
                 SIGTERM | SIGINT => self.begin_drain(now),
-                // A closing ssh session or a log rotator must not kill every connection.
-                SIGHUP => info!("SIGHUP received: reloading is not supported yet; shuttle keeps running unchanged"),
+                // Nothing new may start once the drain has begun.
+                SIGHUP if self.draining.is_some() => info!("SIGHUP received while shutting down: not reloading"),
+                SIGHUP => self.reload(now),
                 SIGUSR1 => info!("SIGUSR1 received and ignored; shuttle keeps running"),
                 SIGUSR2 => info!("SIGUSR2 received and ignored; shuttle keeps running"),
                 other => info!("signal {other} received and ignored; shuttle keeps running"),

@@ -128,8 +128,18 @@ pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
         log::info!("{workers} worker loops proxy; one control loop runs the admin API and the health checks");
     }
     let notify = Notifier::from_env();
-    let options =
-        Options { admin, access, state, grace: flags.grace, fd_limit, workers, pin: flags.pin, started, notify };
+    let options = Options {
+        admin,
+        access,
+        state,
+        source: source.clone(),
+        grace: flags.grace,
+        fd_limit,
+        workers,
+        pin: flags.pin,
+        started,
+        notify,
+    };
     Server::new(options, prepared).map_err(|e| match (&source, &e) {
         // A service that cannot start is named with the file it came from.
         (Some(path), StartupError::Listen { .. } | StartupError::Service(_)) => Failed::at(path, e),

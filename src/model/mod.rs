@@ -6,5 +6,6 @@ pub mod address;
 pub mod balance;
 pub mod config;
 pub mod counters;
+pub mod diff;
 pub mod health;
 pub mod service;
