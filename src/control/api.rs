@@ -474,6 +474,8 @@ fn stage(plane: &mut impl Plane, prepared: &Prepared) -> Result<Staged, ApiError
 /// unstages what was staged. Each service then takes the step an admin
 /// change of it would: none, backends only, replace, add or remove.
 fn prepare_list(plane: &mut impl Plane, configs: Vec<ServiceConfig>, lookups: &Lookups) -> Result<Ready, ApiError> {
+    // By name, as everything shows services: the audit line too.
+    let configs = sorted(configs);
     let all: Vec<Prepared> = configs
         .iter()
         .map(|c| service::prepare(c.clone(), lookups))
@@ -512,7 +514,7 @@ fn prepare_list(plane: &mut impl Plane, configs: Vec<ServiceConfig>, lookups: &L
         return Err(e);
     }
     let summary = if summary.is_empty() { "nothing changed".to_string() } else { summary.join("; ") };
-    Ok(Ready { steps, configs: sorted(configs), summary })
+    Ok(Ready { steps, configs, summary })
 }
 
 /// One service's step of a reload and its audit words; `None` when it stays as it is.
