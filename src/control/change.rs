@@ -509,4 +509,50 @@ mod tests {
         assert_eq!(replies[0].response.status, 200);
         assert!(!changes.is_saving());
     }
+
+    /// The next helper answer, waited for (a reload's read runs on a thread).
+    fn next_answer(inbox: &Inbox<Answer>) -> Answer {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(answer) = inbox.next() {
+                return answer;
+            }
+            assert!(Instant::now() < deadline, "no helper answer within 10 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn signals_while_a_reload_is_in_flight_queue_one_more_and_no_answer_goes_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, "[]").unwrap();
+        let mut services = Services::default();
+        services.insert(service::prepare(ServiceConfig::new("web", "127.0.0.1:8080"), &Lookups::new()).unwrap());
+        let mut plane = Fake { services, unacknowledged: false };
+        let poll = mio::Poll::new().unwrap();
+        let inbox = Inbox::<Answer>::new(poll.registry(), mio::Token(1)).unwrap();
+        let mut changes = Changes::new(inbox.outbox(), None, Some(path));
+        let now = Instant::now();
+        for _ in 0..3 {
+            assert!(changes.reload(&mut plane, now).is_empty());
+        }
+        assert!(matches!(changes.current, Some(Current::Reading { .. })), "the first reads the file");
+        assert_eq!(changes.waiting.len(), 1, "one more waits; the third signal adds nothing");
+        assert!(changes.on_answer(&mut plane, next_answer(&inbox), now).is_empty(), "nobody to answer");
+        assert!(matches!(changes.current, Some(Current::Reading { .. })), "the waiting reload reads the file again");
+        assert!(changes.waiting.is_empty());
+        assert!(changes.on_answer(&mut plane, next_answer(&inbox), now).is_empty());
+        assert!(changes.current.is_none() && changes.waiting.is_empty());
+    }
+
+    #[test]
+    fn a_signal_without_a_file_queues_nothing() {
+        let poll = mio::Poll::new().unwrap();
+        let inbox = Inbox::<Answer>::new(poll.registry(), mio::Token(1)).unwrap();
+        let mut changes = Changes::new(inbox.outbox(), None, None);
+        let mut plane = Fake { services: Services::default(), unacknowledged: false };
+        assert!(changes.reload(&mut plane, Instant::now()).is_empty());
+        assert!(changes.current.is_none() && changes.waiting.is_empty());
+    }
 }
