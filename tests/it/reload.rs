@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -96,14 +96,18 @@ fn greeting(addr: SocketAddr) -> Result<String, String> {
 }
 
 /// A client connecting over and over to each address until `stop`, checking
-/// that the backend that answers is one of those allowed there; returns how
-/// many connections it made and every failure.
-fn hammer(targets: Vec<(SocketAddr, Vec<&'static str>)>, stop: Arc<AtomicBool>) -> JoinHandle<(usize, Vec<String>)> {
+/// that the backend that answers is one of those allowed there; counts its
+/// rounds in `rounds` and returns every failure.
+fn hammer(
+    targets: Vec<(SocketAddr, Vec<&'static str>)>,
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicUsize>,
+) -> JoinHandle<Vec<String>> {
     thread::spawn(move || {
-        let (mut made, mut failures) = (0, Vec::new());
+        let mut failures = Vec::new();
         while !stop.load(Ordering::Relaxed) {
+            rounds.fetch_add(1, Ordering::Relaxed);
             for (addr, allowed) in &targets {
-                made += 1;
                 match greeting(*addr) {
                     Ok(tag) if allowed.contains(&tag.as_str()) => {}
                     Ok(tag) => failures.push(format!("{addr}: reached {tag:?}, not one of {allowed:?}")),
@@ -111,7 +115,7 @@ fn hammer(targets: Vec<(SocketAddr, Vec<&'static str>)>, stop: Arc<AtomicBool>) 
                 }
             }
         }
-        (made, failures)
+        failures
     })
 }
 
@@ -155,8 +159,10 @@ fn sighup_applies_a_changed_config_without_refusing_a_connection() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let targets = vec![(stay, vec!["b0"]), (web, vec!["b0", "b1", "b2"]), (tuned, vec!["b1"])];
-    let client = hammer(targets, stop.clone());
-    thread::sleep(Duration::from_millis(100));
+    let rounds = Arc::new(AtomicUsize::new(0));
+    let client = hammer(targets, stop.clone(), rounds.clone());
+    let busy = |n: usize| wait_until(DEADLINE, || rounds.load(Ordering::Relaxed) >= n);
+    assert!(busy(3), "the client does not get going");
 
     let mut tuned_config = service("tuned", vec![backend("b1", b1.address())]);
     tuned_config["connect_timeout"] = json!(2);
@@ -177,11 +183,12 @@ fn sighup_applies_a_changed_config_without_refusing_a_connection() {
     assert!(wait_until(DEADLINE, || greeting(web).is_ok_and(|t| t == "b2")), "web never reaches b2");
     assert_eq!(greeting(run.shuttle.service_addr("api")).expect("api serves"), "b2");
     assert!(refused_within(old, DEADLINE), "old still accepts after its removal");
-    thread::sleep(Duration::from_millis(100));
+    // A few more rounds after the change has settled everywhere.
+    assert!(busy(rounds.load(Ordering::Relaxed) + 3), "the client stopped");
     stop.store(true, Ordering::Relaxed);
-    let (made, failures) = client.join().expect("client thread");
-    assert!(failures.is_empty(), "{} of {made} connections failed: {failures:?}", failures.len());
-    assert!(made >= 6, "the client made only {made} connections");
+    let failures = client.join().expect("client thread");
+    let made = rounds.load(Ordering::Relaxed) * 3;
+    assert!(failures.is_empty(), "{} of about {made} connections failed: {failures:?}", failures.len());
 
     let running = config_json(admin);
     assert_eq!(shape(&running), shape(&after));
