@@ -544,7 +544,8 @@ fn reload_step(
             let listener = if moving { Some(stage(plane, prepared)?) } else { None };
             (Apply::Replace { key, prepared: prepared.clone(), listener }, line)
         }
-        _ => return Err(ApiError::Internal(format!("service {name:?} changed while the reload was prepared"))),
+        // The fates come from the running list and the new one, both in hand: a bug.
+        _ => return Err(ApiError::Internal(format!("service {name:?}: its step does not match what runs"))),
     };
     Ok(Some(step))
 }
