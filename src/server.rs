@@ -44,7 +44,7 @@ use crate::model::counters::StatusCounts;
 use crate::model::service::{self, Services};
 use crate::runtime::accesslog::AccessLog;
 use crate::runtime::fds::FdBudget;
-use crate::runtime::helpers::{Inbox, Outbox, Resolver, Worker};
+use crate::runtime::helpers::{Inbox, Outbox, Worker};
 use crate::runtime::key::{Key, Side, Slots};
 use crate::runtime::notify::Notifier;
 
@@ -133,6 +133,8 @@ pub struct Options {
     pub access: Access,
     /// The state file, locked, written after every change.
     pub state: Option<StateFile>,
+    /// The file the services came from, which SIGHUP reads again.
+    pub source: Option<std::path::PathBuf>,
     /// How long open pairs may run on after SIGTERM.
     pub grace: Duration,
     /// The process's open-file limit; accepting pauses before pairs would exhaust it.
@@ -275,7 +277,7 @@ impl Server {
             Some(state) => Some((state, Worker::new("shuttle-state", inbox.outbox()).map_err(StartupError::Io)?)),
             None => None,
         };
-        let changes = Changes::new(Resolver::new(inbox.outbox()), state);
+        let changes = Changes::new(inbox.outbox(), state, options.source);
         // Every loop counts its pairs into one gauge, for `/_info` and the second signal.
         let pairs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         // Workers get the pairs' part of the fd limit between them; the control
@@ -604,8 +606,9 @@ impl Server {
             match signal {
                 SIGTERM | SIGINT if self.draining.is_some() => self.stop_now(now),
                 SIGTERM | SIGINT => self.begin_drain(now),
-                // A closing ssh session or a log rotator must not kill every connection.
-                SIGHUP => info!("SIGHUP received: reloading is not supported yet; shuttle keeps running unchanged"),
+                // Nothing new may start once the drain has begun.
+                SIGHUP if self.draining.is_some() => info!("SIGHUP received while shutting down: not reloading"),
+                SIGHUP => self.reload(now),
                 SIGUSR1 if self.access_log.is_on() => {
                     info!("SIGUSR1 received: reopening the access log");
                     self.access_log.reopen();

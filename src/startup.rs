@@ -140,6 +140,7 @@ pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
         admin,
         access,
         state,
+        source: source.clone(),
         grace: flags.grace,
         fd_limit,
         workers,

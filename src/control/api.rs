@@ -16,6 +16,7 @@
 //! nothing, and proxying never waits for DNS or the disk. The routes never
 //! touch the loop: they work on the config and the [`Plane`] interface.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -25,6 +26,7 @@ use crate::control::info::Info;
 use crate::control::metrics::{self, Process};
 use crate::model::address::{self, Lookups};
 use crate::model::config::{self, BackendConfig, ServiceConfig};
+use crate::model::diff::{self, Fate};
 use crate::model::service::{self, Prepared, Services};
 use crate::runtime::key::Key;
 
@@ -271,6 +273,11 @@ pub enum Draft {
         /// Its name.
         name: String,
     },
+    /// Run this whole list instead of the running one (a reload): one change.
+    Reload {
+        /// Every service, as the file lists them.
+        configs: Vec<ServiceConfig>,
+    },
 }
 
 impl Draft {
@@ -279,6 +286,12 @@ impl Draft {
         match self {
             Draft::PutService { config, .. } | Draft::SetBackends { config, .. } => config::host_names(config),
             Draft::Delete { .. } => Vec::new(),
+            Draft::Reload { configs } => {
+                let mut names: Vec<String> = configs.iter().flat_map(config::host_names).collect();
+                names.sort();
+                names.dedup();
+                names
+            }
         }
     }
 }
@@ -350,7 +363,8 @@ fn set_backends(services: &Services, key: Key, backends: Vec<BackendConfig>) -> 
 /// A change with every fallible step done: ready to be saved, then committed.
 #[derive(Debug)]
 pub struct Ready {
-    step: Apply,
+    /// What to do to the loop, in order (one step, or a reload's many).
+    steps: Vec<Apply>,
     /// Every service's config once the change is applied, sorted by name.
     configs: Vec<ServiceConfig>,
     /// What the log says once it is applied.
@@ -370,6 +384,11 @@ impl Ready {
     pub fn state_text(&self) -> String {
         config::to_json(&self.configs)
     }
+
+    /// Whether applying it would change nothing (a reload of the running config).
+    pub fn changes_nothing(&self) -> bool {
+        self.steps.is_empty()
+    }
 }
 
 /// Resolves and checks a draft and binds what it needs: 400 or 409 on
@@ -377,6 +396,7 @@ impl Ready {
 pub fn prepare(plane: &mut impl Plane, draft: Draft, lookups: &Lookups) -> Result<Ready, ApiError> {
     let services = plane.services();
     let (step, configs, summary) = match draft {
+        Draft::Reload { configs } => return prepare_list(plane, configs, lookups),
         Draft::Delete { key, name } => {
             let configs = others(services, &name);
             (Apply::Delete { key }, configs, format!("service {name} removed; its open connections run on"))
@@ -400,9 +420,7 @@ pub fn prepare(plane: &mut impl Plane, draft: Draft, lookups: &Lookups) -> Resul
             let listener = if running_addr == Some(prepared.addr) {
                 None
             } else {
-                let staged = plane.stage_listener(prepared.addr).map_err(|e| {
-                    ApiError::Conflict(format!("cannot listen on {} ({}): {e}", prepared.config.address, prepared.addr))
-                })?;
+                let staged = stage(plane, &prepared)?;
                 // A port-0 listener only now has its real port: check it too.
                 if let Err(e) = check_against_running(plane, existing, &prepared, Some(staged.local)) {
                     plane.unstage(staged);
@@ -424,28 +442,184 @@ pub fn prepare(plane: &mut impl Plane, draft: Draft, lookups: &Lookups) -> Resul
             }
         }
     };
-    Ok(Ready { step, configs: sorted(configs), summary })
+    Ok(Ready { steps: vec![step], configs: sorted(configs), summary })
 }
 
 /// Applies a ready change; cannot fail. Returns the 200 that answers it and
 /// what changed, for the audit log.
 pub fn commit(plane: &mut impl Plane, ready: Ready, now: Instant) -> (Response, String) {
     let body = config::to_json(&ready.configs).into_bytes();
-    match ready.step {
-        Apply::Add { prepared, listener } => plane.add_service(prepared, listener, now),
-        Apply::Replace { key, prepared, listener } => plane.replace_service(key, prepared, listener, now),
-        Apply::Backends { key, prepared } => plane.set_backends(key, prepared, now),
-        Apply::Delete { key } => plane.remove_service(key, now),
+    for step in ready.steps {
+        match step {
+            Apply::Add { prepared, listener } => plane.add_service(prepared, listener, now),
+            Apply::Replace { key, prepared, listener } => plane.replace_service(key, prepared, listener, now),
+            Apply::Backends { key, prepared } => plane.set_backends(key, prepared, now),
+            Apply::Delete { key } => plane.remove_service(key, now),
+        }
     }
     (Response::ok(body), ready.summary)
 }
 
 /// Undoes what [`prepare`] staged for a change that will not happen.
 pub fn abandon(plane: &mut impl Plane, ready: Ready) {
-    match ready.step {
-        Apply::Add { listener, .. } | Apply::Replace { listener: Some(listener), .. } => plane.unstage(listener),
-        _ => {}
+    unstage_all(plane, ready.steps);
+}
+
+fn unstage_all(plane: &mut impl Plane, steps: Vec<Apply>) {
+    for step in steps {
+        if let Apply::Add { listener, .. } | Apply::Replace { listener: Some(listener), .. } = step {
+            plane.unstage(listener);
+        }
     }
+}
+
+/// Binds and registers the listener of a service that needs a new one (409 if it can't).
+fn stage(plane: &mut impl Plane, prepared: &Prepared) -> Result<Staged, ApiError> {
+    plane.stage_listener(prepared.addr).map_err(|e| {
+        ApiError::Conflict(format!("cannot listen on {} ({}): {e}", prepared.config.address, prepared.addr))
+    })
+}
+
+/// Prepares a whole new service list, a reload, as one change: every
+/// fallible step before anything changes. The list is resolved and checked
+/// between its services as start-up does (`service::check_all`), then
+/// against what stays bound; every new listener is staged, and any failure
+/// unstages what was staged. Each service then takes the step an admin
+/// change of it would: none, backends only, replace, add or remove.
+fn prepare_list(plane: &mut impl Plane, configs: Vec<ServiceConfig>, lookups: &Lookups) -> Result<Ready, ApiError> {
+    // By name, as everything shows services: the audit line too.
+    let configs = sorted(configs);
+    let all: Vec<Prepared> = configs
+        .iter()
+        .map(|c| service::prepare(c.clone(), lookups))
+        .collect::<Result<_, _>>()
+        .map_err(ApiError::BadRequest)?;
+    service::check_all(&all, plane.admin_addr()).map_err(ApiError::BadRequest)?;
+    check_handover(plane.services(), &all)?;
+    check_still_bound(plane, &all)?;
+    let running = plane.services().configs();
+    let mut by_name: HashMap<&str, &Prepared> = all.iter().map(|p| (p.config.name.as_str(), p)).collect();
+    let (mut steps, mut summary) = (Vec::new(), Vec::new());
+    for (name, fate) in diff::diff(&running, &configs) {
+        let prepared = by_name.remove(name);
+        match reload_step(plane, name, fate, prepared) {
+            Ok(Some((step, line))) => {
+                steps.push(step);
+                summary.push(line);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                unstage_all(plane, steps);
+                return Err(e);
+            }
+        }
+    }
+    // Listeners on port 0 have their real port only now: no backend may reach it.
+    let staged = steps.iter().filter_map(|s| match s {
+        Apply::Add { prepared, listener } | Apply::Replace { prepared, listener: Some(listener), .. } => {
+            Some((prepared.config.name.clone(), listener.local))
+        }
+        _ => None,
+    });
+    let staged: Vec<(String, SocketAddr)> = staged.collect();
+    if let Some(e) = staged.iter().find_map(|(owner, local)| loops_to_listener(&all, *local, owner).err()) {
+        unstage_all(plane, steps);
+        return Err(e);
+    }
+    let summary = if summary.is_empty() { "nothing changed".to_string() } else { summary.join("; ") };
+    Ok(Ready { steps, configs, summary })
+}
+
+/// One service's step of a reload and its audit words; `None` when it stays as it is.
+fn reload_step(
+    plane: &mut impl Plane,
+    name: &str,
+    fate: Fate,
+    prepared: Option<&Prepared>,
+) -> Result<Option<(Apply, String)>, ApiError> {
+    let services = plane.services();
+    let key = services.find(name);
+    let step = match (fate, key, prepared) {
+        (Fate::Unchanged, _, _) => return Ok(None),
+        (Fate::Removed, Some(key), _) => (Apply::Delete { key }, format!("service {name} removed")),
+        (Fate::Added, None, Some(prepared)) => {
+            let listener = stage(plane, prepared)?;
+            (Apply::Add { prepared: prepared.clone(), listener }, format!("service {name} added"))
+        }
+        (Fate::Backends, Some(key), Some(prepared)) => {
+            let line = backends_summary(services, key, &prepared.config);
+            (Apply::Backends { key, prepared: prepared.clone() }, line)
+        }
+        (Fate::Settings, Some(key), Some(prepared)) => {
+            let line = replace_summary(services, key, &prepared.config);
+            // The same address keeps its socket, so no client is refused (reference §5).
+            let moving = services.service(key).is_some_and(|s| s.addr != prepared.addr);
+            let listener = if moving { Some(stage(plane, prepared)?) } else { None };
+            (Apply::Replace { key, prepared: prepared.clone(), listener }, line)
+        }
+        // The fates come from the running list and the new one, both in hand: a bug.
+        _ => return Err(ApiError::Internal(format!("service {name:?}: its step does not match what runs"))),
+    };
+    Ok(Some(step))
+}
+
+/// Refuses a reload that gives one service the address another listens on
+/// now (a rename, or two services swapping ports): its listener would have
+/// to be handed over between services, which one reload does not do.
+fn check_handover(services: &Services, all: &[Prepared]) -> Result<(), ApiError> {
+    // By port, so that a big config stays linear.
+    let mut by_port: HashMap<u16, Vec<(&str, SocketAddr)>> = HashMap::new();
+    for s in services.keys().filter_map(|k| services.service(k)) {
+        by_port.entry(s.addr.port()).or_default().push((&s.settings.name, s.addr));
+    }
+    for p in all {
+        let same_port = by_port.get(&p.addr.port()).map_or(&[][..], Vec::as_slice);
+        let taken = same_port.iter().find(|(owner, addr)| *owner != p.config.name && address::overlaps(*addr, p.addr));
+        if let Some((owner, addr)) = taken {
+            let name = &p.config.name;
+            return Err(ApiError::BadRequest(format!(
+                "service {name:?}: address: {:?} overlaps {addr}, where service {owner:?} listens now; one reload cannot hand a listening address from one service to another: do it in two steps, first without {owner:?} on that address, then with {name:?} on it",
+                p.config.address
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks every backend of a new list against the listeners that stay
+/// bound through the reload, by their real ports (port 0 included).
+fn check_still_bound(plane: &impl Plane, all: &[Prepared]) -> Result<(), ApiError> {
+    let services = plane.services();
+    let addr_of: HashMap<&str, SocketAddr> = all.iter().map(|p| (p.config.name.as_str(), p.addr)).collect();
+    for (owner, local) in plane.bound() {
+        let Some((key, s)) = owner.and_then(|k| Some((k, services.service(k)?))) else { continue };
+        // A service removed, or moving to another address, is leaving this
+        // listener; one deleted earlier still serves its queue.
+        let stays = services.is_retired(key) || addr_of.get(s.settings.name.as_str()) == Some(&s.addr);
+        if stays {
+            loops_to_listener(all, local, &s.settings.name)?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a backend of `all` that would reach `listener`, where service `owner` listens.
+fn loops_to_listener(all: &[Prepared], listener: SocketAddr, owner: &str) -> Result<(), ApiError> {
+    for p in all {
+        for (backend, (addr, _)) in p.config.backends.iter().zip(&p.backend_addrs) {
+            if address::loops_to(*addr, listener) {
+                return Err(looping(&p.config.name, &backend.name, *addr, listener, &format!("service {owner:?}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The message for a backend that would loop to one of our listeners.
+fn looping(name: &str, backend: &str, addr: SocketAddr, listener: SocketAddr, owner: &str) -> ApiError {
+    ApiError::BadRequest(format!(
+        "service {name:?}: backend {backend:?}: address: {addr} reaches {listener}, where {owner} listens; it would loop"
+    ))
 }
 
 /// "service web updated: balance "RR" → "LC", connect_timeout 5 → 2; backends: unchanged".
@@ -505,9 +679,7 @@ fn check_against_running(
     let name = &prepared.config.name;
     let new_backends = || prepared.config.backends.iter().zip(&prepared.backend_addrs);
     let looping = |backend: &str, addr: SocketAddr, listener: SocketAddr, owner: &str| {
-        ApiError::BadRequest(format!(
-            "service {name:?}: backend {backend:?}: address: {addr} reaches {listener}, where {owner} listens; it would loop"
-        ))
+        looping(name, backend, addr, listener, owner)
     };
     let own = [Some(prepared.addr), staged];
     for (backend, (addr, _)) in new_backends() {

@@ -6,6 +6,7 @@ pub mod address;
 pub mod balance;
 pub mod config;
 pub mod counters;
+pub mod diff;
 pub mod health;
 pub mod histogram;
 pub mod service;

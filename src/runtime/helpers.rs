@@ -215,6 +215,25 @@ fn lookup(name: &str) -> Result<std::net::IpAddr, String> {
     best.map(|a| a.ip()).ok_or_else(|| format!("host {name:?} resolves to no address"))
 }
 
+/// Runs one blocking call on a thread of its own as job `job`: its result
+/// waits in the returned receiver, and [`Answer::Done`] wakes the loop for it.
+/// A thread per call, so one that never returns holds up only itself.
+pub fn run_once<R: Send + 'static>(
+    name: &str,
+    job: u64,
+    outbox: &Outbox,
+    work: impl FnOnce() -> R + Send + 'static,
+) -> io::Result<Receiver<R>> {
+    let (result, received) = mpsc::sync_channel(1);
+    let outbox = outbox.clone();
+    thread::Builder::new().name(name.into()).spawn(move || {
+        // Sent before the wake-up, so the loop finds it when it looks.
+        let _ = result.send(work());
+        let _ = outbox.post(Answer::Done { job, result: Ok(()) });
+    })?;
+    Ok(received)
+}
+
 /// Runs blocking jobs (the state file's write, fsync, rename) one at a time,
 /// in order, on one long-lived thread.
 #[derive(Debug)]

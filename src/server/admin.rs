@@ -126,6 +126,13 @@ impl Server {
         }
     }
 
+    /// SIGHUP: the file shuttle started from is read again and applied as
+    /// one change, in its turn.
+    pub(super) fn reload(&mut self, now: Instant) {
+        let replies = self.with_changes(|changes, server| changes.reload(server, now));
+        self.deliver(replies, now);
+    }
+
     /// A lookup may have run out its time, or a change may wait behind one
     /// whose client left.
     pub(super) fn on_change_deadline(&mut self, now: Instant) {

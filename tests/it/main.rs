@@ -23,6 +23,7 @@ mod notify;
 mod proxy;
 mod readme;
 mod regressions;
+mod reload;
 mod shutdown;
 mod stalls;
 mod startup;
