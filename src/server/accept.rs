@@ -147,6 +147,9 @@ impl Server {
             }
             Err(Refused { fault, failed_connects }) => {
                 debug!("{name}: {peer}: closed after 0 ms ({fault})");
+                if let Some(s) = self.services.service(service) {
+                    s.state.no_backend.add(1);
+                }
                 self.log_refused(service, peer, End::ConnectFailed, failed_connects);
                 Ok(())
             }
