@@ -33,8 +33,10 @@ usage: cargo bench --bench e2e -- [options]
   --secs S              measured seconds per workload (default 2; --quick 1)
   --warm S              warm-up seconds before each window (default 0.5; --quick 0.25)
   --idle N              idle connections held for the memory figure (default 10000)
-  --targets LIST        of direct, shuttle[N], haproxy[N], nginx[N], N being workers (threads or
-                        processes; default: direct,shuttle,shuttle2,haproxy,haproxy2,nginx2, those installed)
+  --targets LIST        of direct, shuttle[N], shuttle-ops[N], haproxy[N], nginx[N], N being workers
+                        (threads or processes; default: direct,shuttle,shuttle2,haproxy,haproxy2,nginx2,
+                        those installed); shuttle-ops is shuttle with -access-log to a file and GET
+                        /metrics scraped every 100 ms
   --workers LIST        also shuttle with each number of workers, e.g. 2,4,8 (and 1), and a scaling table
   --pin-workers         pass -pin to shuttle with several workers (worker i on the i-th allowed CPU)
   --workloads LIST      of bulk1,bulk8,rr,conn,idle (default: all)
@@ -321,7 +323,7 @@ fn run(args: Args) -> io::Result<()> {
     kinds.retain(|k| match k {
         Kind::Haproxy(_) => haproxy.is_some(),
         Kind::Nginx(_) => nginx.is_ok(),
-        Kind::Direct | Kind::Shuttle(_) => true,
+        Kind::Direct | Kind::Shuttle(_) | Kind::ShuttleOps(_) => true,
     });
     kinds.sort_unstable();
     kinds.dedup();

@@ -30,6 +30,9 @@ pub enum Kind {
     Direct,
     /// shuttle with `-workers N`.
     Shuttle(usize),
+    /// The same shuttle as operators run it: an access log to a file, and
+    /// `GET /metrics` scraped every 100 ms while it works.
+    ShuttleOps(usize),
     /// HAProxy with `nbthread N`.
     Haproxy(usize),
     /// nginx's stream module with `worker_processes N`.
@@ -42,6 +45,7 @@ impl Kind {
         let (base, n) = match self {
             Kind::Direct => return "direct".into(),
             Kind::Shuttle(n) => ("shuttle", n),
+            Kind::ShuttleOps(n) => ("shuttle-ops", n),
             Kind::Haproxy(n) => ("HAProxy", n),
             Kind::Nginx(n) => ("nginx", n),
         };
@@ -59,7 +63,13 @@ impl Kind {
             return Some(Kind::Direct);
         }
         type Make = fn(usize) -> Kind;
-        let make: [(&str, Make); 3] = [("shuttle", Kind::Shuttle), ("haproxy", Kind::Haproxy), ("nginx", Kind::Nginx)];
+        // "shuttle-ops" before "shuttle", which is its prefix.
+        let make: [(&str, Make); 4] = [
+            ("shuttle-ops", Kind::ShuttleOps),
+            ("shuttle", Kind::Shuttle),
+            ("haproxy", Kind::Haproxy),
+            ("nginx", Kind::Nginx),
+        ];
         let (rest, make) = make.iter().find_map(|&(base, make)| Some((name.strip_prefix(base)?, make)))?;
         match rest {
             "" => Some(make(1)),
@@ -71,7 +81,7 @@ impl Kind {
     pub fn workers(self) -> usize {
         match self {
             Kind::Direct => 0,
-            Kind::Shuttle(n) | Kind::Haproxy(n) | Kind::Nginx(n) => n,
+            Kind::Shuttle(n) | Kind::ShuttleOps(n) | Kind::Haproxy(n) | Kind::Nginx(n) => n,
         }
     }
 
@@ -137,6 +147,8 @@ pub struct Target {
     /// How long the process may take to exit after SIGTERM.
     stop_within: Duration,
     lines: Lines,
+    /// The `/metrics` scraper of `ShuttleOps`: held only to be stopped (dropped) with the target.
+    _scraper: Option<Scraper>,
     _dir: Option<TempDir>,
 }
 
@@ -151,9 +163,10 @@ impl Target {
                 shape: Shape::Threads(|_| false),
                 stop_within: Duration::ZERO,
                 lines: Arc::default(),
+                _scraper: None,
                 _dir: None,
             }),
-            Kind::Shuttle(n) => start_shuttle(n, backends, launch),
+            Kind::Shuttle(_) | Kind::ShuttleOps(_) => start_shuttle(kind, backends, launch),
             Kind::Haproxy(n) => start_haproxy(n, backends, launch),
             Kind::Nginx(n) => start_nginx(n, backends, launch),
         }
@@ -310,8 +323,9 @@ fn shuttle_config(backends: Backends) -> io::Result<String> {
     serde_json::to_string_pretty(&config).map_err(io::Error::other)
 }
 
-fn start_shuttle(workers: usize, backends: Backends, launch: &Launch) -> io::Result<Target> {
-    let kind = Kind::Shuttle(workers);
+fn start_shuttle(kind: Kind, backends: Backends, launch: &Launch) -> io::Result<Target> {
+    let workers = kind.workers();
+    let ops = matches!(kind, Kind::ShuttleOps(_));
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("bench.json");
     std::fs::write(&path, shuttle_config(backends)?)?;
@@ -322,12 +336,16 @@ fn start_shuttle(workers: usize, backends: Backends, launch: &Launch) -> io::Res
     if workers > 1 && launch.shuttle_pin {
         argv.push("-pin".into());
     }
+    let access_log = dir.path().join("access.log");
+    if ops {
+        argv.extend(["-access-log".into(), access_log.display().to_string()]);
+    }
     let mut command = command(&argv[0], &argv[1..], placement(kind, launch));
     command.env("RUST_LOG", "info").env("RUST_LOG_STYLE", "never");
     let (mut child, lines, rx) = spawn(command)?;
     let deadline = Instant::now() + START_DEADLINE * if launch.shuttle_wrapper.is_empty() { 1 } else { 6 };
-    let (mut bulk, mut echo) = (None, None);
-    while bulk.is_none() || echo.is_none() {
+    let (mut bulk, mut echo, mut admin) = (None, None, None);
+    while bulk.is_none() || echo.is_none() || admin.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
         let Ok(line) = rx.recv_timeout(left) else {
             let _ = child.kill();
@@ -335,19 +353,78 @@ fn start_shuttle(workers: usize, backends: Backends, launch: &Launch) -> io::Res
             let log = lines.lock().map(|l| l.join("\n")).unwrap_or_default();
             return Err(io::Error::other(format!("{} did not report its listeners:\n{log}", kind.name())));
         };
-        for (name, slot) in [("bulk", &mut bulk), ("echo", &mut echo)] {
-            let needle = format!("service {name} listening on ");
-            if let Some((_, addr)) = line.split_once(&needle) {
+        for (needle, slot) in [
+            ("service bulk listening on ", &mut bulk),
+            ("service echo listening on ", &mut echo),
+            ("admin listening on ", &mut admin),
+        ] {
+            if let Some((_, addr)) = line.split_once(needle) {
                 *slot = addr.trim().parse::<SocketAddr>().ok();
             }
         }
     }
-    let (Some(bulk), Some(echo)) = (bulk, echo) else { unreachable!("loop ends when both are known") };
+    let (Some(bulk), Some(echo), Some(admin)) = (bulk, echo, admin) else {
+        unreachable!("loop ends when all are known")
+    };
     let stop_within = Duration::from_secs(if launch.shuttle_wrapper.is_empty() { 5 } else { 60 });
     // With several workers only the worker loops proxy; the control loop, the
     // log writer and name resolution are not workers.
     let shape = Shape::Threads(is_shuttle_worker);
-    Ok(Target { kind, bulk, echo, child: Some(child), shape, stop_within, lines, _dir: Some(dir) })
+    let scraper = ops.then(|| Scraper::start(admin, access_log));
+    Ok(Target { kind, bulk, echo, child: Some(child), shape, stop_within, lines, _scraper: scraper, _dir: Some(dir) })
+}
+
+/// Scrapes `GET /metrics` every 100 ms, as a Prometheus would (ten times as often as its default).
+#[derive(Debug)]
+struct Scraper {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<(u64, u64)>>,
+    access_log: std::path::PathBuf,
+}
+
+impl Scraper {
+    const EVERY: Duration = Duration::from_millis(100);
+
+    fn start(admin: SocketAddr, access_log: std::path::PathBuf) -> Scraper {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let (mut ok, mut failed) = (0, 0);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                thread::sleep(Self::EVERY);
+                match scrape(admin) {
+                    Ok(()) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            (ok, failed)
+        });
+        Scraper { stop, thread: Some(thread), access_log }
+    }
+}
+
+impl Drop for Scraper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let Some((ok, failed)) = self.thread.take().and_then(|t| t.join().ok()) else { return };
+        let lines = std::fs::read(&self.access_log).map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count());
+        eprintln!("e2e: shuttle-ops: {ok} scrapes of /metrics ({failed} failed), {lines} access-log lines");
+    }
+}
+
+/// One `GET /metrics`, read to the end.
+fn scrape(admin: SocketAddr) -> io::Result<()> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut body = Vec::new();
+    stream.read_to_end(&mut body)?;
+    if body.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(io::Error::other("not a 200"))
+    }
 }
 
 /// Whether a shuttle thread is a worker loop: `shuttle-wN` (`shuttle-worker-N`
@@ -420,6 +497,7 @@ fn start_haproxy(nbthread: usize, backends: Backends, launch: &Launch) -> io::Re
         shape: Shape::Threads(|_| true),
         stop_within: Duration::from_secs(5),
         lines,
+        _scraper: None,
         _dir: Some(dir),
     };
     wait_ready(target, |_| true)
@@ -500,6 +578,7 @@ fn start_nginx(workers: usize, backends: Backends, launch: &Launch) -> io::Resul
         shape: Shape::Processes,
         stop_within: Duration::from_secs(5),
         lines,
+        _scraper: None,
         _dir: Some(dir),
     };
     // The master listens before it forks the workers: wait for them too, so

@@ -348,8 +348,13 @@ impl Results {
     fn pairs(&self) -> Vec<(Kind, Kind)> {
         let mut pairs = vec![(Kind::Shuttle(1), Kind::Haproxy(1))];
         for &kind in &self.kinds {
-            if let Kind::Shuttle(n @ 2..) = kind {
-                pairs.extend([(kind, Kind::Haproxy(n)), (kind, Kind::Nginx(n)), (kind, Kind::Shuttle(1))]);
+            match kind {
+                Kind::Shuttle(n @ 2..) => {
+                    pairs.extend([(kind, Kind::Haproxy(n)), (kind, Kind::Nginx(n)), (kind, Kind::Shuttle(1))])
+                }
+                // What the access log and a busy scraper cost: the same shuttle without them.
+                Kind::ShuttleOps(n) => pairs.push((kind, Kind::Shuttle(n))),
+                _ => {}
             }
         }
         pairs.retain(|&(a, b)| self.has(a) && self.has(b));
