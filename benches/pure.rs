@@ -1,7 +1,9 @@
 //! Criterion benchmarks of the hot pure parts: the balancer's pick, the timer
-//! wheel with 100k live timers, the admin request decoder, and config parsing
-//! and validation of 1,000 services. No sockets, no clock reads in the timed
-//! code (the wheel gets its time passed in).
+//! wheel with 100k live timers, the admin request decoder, config parsing
+//! and validation of 1,000 services, and the `GET /metrics` exposition of
+//! 1,000 backends against the `GET /` JSON of the same. No sockets, no clock
+//! reads in the timed code (the wheel gets its time passed in); a metrics
+//! render reads `/proc/self` twice, as every scrape does.
 //!
 //! `cargo bench --bench pure`; measurement times are kept short so the whole
 //! file runs in well under a minute.
@@ -11,8 +13,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use shuttle::control::http::{Decoder, Progress};
+use shuttle::control::metrics::{self, Process};
+use shuttle::model::address::Lookups;
 use shuttle::model::balance::{least_connected, round_robin, Candidate, Cursor};
-use shuttle::model::config::parse_services;
+use shuttle::model::config::{parse_services, BackendConfig, ServiceConfig};
+use shuttle::model::counters::StatusCounts;
+use shuttle::model::service::{self, Services};
 use shuttle::runtime::timer::Wheel;
 
 /// Live timers in every wheel benchmark.
@@ -260,6 +266,70 @@ fn config(c: &mut Criterion) {
     group.finish();
 }
 
+/// `services` services of `backends` backends each, built as the admin API
+/// builds them, with counters and histograms that have seen traffic (so the
+/// figures have digits, as in a real scrape).
+fn running(services: usize, backends: usize) -> Services {
+    let mut all = Services::default();
+    let mut rng = XorShift(0x5851_f42d_4c95_7f2d);
+    for i in 0..services {
+        let mut config = ServiceConfig::new(format!("service-{i:04}"), format!("127.0.0.1:{}", 10_000 + i));
+        for j in 0..backends {
+            let port = 20_000 + (i * backends + j) % 40_000;
+            config.backends.push(BackendConfig::new(format!("app-{j:04}"), format!("127.0.0.1:{port}")));
+        }
+        let (key, keys) = all.insert(service::prepare(config, &Lookups::new()).expect("a valid service"));
+        let s = all.service(key).expect("just inserted");
+        for _ in 0..100 {
+            s.state.connect_time.observe(Duration::from_micros(rng.below(20_000)));
+            s.state.duration.observe(Duration::from_millis(rng.below(120_000)));
+        }
+        s.state.errors.add(rng.below(10));
+        for k in keys {
+            let b = &all.backend(k).expect("just inserted").state;
+            b.connections.add(rng.below(1_000_000));
+            b.sent.add(rng.below(1 << 40));
+            b.received.add(rng.below(1 << 40));
+            b.errors.add(rng.below(1_000));
+            b.check_success.add(rng.below(100_000));
+        }
+    }
+    all
+}
+
+/// `GET /` of the same services: every service's stats, pretty-printed.
+fn stats_json(services: &Services) -> Vec<u8> {
+    let all: Vec<_> = services.keys().filter_map(|k| services.service_stats(k)).collect();
+    serde_json::to_vec_pretty(&all).expect("serializable")
+}
+
+fn metrics(c: &mut Criterion) {
+    let mut group = c.benchmark_group("metrics_1000_backends");
+    let statuses = StatusCounts::default();
+    for (status, n) in [(200, 12_345), (404, 17), (405, 2)] {
+        (0..n).for_each(|_| statuses.count(status));
+    }
+    let process = Process {
+        started: std::time::UNIX_EPOCH + Duration::from_secs(1_796_000_000),
+        workers: 2,
+        active: 1_234,
+        max_fds: 20_000,
+        admin: &statuses,
+        access_log: None,
+    };
+    group.throughput(Throughput::Elements(1_000));
+    for (services, backends) in [(100, 10), (1, 1_000)] {
+        let all = running(services, backends);
+        let id = format!("{services}x{backends}");
+        let text = metrics::render(&all, &process);
+        assert_eq!(text.matches("shuttle_backend_up{").count(), 1_000, "one up sample a backend");
+        group
+            .bench_function(BenchmarkId::new("render", &id), |b| b.iter(|| metrics::render(black_box(&all), &process)));
+        group.bench_function(BenchmarkId::new("stats_json", &id), |b| b.iter(|| stats_json(black_box(&all))));
+    }
+    group.finish();
+}
+
 fn quick() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -271,6 +341,6 @@ fn quick() -> Criterion {
 criterion_group! {
     name = benches;
     config = quick();
-    targets = balance, wheel, admin, config
+    targets = balance, wheel, admin, config, metrics
 }
 criterion_main!(benches);

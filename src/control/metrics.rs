@@ -144,8 +144,9 @@ impl Out {
 
     fn services(&mut self, services: &Services) {
         let running: Vec<_> = services.keys().filter_map(|k| services.service(k)).collect();
-        let help =
-            "Clients closed without a backend: none was available, every connect failed, or descriptors ran out.";
+        // Clients whose every connect failed are not counted here: those failures are the backends' errors.
+        let help = "Clients closed without a backend because none was available (none configured, all down or \
+                    drained) or descriptors ran out.";
         self.family("shuttle_service_no_backend_errors_total", "counter", help);
         for s in &running {
             self.sample(
