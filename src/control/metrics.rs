@@ -144,15 +144,16 @@ impl Out {
 
     fn services(&mut self, services: &Services) {
         let running: Vec<_> = services.keys().filter_map(|k| services.service(k)).collect();
-        // Clients whose every connect failed are not counted here: those failures are the backends' errors.
-        let help = "Clients closed without a backend because none was available (none configured, all down or \
-                    drained) or descriptors ran out.";
+        // Counts clients, where a backend's connect errors count attempts: a client
+        // whose every connect failed is one here and one per attempt there.
+        let help = "Clients closed without a backend: none was available (none configured, all down or drained), \
+                    or every connect failed.";
         self.family("shuttle_service_no_backend_errors_total", "counter", help);
         for s in &running {
             self.sample(
                 "shuttle_service_no_backend_errors_total",
                 &[("service", &s.settings.name)],
-                s.state.errors.get(),
+                s.state.no_backend.get(),
             );
         }
         self.family("shuttle_service_connect_seconds", "histogram", "Time to establish a backend connection.");
@@ -163,7 +164,7 @@ impl Out {
                 &s.state.connect_time.snapshot(),
             );
         }
-        let help = "How long client connections lasted, from accept to close.";
+        let help = "How long client connections lasted, from accept to close (not counting clients closed at accept for want of a backend).";
         self.family("shuttle_service_connection_duration_seconds", "histogram", help);
         for s in &running {
             let snapshot = s.state.duration.snapshot();
