@@ -17,6 +17,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, info, warn};
@@ -27,7 +28,7 @@ use crate::context::Cx;
 use crate::data::buffer::{Buffer, BufferPool, Transfer, BUF_SIZE};
 use crate::data::finished::{End, Finished};
 use crate::model::health::Transition;
-use crate::model::service::{Limits, Plan};
+use crate::model::service::{Label, Limits, Plan};
 use crate::runtime::key::{Key, Side};
 use crate::runtime::net::{self, ConnectOutcome};
 use crate::runtime::ready::{Ready, Step};
@@ -261,13 +262,19 @@ pub struct Pair {
     /// The client's address, for the close log.
     peer: SocketAddr,
     /// How long the backend connect took, once it succeeded.
-    connected_in: Option<Duration>,
+    /// In microseconds (saturating: no connect outlasts 71 minutes), to keep the slab slot small.
+    connected_in: Option<u32>,
     /// Connects that failed before the one in flight (failovers).
     failed_connects: u16,
     /// Why the pair ended early, for the close log.
     ended: Option<Fault>,
     /// Which side sent its EOF first, for the access log.
     first_eof: Option<Side>,
+    /// With the access log on: the service's name, kept from the start, since
+    /// a deleted service may be gone from `services` before its pairs end.
+    service_name: Option<Arc<String>>,
+    /// With the access log on: the backend connected to, named likewise.
+    backend_name: Option<Arc<Label>>,
     /// The armed timer and its deadline: at most one, at the earliest deadline.
     timer: Option<(TimerKey, Instant)>,
 }
@@ -377,6 +384,8 @@ impl Pair {
             failed_connects,
             ended: None,
             first_eof: None,
+            service_name: cx.access_log.is_on().then(|| cx.services.service(service).map(|s| s.name.clone())).flatten(),
+            backend_name: None,
             timer: None,
         };
         pair.rearm(key, cx);
@@ -442,17 +451,21 @@ impl Pair {
 
     /// The access log's line for this pair.
     fn log_access(&self, cx: &mut Cx<'_>) {
-        let target = match &self.phase {
-            Phase::Relaying { target } | Phase::Connecting { target, .. } => *target,
+        // A connected pair names the backend it relayed to, even one removed since; one that
+        // never connected names the backend it was trying, unless it ended with none at all.
+        let trying = match &self.phase {
+            Phase::Connecting { target, .. } if !matches!(self.ended, Some(Fault::NoBackend)) => {
+                cx.services.backend(*target).map(|b| (b.config.name.as_str(), b.addr))
+            }
+            _ => None,
         };
-        let backend = cx.services.backend(target).map(|b| (b.config.name.as_str(), b.addr));
+        let backend = self.backend_name.as_ref().map(|l| (l.name.as_str(), l.addr)).or(trying);
         let finished = Finished {
             at: SystemTime::now(),
-            service: cx.services.service(self.service).map_or("?", |s| s.settings.name.as_str()),
+            service: self.service_name.as_ref().map_or("?", |n| n.as_str()),
             client: self.peer,
-            // A client that got no backend shows none, not the last one that failed.
-            backend: backend.filter(|_| !matches!(self.ended, Some(Fault::NoBackend))),
-            connect: self.connected_in,
+            backend,
+            connect: self.connected_in.map(|us| Duration::from_micros(u64::from(us))),
             duration: cx.now.saturating_duration_since(self.accepted),
             sent: self.up.total,
             received: self.down.total,
@@ -495,7 +508,7 @@ impl Pair {
             n => format!("after {n} failed connects, "),
         };
         let connected =
-            self.connected_in.map_or_else(String::new, |d| format!("{failed}connected in {} ms, ", d.as_millis()));
+            self.connected_in.map_or_else(String::new, |us| format!("{failed}connected in {} ms, ", us / 1000));
         let how = self.ended.as_ref().map_or_else(|| "both sides closed".to_string(), Fault::to_string);
         // With several worker loops, which one served it (their threads are named for them).
         let thread = std::thread::current();
@@ -548,7 +561,10 @@ impl Pair {
         if let Some(s) = cx.services.service(self.service) {
             s.state.connect_time.observe(took);
         }
-        self.connected_in = Some(took);
+        self.connected_in = Some(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
+        if cx.access_log.is_on() {
+            self.backend_name = cx.services.backend(target).map(|b| b.label.clone());
+        }
         self.set_phase(Phase::Relaying { target });
     }
 

@@ -25,6 +25,8 @@ use crate::runtime::key::{Key, Slots};
 pub struct Backend {
     /// Its config as the operator wrote it.
     pub config: BackendConfig,
+    /// Its name and address, shared: a connection that outlives the backend still names it.
+    pub label: Arc<Label>,
     /// The service it belongs to.
     pub service: Key,
     /// `config.address`, resolved when the config was applied.
@@ -37,6 +39,15 @@ pub struct Backend {
     pub last_check: Option<LastCheck>,
     /// The event-loop entry that probes it, if any.
     pub probe: Option<Key>,
+}
+
+/// What the access log calls a backend.
+#[derive(Debug)]
+pub struct Label {
+    /// Its name.
+    pub name: String,
+    /// Its address, resolved.
+    pub addr: SocketAddr,
 }
 
 /// When the last health check of a backend ended and how.
@@ -53,6 +64,9 @@ pub struct LastCheck {
 pub struct Service {
     /// Its settings; `config.backends` is kept empty (the backends are `backends`).
     pub settings: ServiceConfig,
+    /// `settings.name`, shared: a connection that outlives the service still names it
+    /// (an `Arc<String>` is one word in a pair's slot; an `Arc<str>` would be two).
+    pub name: Arc<String>,
     /// `settings.address`, resolved.
     pub addr: SocketAddr,
     /// Backends in config order.
@@ -287,6 +301,7 @@ impl Services {
         let backends = std::mem::take(&mut config.backends);
         let name = config.name.clone();
         let key = self.services.insert(Service {
+            name: Arc::new(name.clone()),
             limits: Limits::of(&config),
             settings: config,
             addr,
@@ -340,6 +355,7 @@ impl Services {
                 }
                 None => {
                     let b = Backend {
+                        label: Arc::new(Label { name: config.name.clone(), addr }),
                         config,
                         service: key,
                         addr,
