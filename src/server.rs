@@ -408,6 +408,10 @@ impl Server {
     /// Starts a new service on a staged listener; cannot fail.
     pub(crate) fn commit_service(&mut self, prepared: service::Prepared, listener: Key, now: Instant) -> Key {
         let (key, backends) = self.services.insert(prepared);
+        // A worker's copy gets the control loop's counts when it adopts the shared state.
+        if self.hosts_probes() {
+            self.services.enroll(key, &backends, &[]);
+        }
         self.adopt_listener(key, listener, now);
         for backend in backends {
             self.start_probe(backend, now);

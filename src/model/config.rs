@@ -81,6 +81,15 @@ pub struct ServiceConfig {
     /// Text a health check reply must contain; empty accepts any connect.
     #[serde(default)]
     pub check_expect: String,
+    /// When every backend that could take traffic is down, balance over them all as if up.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// What happens to a backend's open connections when it is marked down.
+    #[serde(default)]
+    pub on_backend_down: OnBackendDown,
+    /// Seconds a connection may last before it is closed; 0 means no limit.
+    #[serde(default, serialize_with = "serialize_seconds")]
+    pub max_connection_duration: f64,
 }
 
 /// One backend of a service.
@@ -109,6 +118,29 @@ pub enum Balance {
     /// Least connected.
     #[serde(rename = "LC")]
     LeastConn,
+}
+
+/// What a backend marked down does to its open connections: `"keep"` or `"close"` in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum OnBackendDown {
+    /// They run on until they close (as before the field existed).
+    #[default]
+    #[serde(rename = "keep")]
+    Keep,
+    /// They are closed: the client gets what was buffered for it, then a FIN.
+    #[serde(rename = "close")]
+    Close,
+}
+
+impl FromStr for OnBackendDown {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "keep" => Ok(OnBackendDown::Keep),
+            "close" => Ok(OnBackendDown::Close),
+            other => Err(format!(r#"must be "keep" or "close", got {:?}"#, clip(other))),
+        }
+    }
 }
 
 /// Why a config was rejected; `Display` gives one lower-case line.
@@ -203,6 +235,9 @@ impl ServiceConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             check_send: String::new(),
             check_expect: String::new(),
+            fail_open: false,
+            on_backend_down: OnBackendDown::Keep,
+            max_connection_duration: 0.0,
         }
     }
 
@@ -292,6 +327,9 @@ struct RawService {
     connect_timeout: Option<Value>,
     check_send: Option<Value>,
     check_expect: Option<Value>,
+    fail_open: Option<Value>,
+    on_backend_down: Option<Value>,
+    max_connection_duration: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -422,6 +460,12 @@ fn build_service(raw: RawService, index: usize, url_name: Option<&str>) -> Resul
         connect_timeout: number(raw.connect_timeout, &at, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)?,
         check_send: text(raw.check_send, &at, "check_send")?.unwrap_or_default(),
         check_expect: text(raw.check_expect, &at, "check_expect")?.unwrap_or_default(),
+        fail_open: boolean(raw.fail_open, &at, "fail_open")?,
+        on_backend_down: match text(raw.on_backend_down, &at, "on_backend_down")? {
+            Some(s) => s.parse().map_err(|problem: String| at.err("on_backend_down", problem))?,
+            None => OnBackendDown::default(),
+        },
+        max_connection_duration: number(raw.max_connection_duration, &at, "max_connection_duration", 0.0)?,
     };
     validate_service(&service)?;
     Ok(service)
@@ -466,6 +510,15 @@ fn text(value: Option<Value>, at: &At<'_>, field: &str) -> Result<Option<String>
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(other) => Err(at.err(field, format!("must be a string, got {}", shown(&other)))),
+    }
+}
+
+/// A boolean field; `null` or absent is `false`.
+fn boolean(value: Option<Value>, at: &At<'_>, field: &str) -> Result<bool, ConfigError> {
+    match value {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(b),
+        Some(other) => Err(at.err(field, format!("must be true or false, got {}", shown(&other)))),
     }
 }
 
@@ -536,6 +589,7 @@ pub fn validate_service(service: &ServiceConfig) -> Result<(), ConfigError> {
         ("client_timeout", service.client_timeout),
         ("server_timeout", service.server_timeout),
         ("connect_timeout", service.connect_timeout),
+        ("max_connection_duration", service.max_connection_duration),
     ] {
         if !(0.0..=MAX_SECONDS).contains(&value) {
             return Err(at.err(field, seconds_problem(show_seconds(value))));

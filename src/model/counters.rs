@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::model::health::SharedHealth;
+use crate::model::health::{SharedHealth, Tally};
 use crate::model::histogram::{Histogram, CONNECT_BOUNDS, DURATION_BOUNDS};
 
 /// Counters of one backend, as the stats API and the metrics show them.
@@ -70,6 +70,8 @@ pub struct BackendState {
     pub check_fail: Counter,
     /// Up or down, and the current run of results.
     pub health: SharedHealth,
+    /// Times it was marked down: a loop whose count differs has pairs to cut.
+    pub downs: Counter,
 }
 
 impl BackendState {
@@ -99,6 +101,8 @@ pub struct ServiceState {
     pub connect_time: Histogram,
     /// How long finished connections lasted, from accept to close.
     pub duration: Histogram,
+    /// Its backends that count for fail-open, and how many of those are down.
+    pub tally: Tally,
 }
 
 impl Default for ServiceState {
@@ -108,6 +112,7 @@ impl Default for ServiceState {
             no_backend: Counter::default(),
             connect_time: Histogram::new(CONNECT_BOUNDS),
             duration: Histogram::new(DURATION_BOUNDS),
+            tally: Tally::default(),
         }
     }
 }

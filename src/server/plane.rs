@@ -19,7 +19,7 @@ use crate::control::api::{Plane, Staged};
 use crate::control::info::Info;
 use crate::control::metrics::Process;
 use crate::model::config;
-use crate::model::service::{Prepared, Services};
+use crate::model::service::{BackendChanges, Prepared, Services};
 use crate::runtime::key::Key;
 use crate::runtime::net;
 
@@ -83,6 +83,7 @@ impl Plane for Server {
             return;
         }
         let (key, backends) = self.services.insert(prepared.clone());
+        self.services.enroll(key, &backends, &[]);
         let sockets = self.adopt_group(key, listener);
         for backend in backends {
             self.start_probe(backend, now);
@@ -98,7 +99,9 @@ impl Plane for Server {
 
     fn replace_service(&mut self, key: Key, prepared: Prepared, listener: Option<Staged>, now: Instant) {
         let fan_out = self.workers().map(|_| prepared.clone());
+        let was = self.services.fail_open_active(key);
         let changes = self.services.replace(key, prepared);
+        self.enroll(key, &changes, was);
         for removed in changes.removed {
             if let Some(probe) = removed.probe {
                 self.remove_entry(probe);
@@ -127,7 +130,9 @@ impl Plane for Server {
     fn set_backends(&mut self, key: Key, prepared: Prepared, now: Instant) {
         let fan_out = self.workers().map(|_| prepared.clone());
         let Prepared { config, backend_addrs, .. } = prepared;
+        let was = self.services.fail_open_active(key);
         let changes = self.services.set_backends(key, config.backends, backend_addrs);
+        self.enroll(key, &changes, was);
         for removed in changes.removed {
             if let Some(probe) = removed.probe {
                 self.remove_entry(probe);
@@ -166,6 +171,20 @@ impl Plane for Server {
 }
 
 impl Server {
+    /// On the loop that owns health (the control loop): counts a change's new
+    /// backends for fail-open and stops counting its removed ones, then logs
+    /// whether the change started or ended fail-open (`was` is before it).
+    fn enroll(&self, key: Key, changes: &BackendChanges, was: bool) {
+        if !self.hosts_probes() {
+            return;
+        }
+        self.services.enroll(key, &changes.added, &changes.removed);
+        let is = self.services.fail_open_active(key);
+        if let Some(s) = self.services.service(key).filter(|_| is != was) {
+            s.log_fail_open(is);
+        }
+    }
+
     fn send(&mut self, ops: Vec<Op>) {
         if let Some(workers) = self.workers_mut() {
             workers.send(ops);
@@ -194,9 +213,9 @@ impl Server {
             }
             if let Some(b) = self.services.backend_mut(backend).filter(|_| !want) {
                 b.probe = None;
-                if !b.state.health.is_up() {
-                    b.state.health.reset();
-                    info!("{name}/{} is up: health checks are off", b.config.name);
+                if self.services.checks_off(backend) {
+                    let backend = self.services.names(backend).1;
+                    info!("{name}/{backend} is up: health checks are off");
                 }
             }
         }
