@@ -35,6 +35,14 @@ pub enum End {
     LocalError,
     /// Cut when shuttle stopped before it finished.
     Shutdown,
+    /// Cut because its backend was marked down (`on_backend_down: close`).
+    BackendDown,
+    /// Cut because its backend was removed with `?close`.
+    BackendRemoved,
+    /// Cut because its service was removed with `?close`.
+    ServiceRemoved,
+    /// Cut at the service's `max_connection_duration`.
+    MaxDuration,
 }
 
 impl End {
@@ -53,6 +61,10 @@ impl End {
             End::ConnectFailed => "connect_failed",
             End::LocalError => "local_error",
             End::Shutdown => "shutdown",
+            End::BackendDown => "backend_down",
+            End::BackendRemoved => "backend_removed",
+            End::ServiceRemoved => "service_removed",
+            End::MaxDuration => "max_duration",
         }
     }
 }

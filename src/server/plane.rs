@@ -18,6 +18,7 @@ use super::{Entry, Server};
 use crate::control::api::{Plane, Staged};
 use crate::control::info::Info;
 use crate::control::metrics::Process;
+use crate::data::proxy::Cut;
 use crate::model::config;
 use crate::model::service::{BackendChanges, Prepared, Services};
 use crate::runtime::key::Key;
@@ -143,6 +144,23 @@ impl Plane for Server {
             let shared = self.services.shared(key);
             let n = self.workers().map_or(0, |w| w.len());
             self.send((0..n).map(|_| Op::Backends { prepared: prepared.clone(), shared: shared.clone() }).collect());
+        }
+    }
+
+    fn cut(&mut self, key: Key, backend: Option<&str>, now: Instant) {
+        if let Some(n) = self.workers().map(|w| w.len()) {
+            // The pairs are the workers'; each cuts its own.
+            let Some(service) = self.services.service(key).map(|s| s.settings.name.clone()) else { return };
+            let backend = backend.map(str::to_string);
+            return self
+                .send((0..n).map(|_| Op::Cut { service: service.clone(), backend: backend.clone() }).collect());
+        }
+        match backend {
+            Some(name) => {
+                let Some(target) = self.services.find_backend(key, name) else { return };
+                self.cut_pairs(|pair| pair.target() == target, Cut::BackendRemoved, now);
+            }
+            None => self.cut_pairs(|pair| pair.service() == key, Cut::ServiceRemoved, now),
         }
     }
 

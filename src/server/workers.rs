@@ -38,6 +38,7 @@ use super::{Entry, Role, Server, WAKER};
 use crate::control::api::{Plane, Staged};
 use crate::model::service::{Prepared, Shared};
 use crate::runtime::accesslog::AccessLog;
+use crate::runtime::bell::Bell;
 use crate::runtime::cpus;
 use crate::runtime::helpers::{Answer, Inbox, Outbox};
 use crate::runtime::key::Key;
@@ -94,6 +95,14 @@ pub enum Op {
         /// Its name.
         name: String,
     },
+    /// Cut the open pairs of one backend of a service, or of the whole service
+    /// (`DELETE ...?close`), before the removal that follows it.
+    Cut {
+        /// The service's name.
+        service: String,
+        /// The backend's name; `None` for every pair of the service.
+        backend: Option<String>,
+    },
 }
 
 /// One worker loop as the control loop sees it.
@@ -144,7 +153,9 @@ impl Workers {
     /// Starts `n` worker loops whose fd budget is `fd_limit` each; they
     /// report to `control`. With `pin`, worker i runs on the i-th allowed CPU.
     /// Every worker counts its pairs into `pairs`, which the control loop
-    /// reads, and logs finished connections to its own end of `access_log`.
+    /// reads, logs finished connections to its own end of `access_log`, and
+    /// rings and hears `bell` (backends gone down).
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         n: usize,
         pin: bool,
@@ -153,6 +164,7 @@ impl Workers {
         control: &Outbox,
         pairs: &Arc<AtomicU64>,
         access_log: &AccessLog,
+        bell: &Arc<Bell>,
     ) -> io::Result<Workers> {
         let cpus = if pin { cpus::allowed()? } else { Vec::new() };
         let mut links = Vec::with_capacity(n);
@@ -162,7 +174,8 @@ impl Workers {
             let orders = inbox.outbox();
             let control = control.clone();
             let cpu = (!cpus.is_empty()).then(|| cpus[index % cpus.len()]);
-            let budget = Budget { fd_limit, pairs: pairs.clone(), access_log: access_log.for_loop() };
+            let budget =
+                Budget { fd_limit, pairs: pairs.clone(), access_log: access_log.for_loop(), bell: bell.clone() };
             // `top -H` and `ps -L` show 15 bytes of a thread's name: keep the number in them.
             let thread = thread::Builder::new()
                 .name(format!("shuttle-w{index}"))
@@ -180,6 +193,11 @@ impl Workers {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.links.is_empty()
+    }
+
+    /// Every worker loop's waker, for the bell.
+    pub fn wakers(&self) -> impl Iterator<Item = Arc<mio::Waker>> + '_ {
+        self.links.iter().map(|l| l.orders.waker())
     }
 
     /// Sends worker i the change `ops[i]`; a worker without one has nothing to apply.
@@ -288,6 +306,8 @@ struct Budget {
     pairs: Arc<AtomicU64>,
     /// The worker's end of the access log.
     access_log: AccessLog,
+    /// The bell every loop rings and hears.
+    bell: Arc<Bell>,
 }
 
 /// A worker thread's whole life: build its loop, run it, report how it ended.
@@ -311,6 +331,7 @@ fn run_worker(
         let mut server = Server::worker(index, poll, orders, control, budget.fd_limit, grace);
         server.fds.share_pairs(budget.pairs);
         server.access_log = budget.access_log;
+        server.services.set_bell(budget.bell);
         server.run()
     }));
     let failed = match ran {
@@ -433,6 +454,10 @@ impl Server {
             Op::Remove { name } => match self.services.find(&name) {
                 Some(key) => self.remove_service(key, now),
                 None => error!("worker: no service {name:?} to remove"),
+            },
+            Op::Cut { service, backend } => match self.services.find(&service) {
+                Some(key) => self.cut(key, backend.as_deref(), now),
+                None => error!("worker: no service {service:?} to cut"),
             },
         }
     }
