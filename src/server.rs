@@ -563,6 +563,14 @@ impl Server {
             }
             self.access_log.flush();
             if self.drained(now) {
+                // Grace over with workers still running: they cut their connections and
+                // stop, waited for as after a second signal, so none is lost unlogged.
+                if !self.stopping_now && self.workers().is_some_and(|w| !w.all_exited()) {
+                    self.stop_workers(now);
+                    continue;
+                }
+                self.close_open_pairs();
+                self.access_log.flush();
                 if matches!(self.role, Role::Control { .. }) {
                     self.access_log.finish();
                 }
@@ -782,6 +790,26 @@ impl Server {
         }
         let wait = if matches!(self.role, Role::Worker { .. }) { Duration::ZERO } else { STOP_WAIT };
         self.draining = Some(now + wait);
+    }
+
+    /// The grace period ran out while workers still run: tell them to cut their
+    /// connections and stop, and wait for them as `stop_now` does.
+    fn stop_workers(&mut self, now: Instant) {
+        self.stopping_now = true;
+        if let Some(workers) = self.workers() {
+            workers.stop();
+        }
+        self.draining = Some(now + STOP_WAIT);
+    }
+
+    /// Closes the pairs still open when the loop stops (the grace ran out, or a
+    /// second signal), so each is counted and gets its access-log line (`end=shutdown`).
+    fn close_open_pairs(&mut self) {
+        let open: Vec<Key> =
+            self.entries.iter().filter(|(_, entry)| matches!(entry, Entry::Pair(_))).map(|(key, _)| key).collect();
+        for key in open {
+            self.remove_entry(key);
+        }
     }
 
     /// Tells systemd (if it listens) that every listener and the admin API are up.

@@ -10,6 +10,7 @@
 #[allow(dead_code, unused_imports)]
 mod support;
 
+mod access_log;
 mod admin;
 mod audit;
 mod balance;
