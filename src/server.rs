@@ -844,8 +844,16 @@ impl Server {
             return true;
         }
         if now >= deadline {
-            let pairs = self.fds.pairs;
-            info!("grace period over; closing {pairs} open connection{}", if pairs == 1 { "" } else { "s" });
+            let connections = |n: u64| format!("{n} open connection{}", if n == 1 { "" } else { "s" });
+            match self.role {
+                Role::Worker { index, .. } => {
+                    log::debug!("worker {index}: grace period over; closing {}", connections(self.fds.pairs as u64))
+                }
+                // Over every worker: the control loop itself holds none of them.
+                Role::Control { .. } => {
+                    info!("grace period over; closing {}", connections(self.fds.process_pairs()))
+                }
+            }
             return true;
         }
         false

@@ -509,7 +509,12 @@ impl Pair {
         };
         let connected =
             self.connected_in.map_or_else(String::new, |us| format!("{failed}connected in {} ms, ", us / 1000));
-        let how = self.ended.as_ref().map_or_else(|| "both sides closed".to_string(), Fault::to_string);
+        let how = match (&self.ended, self.end()) {
+            (Some(fault), _) => fault.to_string(),
+            (None, End::Shutdown) => "cut at shutdown".into(),
+            (None, End::BackendClosed) => "both sides closed, the backend first".into(),
+            (None, _) => "both sides closed, the client first".into(),
+        };
         // With several worker loops, which one served it (their threads are named for them).
         let thread = std::thread::current();
         let worker = thread
