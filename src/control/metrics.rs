@@ -156,6 +156,21 @@ impl Out {
                 s.state.no_backend.get(),
             );
         }
+        let queues: [(&str, &str, &str, fn(&crate::model::limits::Gate) -> u64); 2] = [
+            ("shuttle_service_queued", "gauge", "Clients waiting now for a backend slot.", |g| g.queued.get()),
+            (
+                "shuttle_service_queue_timeouts_total",
+                "counter",
+                "Queued clients closed because their queue_timeout passed.",
+                |g| g.queue_timeouts.get(),
+            ),
+        ];
+        for (name, kind, help, value) in queues {
+            self.family(name, kind, help);
+            for s in &running {
+                self.sample(name, &[("service", &s.settings.name)], value(&s.state.gate));
+            }
+        }
         self.family("shuttle_service_connect_seconds", "histogram", "Time to establish a backend connection.");
         for s in &running {
             self.histogram(
