@@ -169,7 +169,20 @@ impl Server {
         let Some(Entry::Queued(q)) = self.entries.get_mut(key) else { return };
         q.timer = None;
         let service = q.service;
-        let expired = self.waiting.get_mut(&service).map(|queue| queue.expire(now)).unwrap_or_default();
+        let me = self.loop_index();
+        let Some(queue) = self.waiting.get_mut(&service) else { return };
+        let head = queue.front().map(|(t, _)| t);
+        let expired = queue.expire(now);
+        let new_head = queue.front().map(|(t, k)| (t, k));
+        if queue.is_empty() {
+            self.waiting.remove(&service);
+        }
+        if let Some(s) = self.services.service(service) {
+            expired.iter().for_each(|_| s.state.gate.left_queue());
+            if new_head.map(|(t, _)| t) != head {
+                s.state.gate.publish_head(me, new_head.map(|(t, _)| t));
+            }
+        }
         for gone in expired {
             if let Some(Entry::Queued(q)) = self.entries.get(gone) {
                 if let Some(s) = self.services.service(service) {
@@ -179,13 +192,15 @@ impl Server {
                 net::close_gently(&q.stream);
                 self.log_queued(gone, End::QueueTimeout);
             }
-            // Already out of the queue: removing the entry gives back its slot and fd.
+            // Out of the queue already: removing the entry gives back its slot and fd.
             self.remove_entry(gone);
         }
         self.to_serve.push(service);
-        let head = self.waiting.get(&service).and_then(|q| q.front()).map(|(_, k)| k);
+        if let Some((_, head)) = new_head {
+            self.arm_queued(head, true, now);
+        }
         if matches!(self.entries.get(key), Some(Entry::Queued(_))) {
-            self.arm_queued(key, head == Some(key), now);
+            self.arm_queued(key, new_head.map(|(_, k)| k) == Some(key), now);
         }
     }
 
