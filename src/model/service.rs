@@ -796,6 +796,57 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_takes_a_slot_skips_full_backends_and_tells_full_from_down() {
+        let mut services = Services::default();
+        let mut prepared = service(&[("a", 1), ("b", 2)]);
+        prepared.config.backends[0].max_connections = 1;
+        prepared.config.backends[1].max_connections = 1;
+        let (key, added) = services.insert(prepared);
+        let active = |s: &Services, i: usize| s.backend(added[i]).unwrap().state.active.get();
+        let mut first = services.plan(key);
+        assert_eq!(services.next_target(&mut first), Some(added[0]));
+        assert_eq!(active(&services, 0), 1, "the slot is taken with the pick");
+        let mut second = services.plan(key);
+        assert_eq!(services.next_target(&mut second), Some(added[1]));
+        let mut third = services.plan(key);
+        assert!(third.is_full(), "every backend is at its limit: the client may wait");
+        services.release_slot(added[0]);
+        // Taken behind the balancer's back (another loop): the pick moves on instead of passing the limit.
+        let mut raced = services.plan(key);
+        assert_eq!(services.next_target(&mut raced), Some(added[0]));
+        services.abandon(&mut raced);
+        assert_eq!(active(&services, 0), 1, "a handed-out slot is the caller's to give back");
+        services.release_slot(added[0]);
+        let mut unused = services.plan(key);
+        services.abandon(&mut unused);
+        assert_eq!((active(&services, 0), active(&services, 1)), (0, 1), "an unused pick gives its slot back");
+        let down = |s: &Services, i: usize| {
+            s.backend(added[i]).unwrap().state.health.update(|h| {
+                h.record_check(false, 2, 2);
+                h.record_check(false, 2, 2)
+            })
+        };
+        down(&services, 0);
+        assert!(services.plan(key).is_full(), "a is down, but b is up and full: wait for b");
+        down(&services, 1);
+        let none = services.plan(key);
+        assert!(none.is_empty() && !none.is_full(), "none up: nothing to wait for");
+    }
+
+    #[test]
+    fn a_new_limit_alone_keeps_the_backend_and_its_count() {
+        let mut services = Services::default();
+        let (key, added) = services.insert(service(&[("a", 1)]));
+        services.backend(added[0]).unwrap().state.active.add(3);
+        let mut lowered = service(&[("a", 1)]);
+        lowered.config.backends[0].max_connections = 1;
+        let changes = services.set_backends(key, lowered.config.backends, lowered.backend_addrs);
+        assert!(changes.added.is_empty() && changes.removed.is_empty());
+        let b = services.backend(added[0]).unwrap();
+        assert_eq!((b.config.max_connections, b.state.active.get()), (1, 3));
+    }
+
+    #[test]
     fn stats_sum_backend_counters_and_service_errors() {
         let mut services = Services::default();
         let (key, added) = services.insert(service(&[("a", 1), ("b", 2)]));
