@@ -55,6 +55,9 @@ pub fn render(services: &Services, process: &Process<'_>) -> String {
 
 struct Out(String);
 
+/// Reads one figure of a service's shared gate.
+type GateFigure = fn(&crate::model::limits::Gate) -> u64;
+
 impl Out {
     fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = write!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
@@ -156,7 +159,7 @@ impl Out {
                 s.state.no_backend.get(),
             );
         }
-        let queues: [(&str, &str, &str, fn(&crate::model::limits::Gate) -> u64); 2] = [
+        let queues: [(&str, &str, &str, GateFigure); 2] = [
             ("shuttle_service_queued", "gauge", "Clients waiting now for a backend slot.", |g| g.queued.get()),
             (
                 "shuttle_service_queue_timeouts_total",

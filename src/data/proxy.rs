@@ -360,7 +360,9 @@ impl Pair {
     ) -> Result<Pair, Refused> {
         let limits = cx.services.limits(service);
         let refused = |fault, failed_connects| Refused { fault, failed_connects };
-        if let Err(e) = cx.registry.register(&mut client, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE) {
+        if let Err(e) =
+            cx.registry.register(&mut client, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE)
+        {
             cx.services.abandon(&mut plan);
             return Err(refused(Fault::Local(e), 0));
         }

@@ -109,7 +109,10 @@ mod tests {
             q.push(ticket, key, at(now, 100));
         }
         assert_eq!(q.front(), Some((3, 'a')));
-        assert_eq!([q.pop_front(), q.pop_front(), q.pop_front(), q.pop_front()], [Some('a'), Some('b'), Some('c'), None]);
+        assert_eq!(
+            [q.pop_front(), q.pop_front(), q.pop_front(), q.pop_front()],
+            [Some('a'), Some('b'), Some('c'), None]
+        );
         assert!(q.is_empty());
         assert_eq!(q.next_deadline(), None, "no deadline outlives its client");
     }

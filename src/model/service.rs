@@ -500,7 +500,8 @@ impl Services {
                 .unwrap_or(backends.len().saturating_sub(1));
             let tried = |i: usize| plan.tried.contains(&backends[i]);
             let at = |i: usize| candidate(&self.backends, backends[i]);
-            let next = balance::failover(service.settings.balance, last, backends.len(), at, tried).map(|i| backends[i]);
+            let next =
+                balance::failover(service.settings.balance, last, backends.len(), at, tried).map(|i| backends[i]);
             plan.last = next;
             match next {
                 Some(b) if !self.take_slot(b) => plan.full = true,
@@ -511,9 +512,7 @@ impl Services {
 
     /// Takes one slot of `backend`'s `max_connections` (one compare-and-swap); `false` when it is full.
     fn take_slot(&self, backend: Key) -> bool {
-        self.backends
-            .get(backend)
-            .is_some_and(|b| b.state.active.try_add_below(u64::from(b.config.max_connections)))
+        self.backends.get(backend).is_some_and(|b| b.state.active.try_add_below(u64::from(b.config.max_connections)))
     }
 
     /// Gives back a slot taken by [`Services::plan`] or [`Services::next_target`].
@@ -808,7 +807,7 @@ mod tests {
         assert_eq!(active(&services, 0), 1, "the slot is taken with the pick");
         let mut second = services.plan(key);
         assert_eq!(services.next_target(&mut second), Some(added[1]));
-        let mut third = services.plan(key);
+        let third = services.plan(key);
         assert!(third.is_full(), "every backend is at its limit: the client may wait");
         services.release_slot(added[0]);
         // Taken behind the balancer's back (another loop): the pick moves on instead of passing the limit.

@@ -173,7 +173,7 @@ impl Server {
         let Some(queue) = self.waiting.get_mut(&service) else { return };
         let head = queue.front().map(|(t, _)| t);
         let expired = queue.expire(now);
-        let new_head = queue.front().map(|(t, k)| (t, k));
+        let new_head = queue.front();
         if queue.is_empty() {
             self.waiting.remove(&service);
         }

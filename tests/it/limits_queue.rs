@@ -111,7 +111,10 @@ fn wait_stat(shuttle: &Shuttle, field: &str, want: u64) {
 #[test]
 fn a_backend_at_its_limit_is_skipped() {
     let (b0, b1) = (named("b0"), named("b1"));
-    let shuttle = Shuttle::start_with_config(&json!([web(vec![limited("b0", &b0, 1), backend("b1", b1.address())], json!({}))]), &[]);
+    let shuttle = Shuttle::start_with_config(
+        &json!([web(vec![limited("b0", &b0, 1), backend("b1", b1.address())], json!({}))]),
+        &[],
+    );
     let addr = shuttle.service_addr("web");
     let open = |_| {
         let mut c = connect(addr);
