@@ -27,6 +27,7 @@ use signal_hook_mio::v1_0::Signals;
 mod accept;
 mod admin;
 mod plane;
+mod queue;
 mod retire;
 pub mod workers;
 
@@ -80,6 +81,8 @@ pub struct Listener {
     short_since: Option<Instant>,
     /// Set once it takes no new connections: it serves what was queued, then closes at this time.
     retiring: Option<Instant>,
+    /// Set while its service is at `max_connections`: it is not read until a connection ends.
+    held: bool,
 }
 
 /// Every socket-owning state machine of the loop.
@@ -100,6 +103,8 @@ pub enum Entry {
     Admin(AdminConn),
     /// The control loop's record of a service's listeners, one per worker.
     Group(workers::Group),
+    /// A client waiting for a backend slot.
+    Queued(queue::Queued),
 }
 
 /// What a loop hosts besides pairs and listeners.
@@ -226,8 +231,14 @@ pub struct Server {
     admin_retry: Option<TimerKey>,
     /// Refused admin requests are logged through this.
     refusals: Throttle,
-    /// Listeners paused for lack of fds; woken when a pair closes.
+    /// Listeners paused for lack of fds or held at their service's limit; woken when a pair closes.
     paused: Vec<Key>,
+    /// This loop's queued clients, per service.
+    waiting: std::collections::HashMap<Key, crate::model::queue::Queue<Key>>,
+    /// Services whose queue may have room now, served at the end of the turn.
+    to_serve: Vec<Key>,
+    /// The other worker loops, to wake one whose queued client should get a slot freed here.
+    pub(crate) peers: Option<std::sync::Arc<workers::Peers>>,
     draining: Option<Instant>,
     /// Set by a second SIGTERM/SIGINT: the drain ends now, open connections are cut.
     stopping_now: bool,
@@ -295,6 +306,8 @@ impl Server {
         };
         let role = Role::Control { inbox, workers };
         let mut server = Server::bare(poll, role, options.fd_limit, options.grace, options.access);
+        // Every service's shared gate has a slot per proxying loop.
+        server.services.set_loops(options.workers.max(1));
         server.fds.share_pairs(pairs);
         server.started = options.started;
         server.notify = options.notify;
@@ -356,6 +369,9 @@ impl Server {
             admin_retry: None,
             refusals: Throttle::new(admin::REFUSALS_LOGGED_EVERY),
             paused: Vec::new(),
+            waiting: std::collections::HashMap::new(),
+            to_serve: Vec::new(),
+            peers: None,
             draining: None,
             stopping_now: false,
             started: Started::now(),
@@ -399,6 +415,7 @@ impl Server {
                 paused: None,
                 short_since: None,
                 retiring: None,
+                held: false,
             }))
         })?;
         self.fds.listeners += 1;
@@ -466,6 +483,9 @@ impl Server {
     /// Removes an entry, giving back its timer, buffers and counts.
     pub(crate) fn remove_entry(&mut self, key: Key) {
         let Some(mut entry) = self.entries.remove(key) else { return };
+        if let Entry::Queued(queued) = &entry {
+            return self.close_queued(queued, Instant::now());
+        }
         let mut cx = Cx {
             now: Instant::now(),
             registry: self.poll.registry(),
@@ -483,7 +503,10 @@ impl Server {
                 for listener in std::mem::take(&mut self.paused) {
                     self.enqueue(listener);
                 }
+                // And a slot of its service and backend: the oldest queued client gets it.
+                self.service_slot_freed(pair.service());
             }
+            Entry::Queued(_) => {}
             Entry::Listener(listener) => {
                 if let Some(timer) = listener.paused.take() {
                     cx.timers.cancel(timer);
@@ -523,7 +546,7 @@ impl Server {
         }
         loop {
             let now = Instant::now();
-            let timeout = if self.ready.is_empty() {
+            let timeout = if self.ready.is_empty() && self.to_serve.is_empty() {
                 let changes = self.changes.as_ref().and_then(Changes::deadline);
                 let watchdog = self.workers().map(workers::Workers::next_ping);
                 let deadline =
@@ -554,6 +577,7 @@ impl Server {
                 return Err(io::Error::other(why));
             }
             self.start_waiting_probes(now);
+            self.serve_waiting(now);
             for _ in 0..self.ready.len() {
                 let Some(key) = self.ready.pop_front() else { break };
                 if let Some(slot) = self.queued.get_mut(key.index() as usize).filter(|q| **q == Some(key)) {
@@ -603,6 +627,7 @@ impl Server {
                 Entry::Probe(probe) => probe.on_ready(key, ready, cx),
                 _ => Step::Wait,
             }),
+            Some(Entry::Queued(_)) => self.on_queued_ready(key, ready),
             Some(Entry::Group(_)) | None => {} // a closed entry's leftover event (pitfall 7)
         }
     }
@@ -651,6 +676,7 @@ impl Server {
                 self.admin_retry = None;
                 self.accept_admin(key, now);
             }
+            Some(Entry::Queued(_)) => self.on_queued_timer(key, now),
             Some(Entry::Group(_)) | None => {}
         }
     }

@@ -264,6 +264,9 @@ pub struct Pair {
     /// How long the backend connect took, once it succeeded.
     /// In microseconds (saturating: no connect outlasts 71 minutes), to keep the slab slot small.
     connected_in: Option<u32>,
+    /// How long the client waited in its service's queue before this pair began, in
+    /// microseconds (saturating like `connected_in`; `accepted` is when it came in).
+    queued_us: u32,
     /// Connects that failed before the one in flight (failovers).
     failed_connects: u16,
     /// Why the pair ended early, for the close log.
@@ -295,7 +298,9 @@ struct Attempt {
 }
 
 /// Starts a connect to the next candidate of `plan` that accepts one; failed
-/// candidates are counted as backend errors (reference §3).
+/// candidates are counted as backend errors (reference §3). The plan hands
+/// out each candidate with a slot of its limit taken: the attempt keeps it,
+/// a failed start gives it back.
 fn connect_next(plan: &mut Plan, token: Token, failed: &mut u16, cx: &mut Cx<'_>) -> Result<Attempt, Fault> {
     while let Some(target) = cx.services.next_target(plan) {
         let Some(addr) = cx.services.backend(target).map(|b| b.addr) else { continue };
@@ -303,13 +308,11 @@ fn connect_next(plan: &mut Plan, token: Token, failed: &mut u16, cx: &mut Cx<'_>
             cx.registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
             Ok(stream)
         });
+        if started.is_err() {
+            cx.services.release_slot(target);
+        }
         match started {
-            Ok(stream) => {
-                if let Some(b) = cx.services.backend(target) {
-                    b.state.active.add(1);
-                }
-                return Ok(Attempt { stream, target });
-            }
+            Ok(stream) => return Ok(Attempt { stream, target }),
             // An fd or port shortage is ours, not the backend's (pitfall 15).
             Err(e) if net::is_local_shortage(&e) => return Err(Fault::Local(e)),
             Err(e) => {
@@ -345,21 +348,24 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 }
 
 impl Pair {
-    /// Takes a freshly accepted client and starts connecting it along `plan`.
-    /// On failure the client is dropped (a normal close) and the fault returned.
+    /// Takes a client accepted at `accepted` (earlier than now if it was
+    /// queued) and starts connecting it along `plan`. On failure the client is
+    /// dropped (a normal close) and the fault returned.
     pub fn open(
         key: Key,
-        mut client: TcpStream,
-        peer: SocketAddr,
+        (mut client, peer, accepted): (TcpStream, SocketAddr, Instant),
         service: Key,
         mut plan: Plan,
         cx: &mut Cx<'_>,
     ) -> Result<Pair, Refused> {
         let limits = cx.services.limits(service);
         let refused = |fault, failed_connects| Refused { fault, failed_connects };
-        cx.registry
-            .register(&mut client, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE)
-            .map_err(|e| refused(Fault::Local(e), 0))?;
+        if let Err(e) =
+            cx.registry.register(&mut client, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE)
+        {
+            cx.services.abandon(&mut plan);
+            return Err(refused(Fault::Local(e), 0));
+        }
         let mut failed_connects = 0;
         let attempt = connect_next(&mut plan, key.token(Side::Backend), &mut failed_connects, cx)
             .map_err(|f| refused(f, failed_connects))?;
@@ -378,9 +384,10 @@ impl Pair {
             service,
             limits,
             holds: Some(attempt.target),
-            accepted: now,
+            accepted,
             peer,
             connected_in: None,
+            queued_us: u32::try_from(now.saturating_duration_since(accepted).as_micros()).unwrap_or(u32::MAX),
             failed_connects,
             ended: None,
             first_eof: None,
@@ -440,6 +447,7 @@ impl Pair {
         self.release_backend(cx);
         if let Some(s) = cx.services.service(self.service) {
             s.state.duration.observe(cx.now.saturating_duration_since(self.accepted));
+            s.state.gate.active.sub_one();
         }
         if cx.access_log.is_on() {
             self.log_access(cx);
@@ -466,6 +474,7 @@ impl Pair {
             client: self.peer,
             backend,
             connect: self.connected_in.map(|us| Duration::from_micros(u64::from(us))),
+            queued: Duration::from_micros(u64::from(self.queued_us)),
             duration: cx.now.saturating_duration_since(self.accepted),
             sent: self.up.total,
             received: self.down.total,
@@ -522,6 +531,11 @@ impl Pair {
             .and_then(|n| n.strip_prefix("shuttle-w"))
             .map_or_else(String::new, |i| format!(", worker {i}"));
         format!("{service}: {}{to}: {connected}closed after {lasted} ms ({how}), {sent} bytes sent, {received} bytes received{worker}", self.peer)
+    }
+
+    /// The service it proxies for.
+    pub fn service(&self) -> Key {
+        self.service
     }
 
     /// Takes this pair off its backend's `active` count.

@@ -31,6 +31,8 @@ pub const DEFAULT_CHECK_INTERVAL: f64 = 2.0;
 pub const DEFAULT_FALL_RISE: u32 = 2;
 /// Default seconds allowed for a backend connect or a health check.
 pub const DEFAULT_CONNECT_TIMEOUT: f64 = 5.0;
+/// Default seconds a queued client waits for a backend slot.
+pub const DEFAULT_QUEUE_TIMEOUT: f64 = 5.0;
 /// Default backend weight.
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Longest service or backend name, in bytes.
@@ -81,6 +83,15 @@ pub struct ServiceConfig {
     /// Text a health check reply must contain; empty accepts any connect.
     #[serde(default)]
     pub check_expect: String,
+    /// Clients proxied or queued at once at most; 0 means no limit. At the limit the listener rests.
+    #[serde(default)]
+    pub max_connections: u32,
+    /// Clients that may wait for a backend slot when every backend is at its limit; 0 closes them instead.
+    #[serde(default)]
+    pub max_queue: u32,
+    /// Seconds a queued client waits at most; 0 means no deadline.
+    #[serde(default = "default_queue_timeout", serialize_with = "serialize_seconds")]
+    pub queue_timeout: f64,
 }
 
 /// One backend of a service.
@@ -97,6 +108,9 @@ pub struct BackendConfig {
     /// Round-robin weight; 0 drains the backend.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Connections open or being opened to it at once at most; 0 means no limit.
+    #[serde(default)]
+    pub max_connections: u32,
 }
 
 /// Balancing algorithm: `"RR"` or `"LC"` in JSON; the Go shuttle's `""` means RR.
@@ -203,6 +217,9 @@ impl ServiceConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             check_send: String::new(),
             check_expect: String::new(),
+            max_connections: 0,
+            max_queue: 0,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
         }
     }
 
@@ -222,7 +239,16 @@ impl BackendConfig {
             address: address.into(),
             check_address: String::new(),
             weight: DEFAULT_WEIGHT,
+            max_connections: 0,
         }
+    }
+
+    /// True when only `max_connections` differs: the backend keeps its state
+    /// (its `active` count must go on counting the connections it has).
+    pub fn same_but_limit(&self, other: &BackendConfig) -> bool {
+        // Struct update syntax, so that a field added later is compared too.
+        let strip = |b: &BackendConfig| BackendConfig { max_connections: 0, ..b.clone() };
+        strip(self) == strip(other)
     }
 }
 
@@ -234,6 +260,9 @@ fn default_fall_rise() -> u32 {
 }
 fn default_connect_timeout() -> f64 {
     DEFAULT_CONNECT_TIMEOUT
+}
+fn default_queue_timeout() -> f64 {
+    DEFAULT_QUEUE_TIMEOUT
 }
 fn default_weight() -> u32 {
     DEFAULT_WEIGHT
@@ -292,6 +321,9 @@ struct RawService {
     connect_timeout: Option<Value>,
     check_send: Option<Value>,
     check_expect: Option<Value>,
+    max_connections: Option<Value>,
+    max_queue: Option<Value>,
+    queue_timeout: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -301,6 +333,7 @@ struct RawBackend {
     address: Option<Value>,
     check_address: Option<Value>,
     weight: Option<Value>,
+    max_connections: Option<Value>,
 }
 
 /// Where a problem is: builds `ConfigError::Invalid`.
@@ -422,6 +455,9 @@ fn build_service(raw: RawService, index: usize, url_name: Option<&str>) -> Resul
         connect_timeout: number(raw.connect_timeout, &at, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)?,
         check_send: text(raw.check_send, &at, "check_send")?.unwrap_or_default(),
         check_expect: text(raw.check_expect, &at, "check_expect")?.unwrap_or_default(),
+        max_connections: integer(raw.max_connections, &at, "max_connections", 0, 0)?,
+        max_queue: integer(raw.max_queue, &at, "max_queue", 0, 0)?,
+        queue_timeout: number(raw.queue_timeout, &at, "queue_timeout", DEFAULT_QUEUE_TIMEOUT)?,
     };
     validate_service(&service)?;
     Ok(service)
@@ -442,6 +478,7 @@ fn build_backend(
         address: required_address(raw.address, &at)?,
         check_address: text(raw.check_address, &at, "check_address")?.unwrap_or_default(),
         weight: integer(raw.weight, &at, "weight", 0, DEFAULT_WEIGHT)?,
+        max_connections: integer(raw.max_connections, &at, "max_connections", 0, 0)?,
     })
 }
 
@@ -536,6 +573,7 @@ pub fn validate_service(service: &ServiceConfig) -> Result<(), ConfigError> {
         ("client_timeout", service.client_timeout),
         ("server_timeout", service.server_timeout),
         ("connect_timeout", service.connect_timeout),
+        ("queue_timeout", service.queue_timeout),
     ] {
         if !(0.0..=MAX_SECONDS).contains(&value) {
             return Err(at.err(field, seconds_problem(show_seconds(value))));

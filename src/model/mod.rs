@@ -9,4 +9,6 @@ pub mod counters;
 pub mod diff;
 pub mod health;
 pub mod histogram;
+pub mod limits;
+pub mod queue;
 pub mod service;

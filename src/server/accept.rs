@@ -12,15 +12,12 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
 use log::{debug, info, warn};
 
 use super::{Entry, Server, ACCEPT_BATCH, ACCEPT_PAUSE, MAX_ADMIN_CONNS};
-use crate::context::Cx;
 use crate::control::admin::{AdminConn, EVICTION_GRACE};
-use crate::data::finished::{End, Finished};
-use crate::data::proxy::{Fault, Pair, Refused};
 use crate::runtime::key::Key;
 use crate::runtime::net::{self, AcceptError};
 
@@ -50,7 +47,19 @@ impl Server {
         let Some(Entry::Listener(listener)) = self.entries.get_mut(key) else { return false };
         // A staged listener serves nobody until its change is committed (which queues it).
         let Some(service) = listener.service else { return false };
-        match listener.socket.accept() {
+        if !self.take_service_slot(key, service, now) {
+            return false;
+        }
+        let Some(Entry::Listener(listener)) = self.entries.get_mut(key) else { return false };
+        let accepted = listener.socket.accept();
+        if accepted.is_err() {
+            // The slot taken for a client that was not there goes back (and to whoever waits for it).
+            if let Some(s) = self.services.service(service) {
+                s.state.gate.active.sub_one();
+            }
+            self.service_slot_freed(service);
+        }
+        match accepted {
             Ok((stream, peer)) => {
                 if self.panic_on_accept {
                     panic!("{} asked this worker to fail", super::FAULT_ENV);
@@ -108,7 +117,52 @@ impl Server {
         }
     }
 
-    /// Starts proxying an accepted client; an error is a local shortage that should pause accepting.
+    /// Takes a slot of the service's `max_connections` for the next accept.
+    /// At the limit the listener is held: it is not read (the kernel's backlog
+    /// keeps the clients, as HAProxy's frontend `maxconn` does) until a
+    /// connection of the service ends in any loop, which wakes it, or its
+    /// retry timer fires. Edge-triggered, it then accepts without a new event.
+    fn take_service_slot(&mut self, key: Key, service: Key, now: Instant) -> bool {
+        let me = self.loop_index();
+        let Some(s) = self.services.service(service) else { return false };
+        let (gate, max) = (&s.state.gate, u64::from(s.settings.max_connections));
+        let held = matches!(self.entries.get(key), Some(Entry::Listener(l)) if l.held);
+        if gate.active.try_add_below(max) {
+            if held {
+                gate.hold(me, false);
+            }
+        } else {
+            // Say it waits before looking once more, so a slot freed meanwhile is not missed (model::limits).
+            gate.hold(me, true);
+            if !gate.active.try_add_below(max) {
+                if !held {
+                    debug!("{}: {max} connections open: not accepting until one ends", s.settings.name);
+                }
+                self.hold_listener(key, now);
+                return false;
+            }
+            gate.hold(me, false);
+        }
+        if let Some(Entry::Listener(listener)) = self.entries.get_mut(key) {
+            listener.held = false;
+        }
+        true
+    }
+
+    /// Rests a listener at its service's limit until a slot frees (with a retry timer for safety).
+    fn hold_listener(&mut self, key: Key, now: Instant) {
+        let Some(Entry::Listener(listener)) = self.entries.get_mut(key) else { return };
+        listener.held = true;
+        if listener.paused.is_none() {
+            listener.paused = Some(self.timers.insert(now + super::queue::QUEUE_RETRY, key));
+        }
+        if !self.paused.contains(&key) {
+            self.paused.push(key);
+        }
+    }
+
+    /// Starts proxying an accepted client that holds a slot of its service; an
+    /// error is a local shortage that should pause accepting.
     fn start_pair(
         &mut self,
         service: Key,
@@ -116,65 +170,23 @@ impl Server {
         peer: SocketAddr,
         now: Instant,
     ) -> Result<(), io::Error> {
+        let Some(s) = self.services.service(service) else { return Ok(()) };
+        // Newcomers never pass the clients already waiting.
+        if s.settings.max_queue > 0 && s.state.gate.queued.get() > 0 {
+            return self.enqueue_client(service, stream, peer, now);
+        }
         let plan = self.services.plan(service);
+        if plan.is_full() {
+            return self.enqueue_client(service, stream, peer, now);
+        }
         if plan.is_empty() {
-            if let Some(s) = self.services.service(service) {
-                s.state.errors.add(1);
-                s.state.no_backend.add(1);
-                debug!("{}: {peer}: closed at once (no backend available)", s.settings.name);
-            }
-            net::close_gently(&stream);
-            self.log_refused(service, peer, End::NoBackend, 0);
+            self.refuse_no_backend(service, &stream, peer);
             return Ok(());
         }
-        let Server { poll, entries, timers, services, pool, fds, access_log, .. } = self;
-        let mut cx = Cx { now, registry: poll.registry(), timers, services, pool, fds, access_log };
-        let opened =
-            entries.try_insert_with(|key| Pair::open(key, stream, peer, service, plan, &mut cx).map(Entry::Pair));
-        let name = self.services.service(service).map_or("?", |s| s.settings.name.as_str());
-        match opened {
-            Ok(_) => {
-                self.fds.pair_opened();
-                Ok(())
-            }
-            Err(Refused { fault: Fault::Local(e), failed_connects }) => {
-                debug!("{name}: {peer}: closing: {e}");
-                if let Some(s) = self.services.service(service) {
-                    s.state.errors.add(1);
-                }
-                self.log_refused(service, peer, End::LocalError, failed_connects);
-                Err(e)
-            }
-            Err(Refused { fault, failed_connects }) => {
-                debug!("{name}: {peer}: closed after 0 ms ({fault})");
-                if let Some(s) = self.services.service(service) {
-                    s.state.no_backend.add(1);
-                }
-                self.log_refused(service, peer, End::ConnectFailed, failed_connects);
-                Ok(())
-            }
+        if self.open_pair(service, (stream, peer, now), plan, now)? {
+            self.fds.pair_opened();
         }
-    }
-
-    /// The access log's line for a client closed before it had a pair.
-    fn log_refused(&mut self, service: Key, client: SocketAddr, end: End, failed_connects: u16) {
-        if !self.access_log.is_on() {
-            return;
-        }
-        let finished = Finished {
-            at: SystemTime::now(),
-            service: self.services.service(service).map_or("?", |s| s.settings.name.as_str()),
-            client,
-            backend: None,
-            connect: None,
-            // Refused within the turn that accepted it.
-            duration: Duration::ZERO,
-            sent: 0,
-            received: 0,
-            failed_connects,
-            end,
-        };
-        self.access_log.record(&finished);
+        Ok(())
     }
 
     pub(super) fn accept_admin(&mut self, key: Key, now: Instant) {

@@ -104,6 +104,8 @@ impl Plane for Server {
                 self.remove_entry(probe);
             }
         }
+        // New limits may make room: held listeners and queue heads look again.
+        self.on_slots();
         let Some(prepared) = fan_out else {
             if let Some(staged) = listener {
                 self.adopt_listener(key, staged.listener, now);
@@ -128,6 +130,7 @@ impl Plane for Server {
         let fan_out = self.workers().map(|_| prepared.clone());
         let Prepared { config, backend_addrs, .. } = prepared;
         let changes = self.services.set_backends(key, config.backends, backend_addrs);
+        self.on_slots();
         for removed in changes.removed {
             if let Some(probe) = removed.probe {
                 self.remove_entry(probe);

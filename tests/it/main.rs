@@ -20,6 +20,7 @@ mod hardening;
 mod health;
 mod info;
 mod limits;
+mod limits_queue;
 mod metrics;
 mod notify;
 mod proxy;
