@@ -4,3 +4,4 @@
 pub mod buffer;
 pub mod finished;
 pub mod proxy;
+pub mod proxy_header;
