@@ -39,6 +39,7 @@ use crate::control::info::Started;
 use crate::control::probe::Probe;
 use crate::control::state::StateFile;
 use crate::data::buffer::BufferPool;
+use crate::data::greeting::Greeting;
 use crate::data::proxy::Pair;
 use crate::model::counters::StatusCounts;
 use crate::model::service::{self, Services};
@@ -92,6 +93,8 @@ pub enum Entry {
     Listener(Listener),
     /// A client and its backend.
     Pair(Pair),
+    /// A client of an `accept_proxy` service whose header is still arriving.
+    Greeting(Greeting),
     /// One backend's health checker.
     Probe(Probe),
     /// The admin API's listening socket.
@@ -226,6 +229,8 @@ pub struct Server {
     admin_retry: Option<TimerKey>,
     /// Refused admin requests are logged through this.
     refusals: Throttle,
+    /// Clients closed for a bad PROXY header are logged through this.
+    bad_headers: Throttle,
     /// Listeners paused for lack of fds; woken when a pair closes.
     paused: Vec<Key>,
     draining: Option<Instant>,
@@ -355,6 +360,7 @@ impl Server {
             admin_short: false,
             admin_retry: None,
             refusals: Throttle::new(admin::REFUSALS_LOGGED_EVERY),
+            bad_headers: Throttle::new(admin::REFUSALS_LOGGED_EVERY),
             paused: Vec::new(),
             draining: None,
             stopping_now: false,
@@ -484,6 +490,13 @@ impl Server {
                     self.enqueue(listener);
                 }
             }
+            Entry::Greeting(greeting) => {
+                greeting.close(&mut cx);
+                self.fds.pair_closed();
+                for listener in std::mem::take(&mut self.paused) {
+                    self.enqueue(listener);
+                }
+            }
             Entry::Listener(listener) => {
                 if let Some(timer) = listener.paused.take() {
                     cx.timers.cancel(timer);
@@ -595,6 +608,7 @@ impl Server {
                 Entry::Probe(probe) => probe.on_ready(key, ready, cx),
                 _ => Step::Wait,
             }),
+            Some(Entry::Greeting(_)) => self.greet(key, now, |greeting, _| greeting.on_ready()),
             Some(Entry::Group(_)) | None => {} // a closed entry's leftover event (pitfall 7)
         }
     }
@@ -643,6 +657,7 @@ impl Server {
                 self.admin_retry = None;
                 self.accept_admin(key, now);
             }
+            Some(Entry::Greeting(_)) => self.greet(key, now, |greeting, cx| greeting.on_timer(key, cx)),
             Some(Entry::Group(_)) | None => {}
         }
     }
@@ -744,7 +759,8 @@ impl Server {
         let (mut listeners, mut others) = (Vec::new(), Vec::new());
         for (key, entry) in self.entries.iter() {
             match entry {
-                Entry::Pair(_) => {}
+                // A client whose header is on its way is served like one already relaying.
+                Entry::Pair(_) | Entry::Greeting(_) => {}
                 Entry::Listener(_) => listeners.push(key),
                 _ => others.push(key),
             }

@@ -35,6 +35,8 @@ pub enum End {
     LocalError,
     /// Cut when shuttle stopped before it finished.
     Shutdown,
+    /// An `accept_proxy` client's PROXY header was missing, malformed, slow or too long.
+    ProxyHeader,
 }
 
 impl End {
@@ -53,6 +55,7 @@ impl End {
             End::ConnectFailed => "connect_failed",
             End::LocalError => "local_error",
             End::Shutdown => "shutdown",
+            End::ProxyHeader => "proxy_header_error",
         }
     }
 }

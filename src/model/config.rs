@@ -81,6 +81,9 @@ pub struct ServiceConfig {
     /// Text a health check reply must contain; empty accepts any connect.
     #[serde(default)]
     pub check_expect: String,
+    /// Whether every client must start with a PROXY protocol header (v1 or v2).
+    #[serde(default)]
+    pub accept_proxy: bool,
 }
 
 /// One backend of a service.
@@ -97,6 +100,36 @@ pub struct BackendConfig {
     /// Round-robin weight; 0 drains the backend.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// The PROXY protocol header this backend gets before a client's bytes.
+    #[serde(default)]
+    pub send_proxy: SendProxy,
+}
+
+/// Which PROXY protocol header a backend gets: `""` (none), `"v1"` or `"v2"` in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum SendProxy {
+    /// None: the backend sees shuttle's address.
+    #[default]
+    #[serde(rename = "")]
+    Off,
+    /// The text line of version 1.
+    #[serde(rename = "v1")]
+    V1,
+    /// The binary header of version 2.
+    #[serde(rename = "v2")]
+    V2,
+}
+
+impl FromStr for SendProxy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" => Ok(SendProxy::Off),
+            "v1" => Ok(SendProxy::V1),
+            "v2" => Ok(SendProxy::V2),
+            other => Err(format!(r#"must be "" (none), "v1" or "v2", got {:?}"#, clip(other))),
+        }
+    }
 }
 
 /// Balancing algorithm: `"RR"` or `"LC"` in JSON; the Go shuttle's `""` means RR.
@@ -203,6 +236,7 @@ impl ServiceConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             check_send: String::new(),
             check_expect: String::new(),
+            accept_proxy: false,
         }
     }
 
@@ -222,6 +256,7 @@ impl BackendConfig {
             address: address.into(),
             check_address: String::new(),
             weight: DEFAULT_WEIGHT,
+            send_proxy: SendProxy::Off,
         }
     }
 }
@@ -292,6 +327,7 @@ struct RawService {
     connect_timeout: Option<Value>,
     check_send: Option<Value>,
     check_expect: Option<Value>,
+    accept_proxy: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -301,6 +337,7 @@ struct RawBackend {
     address: Option<Value>,
     check_address: Option<Value>,
     weight: Option<Value>,
+    send_proxy: Option<Value>,
 }
 
 /// Where a problem is: builds `ConfigError::Invalid`.
@@ -422,6 +459,7 @@ fn build_service(raw: RawService, index: usize, url_name: Option<&str>) -> Resul
         connect_timeout: number(raw.connect_timeout, &at, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)?,
         check_send: text(raw.check_send, &at, "check_send")?.unwrap_or_default(),
         check_expect: text(raw.check_expect, &at, "check_expect")?.unwrap_or_default(),
+        accept_proxy: flag(raw.accept_proxy, &at, "accept_proxy")?,
     };
     validate_service(&service)?;
     Ok(service)
@@ -442,6 +480,10 @@ fn build_backend(
         address: required_address(raw.address, &at)?,
         check_address: text(raw.check_address, &at, "check_address")?.unwrap_or_default(),
         weight: integer(raw.weight, &at, "weight", 0, DEFAULT_WEIGHT)?,
+        send_proxy: match text(raw.send_proxy, &at, "send_proxy")? {
+            Some(s) => s.parse().map_err(|problem: String| at.err("send_proxy", problem))?,
+            None => SendProxy::Off,
+        },
     })
 }
 
@@ -466,6 +508,15 @@ fn text(value: Option<Value>, at: &At<'_>, field: &str) -> Result<Option<String>
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(other) => Err(at.err(field, format!("must be a string, got {}", shown(&other)))),
+    }
+}
+
+/// A boolean field; `null` or absent is `false`.
+fn flag(value: Option<Value>, at: &At<'_>, field: &str) -> Result<bool, ConfigError> {
+    match value {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(b),
+        Some(other) => Err(at.err(field, format!("must be true or false, got {}", shown(&other)))),
     }
 }
 

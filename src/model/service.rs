@@ -561,6 +561,7 @@ impl Services {
             ("errors", sum.errors),
             ("connections", sum.connections),
             ("active", sum.active),
+            ("proxy_header_errors", s.state.proxy_header_errors.get()),
         ]));
         let backends = s.backends.iter().filter_map(|&k| self.backend_stats(k)).collect();
         fields.push(("backends".into(), Stats::List(backends)));
@@ -581,8 +582,9 @@ const SERVICE_FIELDS: &[&str] = &[
     "connect_timeout",
     "check_send",
     "check_expect",
+    "accept_proxy",
 ];
-const BACKEND_FIELDS: &[&str] = &["name", "address", "check_address", "weight"];
+const BACKEND_FIELDS: &[&str] = &["name", "address", "check_address", "weight", "send_proxy"];
 
 /// A stats document whose objects keep their keys in a reading order (serde_json's
 /// own objects are sorted), so config fields come first and counters after.
