@@ -4,7 +4,7 @@
 
 use crate::cli;
 use crate::control::http::{Decoder, HttpError, Progress, Request, MAX_BODY};
-use crate::data::proxy_header::{self, Origin, Parsed, Version, MAX_HEADER};
+use crate::model::proxy_header::{self, Origin, Parsed, Version, MAX_HEADER};
 use crate::model::address;
 use crate::model::config::{self, ServiceConfig};
 

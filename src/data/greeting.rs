@@ -16,7 +16,7 @@ use mio::net::TcpStream;
 use mio::Interest;
 
 use crate::context::Cx;
-use crate::data::proxy_header::{self, HeaderError, Origin, Parsed, MAX_HEADER};
+use crate::model::proxy_header::{self, HeaderError, Origin, Parsed, MAX_HEADER};
 use crate::runtime::key::{Key, Side};
 use crate::runtime::timer::TimerKey;
 

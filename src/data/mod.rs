@@ -5,4 +5,3 @@ pub mod buffer;
 pub mod finished;
 pub mod greeting;
 pub mod proxy;
-pub mod proxy_header;

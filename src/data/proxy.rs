@@ -27,7 +27,7 @@ use mio::{Interest, Token};
 use crate::context::Cx;
 use crate::data::buffer::{Buffer, BufferPool, Transfer, BUF_SIZE};
 use crate::data::finished::{End, Finished};
-use crate::data::proxy_header::{self, Version};
+use crate::model::proxy_header::{self, Version};
 use crate::model::config::SendProxy;
 use crate::model::health::Transition;
 use crate::model::service::{Label, Limits, Plan};

@@ -21,7 +21,7 @@ use crate::context::Cx;
 use crate::control::admin::{AdminConn, EVICTION_GRACE};
 use crate::data::finished::{End, Finished};
 use crate::data::greeting::{GreetError, Greeted, Greeting};
-use crate::data::proxy_header::Origin;
+use crate::model::proxy_header::Origin;
 use crate::data::proxy::{Fault, Pair, Refused};
 use crate::runtime::key::Key;
 use crate::runtime::net::{self, AcceptError};
