@@ -22,6 +22,7 @@ mod limits;
 mod metrics;
 mod notify;
 mod proxy;
+mod proxy_interop;
 mod proxy_protocol;
 mod readme;
 mod regressions;
