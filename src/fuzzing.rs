@@ -4,9 +4,9 @@
 
 use crate::cli;
 use crate::control::http::{Decoder, HttpError, Progress, Request, MAX_BODY};
-use crate::model::proxy_header::{self, Origin, Parsed, Version, MAX_HEADER};
 use crate::model::address;
 use crate::model::config::{self, ServiceConfig};
+use crate::model::proxy_header::{self, Origin, Parsed, Version, MAX_HEADER};
 
 /// What decoding a byte stream came to: the requests, then the error that ended it, if any.
 #[derive(Debug, PartialEq, Eq)]

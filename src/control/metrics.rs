@@ -156,7 +156,8 @@ impl Out {
                 s.state.no_backend.get(),
             );
         }
-        let help = "Clients of an accept_proxy service closed for a missing, malformed, slow or oversized PROXY header.";
+        let help =
+            "Clients of an accept_proxy service closed for a missing, malformed, slow or oversized PROXY header.";
         self.family("shuttle_service_proxy_header_errors_total", "counter", help);
         for s in &running {
             let errors = s.state.proxy_header_errors.get();

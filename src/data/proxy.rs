@@ -27,9 +27,9 @@ use mio::{Interest, Token};
 use crate::context::Cx;
 use crate::data::buffer::{Buffer, BufferPool, Transfer, BUF_SIZE};
 use crate::data::finished::{End, Finished};
-use crate::model::proxy_header::{self, Version};
 use crate::model::config::SendProxy;
 use crate::model::health::Transition;
+use crate::model::proxy_header::{self, Version};
 use crate::model::service::{Label, Limits, Plan};
 use crate::runtime::key::{Key, Side};
 use crate::runtime::net::{self, ConnectOutcome};
@@ -592,12 +592,12 @@ impl Pair {
             let proxied = self.proxied.get_or_insert_with(Box::default);
             // getsockname of the accepted socket: the address the client connected to.
             let destination = proxied.destination.map_or_else(|| self.client.stream.local_addr(), Ok);
-            let destination = destination.unwrap_or_else(|_| cx.services.service(self.service).map_or(self.peer, |s| s.addr));
+            let destination =
+                destination.unwrap_or_else(|_| cx.services.service(self.service).map_or(self.peer, |s| s.addr));
             proxied.header = proxy_header::encode(version, self.peer, destination);
         }
         self.set_phase(Phase::Relaying { target });
     }
-
 
     fn set_phase(&mut self, phase: Phase) {
         log::trace!("pair phase {:?} => {:?}", self.phase, phase);

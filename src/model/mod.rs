@@ -8,6 +8,6 @@ pub mod config;
 pub mod counters;
 pub mod diff;
 pub mod health;
-pub mod proxy_header;
 pub mod histogram;
+pub mod proxy_header;
 pub mod service;

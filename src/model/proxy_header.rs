@@ -219,7 +219,10 @@ fn parse_v1(bytes: &[u8]) -> Result<Parsed, HeaderError> {
         }
         let word = &window[window.len().min(V1_PREFIX.len())..];
         let word = &word[..word.len().min(8)];
-        if ![&b"TCP4 "[..], b"TCP6 ", b"UNKNOWN ", b"UNKNOWN\r"].iter().any(|w| w.starts_with(word) || word.starts_with(w)) {
+        if ![&b"TCP4 "[..], b"TCP6 ", b"UNKNOWN ", b"UNKNOWN\r"]
+            .iter()
+            .any(|w| w.starts_with(word) || word.starts_with(w))
+        {
             return Err(HeaderError::Line("protocol must be TCP4, TCP6 or UNKNOWN"));
         }
         return if bytes.len() >= V1_MAX { Err(HeaderError::NoCrlf) } else { Ok(Parsed::Incomplete) };

@@ -21,8 +21,8 @@ use crate::context::Cx;
 use crate::control::admin::{AdminConn, EVICTION_GRACE};
 use crate::data::finished::{End, Finished};
 use crate::data::greeting::{GreetError, Greeted, Greeting};
-use crate::model::proxy_header::Origin;
 use crate::data::proxy::{Fault, Pair, Refused};
+use crate::model::proxy_header::Origin;
 use crate::runtime::key::Key;
 use crate::runtime::net::{self, AcceptError};
 use crate::runtime::throttle;
@@ -136,7 +136,8 @@ impl Server {
         peer: SocketAddr,
         now: Instant,
     ) -> Result<(), io::Error> {
-        let wait = self.services.service(service).map_or(HEADER_DEADLINE, |s| header_deadline(s.settings.connect_timeout));
+        let wait =
+            self.services.service(service).map_or(HEADER_DEADLINE, |s| header_deadline(s.settings.connect_timeout));
         let Server { poll, entries, timers, services, pool, fds, access_log, .. } = self;
         let mut cx = Cx { now, registry: poll.registry(), timers, services, pool, fds, access_log };
         entries.try_insert_with(|key| {
@@ -214,8 +215,8 @@ impl Server {
         }
         let Server { poll, entries, timers, services, pool, fds, access_log, .. } = self;
         let mut cx = Cx { now, registry: poll.registry(), timers, services, pool, fds, access_log };
-        let opened =
-            entries.try_insert_with(|key| Pair::open(key, stream, peer, destination, service, plan, &mut cx).map(Entry::Pair));
+        let opened = entries
+            .try_insert_with(|key| Pair::open(key, stream, peer, destination, service, plan, &mut cx).map(Entry::Pair));
         let name = self.services.service(service).map_or("?", |s| s.settings.name.as_str());
         match opened {
             Ok(_) => {

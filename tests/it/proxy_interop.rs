@@ -75,10 +75,14 @@ fn nginx_reads_the_client_address_from_shuttles_v1_and_v2_headers() {
     let conf_path = dir.path().join("nginx.conf");
     std::fs::write(&conf_path, conf).expect("write nginx.conf");
     let dir_arg = dir.path().to_str().expect("path").to_string();
-    let _nginx = spawn(&nginx, &["-p", &dir_arg, "-e", &format!("{dir_arg}/error.log"), "-c", conf_path.to_str().expect("path")]);
+    let _nginx = spawn(
+        &nginx,
+        &["-p", &dir_arg, "-e", &format!("{dir_arg}/error.log"), "-c", conf_path.to_str().expect("path")],
+    );
     wait_listening(port, "nginx");
     for version in ["v1", "v2"] {
-        let web = service("web", vec![json!({"name": "n", "address": format!("127.0.0.1:{port}"), "send_proxy": version})]);
+        let web =
+            service("web", vec![json!({"name": "n", "address": format!("127.0.0.1:{port}"), "send_proxy": version})]);
         let shuttle = Shuttle::start_with_config(&json!([web]), &[]);
         let mut client = connect(shuttle.service_addr("web"));
         let me = client.local_addr().expect("client address");
@@ -94,8 +98,10 @@ fn haproxy_sends(option: &str) {
     let log = dir.path().join("access.log");
     let mut web = service("web", vec![json!({"name": "b0", "address": b.address(), "send_proxy": "v1"})]);
     web["accept_proxy"] = json!(true);
-    let shuttle =
-        Shuttle::start_with_config(&json!([web]), &["-access-log", log.to_str().expect("path"), "-access-log-format", "json"]);
+    let shuttle = Shuttle::start_with_config(
+        &json!([web]),
+        &["-access-log", log.to_str().expect("path"), "-access-log-format", "json"],
+    );
     let port = free_port();
     let conf = format!(
         "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10s\n  timeout server 10s\n\

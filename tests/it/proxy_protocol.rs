@@ -161,7 +161,10 @@ fn accept_proxy_takes_v1_and_v2_headers_and_passes_their_addresses_on() {
     tlvs.extend_from_slice(b"example.com");
     tlvs.extend_from_slice(&[0x04, 0, 2, 0, 0]);
     let cases: [(Vec<u8>, &str); 3] = [
-        (b"PROXY TCP4 203.0.113.7 198.51.100.1 4242 443\r\n".to_vec(), "PROXY TCP4 203.0.113.7 198.51.100.1 4242 443\r\n"),
+        (
+            b"PROXY TCP4 203.0.113.7 198.51.100.1 4242 443\r\n".to_vec(),
+            "PROXY TCP4 203.0.113.7 198.51.100.1 4242 443\r\n",
+        ),
         (v2_tcp4([192, 0, 2, 9], [198, 51, 100, 2], 5151, 80, &tlvs), "PROXY TCP4 192.0.2.9 198.51.100.2 5151 80\r\n"),
         (b"PROXY TCP6 2001:db8::7 2001:db8::1 1 2\r\n".to_vec(), "PROXY TCP6 2001:db8::7 2001:db8::1 1 2\r\n"),
     ];
@@ -199,7 +202,9 @@ fn accept_proxy_local_and_unknown_keep_the_real_peer() {
 fn accept_proxy_header_split_into_single_bytes_is_assembled() {
     let (b, rx) = recorder();
     let shuttle = accepts(json!({}), json!({"name": "b0", "address": b.address(), "send_proxy": "v2"}), &[]);
-    for header in [b"PROXY TCP4 10.1.2.3 10.0.0.1 999 80\r\n".to_vec(), v2_tcp4([10, 1, 2, 3], [10, 0, 0, 1], 999, 80, &[])] {
+    for header in
+        [b"PROXY TCP4 10.1.2.3 10.0.0.1 999 80\r\n".to_vec(), v2_tcp4([10, 1, 2, 3], [10, 0, 0, 1], 999, 80, &[])]
+    {
         let mut client = connect(shuttle.service_addr("web"));
         client.set_nodelay(true).expect("nodelay");
         for byte in &header {
@@ -294,7 +299,10 @@ fn health_checks_of_a_send_proxy_backend_announce_themselves() {
         } else {
             let line = String::from_utf8_lossy(&got);
             let port = b.addr().port();
-            assert!(line.starts_with("PROXY TCP4 127.0.0.1 127.0.0.1 ") && line.ends_with(&format!(" {port}\r\n")), "{line:?}");
+            assert!(
+                line.starts_with("PROXY TCP4 127.0.0.1 127.0.0.1 ") && line.ends_with(&format!(" {port}\r\n")),
+                "{line:?}"
+            );
         }
         let admin = shuttle.admin_addr();
         assert!(wait_until(DEADLINE, || stats(admin, "/web/b0")["check_success"].as_u64() >= Some(1)));
@@ -307,7 +315,9 @@ fn health_checks_to_a_separate_check_address_send_no_header() {
     let (health, rx) = recorder();
     let mut web = service(
         "web",
-        vec![json!({"name": "b0", "address": traffic.address(), "check_address": health.address(), "send_proxy": "v2"})],
+        vec![
+            json!({"name": "b0", "address": traffic.address(), "check_address": health.address(), "send_proxy": "v2"}),
+        ],
     );
     web["check_interval"] = json!(0.05);
     let _shuttle = Shuttle::start_with_config(&json!([web]), &[]);

@@ -30,9 +30,15 @@ fn rejected(bytes: &[u8]) -> HeaderError {
 
 #[test]
 fn v1_encodes_byte_exact() {
-    assert_eq!(v1(addr("192.168.0.1:56324"), addr("192.168.0.11:443")), b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n");
+    assert_eq!(
+        v1(addr("192.168.0.1:56324"), addr("192.168.0.11:443")),
+        b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n"
+    );
     assert_eq!(v1(addr("[2001:db8::1]:1"), addr("[::1]:65535")), b"PROXY TCP6 2001:db8::1 ::1 1 65535\r\n");
-    assert_eq!(v1(addr("[::ffff:10.0.0.1]:5"), addr("[::ffff:127.0.0.1]:80")), b"PROXY TCP4 10.0.0.1 127.0.0.1 5 80\r\n");
+    assert_eq!(
+        v1(addr("[::ffff:10.0.0.1]:5"), addr("[::ffff:127.0.0.1]:80")),
+        b"PROXY TCP4 10.0.0.1 127.0.0.1 5 80\r\n"
+    );
     assert_eq!(v1(addr("10.0.0.1:5"), addr("[::1]:80")), b"PROXY UNKNOWN\r\n");
 }
 
@@ -192,7 +198,10 @@ fn v2_header_fields_are_checked_as_soon_as_they_arrive() {
 
 #[test]
 fn v2_length_must_hold_the_addresses() {
-    assert_eq!(rejected(&v2_header(0x21, 0x11, &V4_BODY[..11])[..16]), HeaderError::ShortAddresses { family: 0x11, len: 11 });
+    assert_eq!(
+        rejected(&v2_header(0x21, 0x11, &V4_BODY[..11])[..16]),
+        HeaderError::ShortAddresses { family: 0x11, len: 11 }
+    );
     assert!(matches!(rejected(&v2_header(0x21, 0x21, &[0; 35])), HeaderError::ShortAddresses { .. }));
     assert!(matches!(rejected(&v2_header(0x21, 0x31, &[0; 215])), HeaderError::ShortAddresses { .. }));
 }
