@@ -748,9 +748,9 @@ mod tests {
         let (key, _) = services.insert(service(&[("a", 1)]));
         let text = serde_json::to_string(&services.service_stats(key).unwrap()).unwrap();
         assert!(text.starts_with(r#"{"name":"web","address":"127.0.0.1:0","balance":"RR""#), "{text}");
-        assert!(
-            text.contains(r#""backends":[{"name":"a","address":"127.0.0.1:1","check_address":"","weight":1,"up":true"#)
-        );
+        assert!(text.contains(
+            r#""backends":[{"name":"a","address":"127.0.0.1:1","check_address":"","weight":1,"send_proxy":"","up":true"#
+        ));
         let config = serde_json::to_value(services.config(key).unwrap()).unwrap();
         let known: Vec<&str> = SERVICE_FIELDS.iter().chain(["backends"].iter()).copied().collect();
         for field in config.as_object().unwrap().keys() {
