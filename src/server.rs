@@ -40,6 +40,7 @@ use crate::control::info::Started;
 use crate::control::probe::Probe;
 use crate::control::state::StateFile;
 use crate::data::buffer::BufferPool;
+use crate::data::greeting::Greeting;
 use crate::data::proxy::Pair;
 use crate::model::counters::StatusCounts;
 use crate::model::service::{self, Services};
@@ -95,6 +96,8 @@ pub enum Entry {
     Listener(Listener),
     /// A client and its backend.
     Pair(Pair),
+    /// A client of an `accept_proxy` service whose header is still arriving.
+    Greeting(Greeting),
     /// One backend's health checker.
     Probe(Probe),
     /// The admin API's listening socket.
@@ -231,6 +234,8 @@ pub struct Server {
     admin_retry: Option<TimerKey>,
     /// Refused admin requests are logged through this.
     refusals: Throttle,
+    /// Clients closed for a bad PROXY header are logged through this.
+    bad_headers: Throttle,
     /// Listeners paused for lack of fds or held at their service's limit; woken when a pair closes.
     paused: Vec<Key>,
     /// This loop's queued clients, per service.
@@ -368,6 +373,7 @@ impl Server {
             admin_short: false,
             admin_retry: None,
             refusals: Throttle::new(admin::REFUSALS_LOGGED_EVERY),
+            bad_headers: Throttle::new(admin::REFUSALS_LOGGED_EVERY),
             paused: Vec::new(),
             waiting: std::collections::HashMap::new(),
             to_serve: Vec::new(),
@@ -507,6 +513,18 @@ impl Server {
                 self.service_slot_freed(pair.service());
             }
             Entry::Queued(_) => {}
+            Entry::Greeting(greeting) => {
+                greeting.close(&mut cx);
+                self.fds.pair_closed();
+                for listener in std::mem::take(&mut self.paused) {
+                    self.enqueue(listener);
+                }
+                // The service slot it took at accept goes back.
+                if let Some(s) = self.services.service(greeting.service()) {
+                    s.state.gate.active.sub_one();
+                }
+                self.service_slot_freed(greeting.service());
+            }
             Entry::Listener(listener) => {
                 if let Some(timer) = listener.paused.take() {
                     cx.timers.cancel(timer);
@@ -628,6 +646,7 @@ impl Server {
                 _ => Step::Wait,
             }),
             Some(Entry::Queued(_)) => self.on_queued_ready(key, ready),
+            Some(Entry::Greeting(_)) => self.greet(key, now, |greeting, _| greeting.on_ready()),
             Some(Entry::Group(_)) | None => {} // a closed entry's leftover event (pitfall 7)
         }
     }
@@ -677,6 +696,7 @@ impl Server {
                 self.accept_admin(key, now);
             }
             Some(Entry::Queued(_)) => self.on_queued_timer(key, now),
+            Some(Entry::Greeting(_)) => self.greet(key, now, |greeting, cx| greeting.on_timer(key, cx)),
             Some(Entry::Group(_)) | None => {}
         }
     }
@@ -778,7 +798,8 @@ impl Server {
         let (mut listeners, mut others) = (Vec::new(), Vec::new());
         for (key, entry) in self.entries.iter() {
             match entry {
-                Entry::Pair(_) => {}
+                // A client whose header is on its way is served like one already relaying.
+                Entry::Pair(_) | Entry::Greeting(_) => {}
                 Entry::Listener(_) => listeners.push(key),
                 _ => others.push(key),
             }

@@ -174,6 +174,13 @@ impl Out {
                 self.sample(name, &[("service", &s.settings.name)], value(&s.state.gate));
             }
         }
+        let help =
+            "Clients of an accept_proxy service closed for a missing, malformed, slow or oversized PROXY header.";
+        self.family("shuttle_service_proxy_header_errors_total", "counter", help);
+        for s in &running {
+            let errors = s.state.proxy_header_errors.get();
+            self.sample("shuttle_service_proxy_header_errors_total", &[("service", &s.settings.name)], errors);
+        }
         self.family("shuttle_service_connect_seconds", "histogram", "Time to establish a backend connection.");
         for s in &running {
             self.histogram(

@@ -37,6 +37,8 @@ pub enum End {
     Shutdown,
     /// Waited in the service's queue for longer than `queue_timeout`; never connected.
     QueueTimeout,
+    /// An `accept_proxy` client's PROXY header was missing, malformed, slow or too long.
+    ProxyHeader,
 }
 
 impl End {
@@ -56,6 +58,7 @@ impl End {
             End::LocalError => "local_error",
             End::Shutdown => "shutdown",
             End::QueueTimeout => "queue_timeout",
+            End::ProxyHeader => "proxy_header_error",
         }
     }
 }

@@ -27,7 +27,9 @@ use mio::{Interest, Token};
 use crate::context::Cx;
 use crate::data::buffer::{Buffer, BufferPool, Transfer, BUF_SIZE};
 use crate::data::finished::{End, Finished};
+use crate::model::config::SendProxy;
 use crate::model::health::Transition;
+use crate::model::proxy_header::{self, Version};
 use crate::model::service::{Label, Limits, Plan};
 use crate::runtime::key::{Key, Side};
 use crate::runtime::net::{self, ConnectOutcome};
@@ -280,6 +282,17 @@ pub struct Pair {
     backend_name: Option<Arc<Label>>,
     /// The armed timer and its deadline: at most one, at the earliest deadline.
     timer: Option<(TimerKey, Instant)>,
+    /// PROXY protocol state, for the few pairs that have any (one word otherwise).
+    proxied: Option<Box<Proxied>>,
+}
+
+/// What a pair keeps of the PROXY protocol.
+#[derive(Debug, Default)]
+struct Proxied {
+    /// The destination a client's own header named; without one, the accepted socket's address.
+    destination: Option<SocketAddr>,
+    /// The header for the backend, still to be written before any client byte.
+    header: Vec<u8>,
 }
 
 /// A client that could not be given a backend: why, and after how many failed connects.
@@ -347,13 +360,25 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
+/// An accepted client on its way to a pair (perhaps through the queue).
+#[derive(Debug)]
+pub struct Client {
+    /// Its socket.
+    pub stream: TcpStream,
+    /// Its address: the socket's peer, or the source its PROXY header named.
+    pub peer: SocketAddr,
+    /// The address it connected to, when a PROXY header named it.
+    pub destination: Option<SocketAddr>,
+    /// When it was accepted: earlier than now if it was queued.
+    pub accepted: Instant,
+}
+
 impl Pair {
-    /// Takes a client accepted at `accepted` (earlier than now if it was
-    /// queued) and starts connecting it along `plan`. On failure the client is
-    /// dropped (a normal close) and the fault returned.
+    /// Takes an accepted client and starts connecting it along `plan`. On
+    /// failure the client is dropped (a normal close) and the fault returned.
     pub fn open(
         key: Key,
-        (mut client, peer, accepted): (TcpStream, SocketAddr, Instant),
+        Client { stream: mut client, peer, destination, accepted }: Client,
         service: Key,
         mut plan: Plan,
         cx: &mut Cx<'_>,
@@ -394,6 +419,7 @@ impl Pair {
             service_name: cx.access_log.is_on().then(|| cx.services.service(service).map(|s| s.name.clone())).flatten(),
             backend_name: None,
             timer: None,
+            proxied: destination.map(|d| Box::new(Proxied { destination: Some(d), header: Vec::new() })),
         };
         pair.rearm(key, cx);
         Ok(pair)
@@ -584,6 +610,19 @@ impl Pair {
         if cx.access_log.is_on() {
             self.backend_name = cx.services.backend(target).map(|b| b.label.clone());
         }
+        let version = cx.services.backend(target).and_then(|b| match b.config.send_proxy {
+            SendProxy::Off => None,
+            SendProxy::V1 => Some(Version::V1),
+            SendProxy::V2 => Some(Version::V2),
+        });
+        if let Some(version) = version {
+            let proxied = self.proxied.get_or_insert_with(Box::default);
+            // getsockname of the accepted socket: the address the client connected to.
+            let destination = proxied.destination.map_or_else(|| self.client.stream.local_addr(), Ok);
+            let destination =
+                destination.unwrap_or_else(|_| cx.services.service(self.service).map_or(self.peer, |s| s.addr));
+            proxied.header = proxy_header::encode(version, self.peer, destination);
+        }
         self.set_phase(Phase::Relaying { target });
     }
 
@@ -618,6 +657,13 @@ impl Pair {
         let now = cx.now;
         let mut up_budget = BUDGET;
         let mut down_budget = BUDGET;
+        let header_sent = match &self.phase {
+            Phase::Relaying { .. } => match send_header(&mut self.proxied, &mut self.backend) {
+                Ok(sent) => sent,
+                Err(e) => return self.fail(Fault::Backend(e), cx),
+            },
+            Phase::Connecting { .. } => false,
+        };
         let backend = &mut self.backend;
         let (result, more) = match &mut self.phase {
             Phase::Connecting { .. } => {
@@ -626,9 +672,11 @@ impl Pair {
             }
             Phase::Relaying { .. } => {
                 let down_done = self.down.state == HalfState::Shut;
+                // Until the header is out, client bytes only queue up behind it.
+                let towards = header_sent.then_some(&mut *backend);
                 let r = self
                     .up
-                    .pump(&mut self.client, Some(backend), down_done, cx.pool, &mut up_budget, now)
+                    .pump(&mut self.client, towards, down_done, cx.pool, &mut up_budget, now)
                     .map_err(|e| half_fault(e, Side::Client))
                     .and_then(|()| {
                         let up_done = self.up.state == HalfState::Shut;
@@ -736,6 +784,23 @@ impl Pair {
         }
         self.timer = Some((cx.timers.insert(want, key), want));
     }
+}
+
+/// Writes what is left of the backend's PROXY header; `Ok(true)` once none is.
+fn send_header(proxied: &mut Option<Box<Proxied>>, backend: &mut Peer<TcpStream>) -> io::Result<bool> {
+    let Some(proxied) = proxied.as_mut().filter(|p| !p.header.is_empty()) else { return Ok(true) };
+    while !proxied.header.is_empty() && backend.ready.writable {
+        match backend.stream.write(&proxied.header) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                proxied.header.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => backend.ready.writable = false,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(proxied.header.is_empty())
 }
 
 /// The socket's pending error (`SO_ERROR`), once an event flagged one. Read

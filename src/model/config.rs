@@ -92,6 +92,9 @@ pub struct ServiceConfig {
     /// Seconds a queued client waits at most; 0 means no deadline.
     #[serde(default = "default_queue_timeout", serialize_with = "serialize_seconds")]
     pub queue_timeout: f64,
+    /// Whether every client must start with a PROXY protocol header (v1 or v2).
+    #[serde(default)]
+    pub accept_proxy: bool,
 }
 
 /// One backend of a service.
@@ -111,6 +114,36 @@ pub struct BackendConfig {
     /// Connections open or being opened to it at once at most; 0 means no limit.
     #[serde(default)]
     pub max_connections: u32,
+    /// The PROXY protocol header this backend gets before a client's bytes.
+    #[serde(default)]
+    pub send_proxy: SendProxy,
+}
+
+/// Which PROXY protocol header a backend gets: `""` (none), `"v1"` or `"v2"` in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum SendProxy {
+    /// None: the backend sees shuttle's address.
+    #[default]
+    #[serde(rename = "")]
+    Off,
+    /// The text line of version 1.
+    #[serde(rename = "v1")]
+    V1,
+    /// The binary header of version 2.
+    #[serde(rename = "v2")]
+    V2,
+}
+
+impl FromStr for SendProxy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" => Ok(SendProxy::Off),
+            "v1" => Ok(SendProxy::V1),
+            "v2" => Ok(SendProxy::V2),
+            other => Err(format!(r#"must be "" (none), "v1" or "v2", got {:?}"#, clip(other))),
+        }
+    }
 }
 
 /// Balancing algorithm: `"RR"` or `"LC"` in JSON; the Go shuttle's `""` means RR.
@@ -220,6 +253,7 @@ impl ServiceConfig {
             max_connections: 0,
             max_queue: 0,
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+            accept_proxy: false,
         }
     }
 
@@ -240,6 +274,7 @@ impl BackendConfig {
             check_address: String::new(),
             weight: DEFAULT_WEIGHT,
             max_connections: 0,
+            send_proxy: SendProxy::Off,
         }
     }
 
@@ -324,6 +359,7 @@ struct RawService {
     max_connections: Option<Value>,
     max_queue: Option<Value>,
     queue_timeout: Option<Value>,
+    accept_proxy: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -334,6 +370,7 @@ struct RawBackend {
     check_address: Option<Value>,
     weight: Option<Value>,
     max_connections: Option<Value>,
+    send_proxy: Option<Value>,
 }
 
 /// Where a problem is: builds `ConfigError::Invalid`.
@@ -458,6 +495,7 @@ fn build_service(raw: RawService, index: usize, url_name: Option<&str>) -> Resul
         max_connections: integer(raw.max_connections, &at, "max_connections", 0, 0)?,
         max_queue: integer(raw.max_queue, &at, "max_queue", 0, 0)?,
         queue_timeout: number(raw.queue_timeout, &at, "queue_timeout", DEFAULT_QUEUE_TIMEOUT)?,
+        accept_proxy: flag(raw.accept_proxy, &at, "accept_proxy")?,
     };
     validate_service(&service)?;
     Ok(service)
@@ -479,6 +517,10 @@ fn build_backend(
         check_address: text(raw.check_address, &at, "check_address")?.unwrap_or_default(),
         weight: integer(raw.weight, &at, "weight", 0, DEFAULT_WEIGHT)?,
         max_connections: integer(raw.max_connections, &at, "max_connections", 0, 0)?,
+        send_proxy: match text(raw.send_proxy, &at, "send_proxy")? {
+            Some(s) => s.parse().map_err(|problem: String| at.err("send_proxy", problem))?,
+            None => SendProxy::Off,
+        },
     })
 }
 
@@ -503,6 +545,15 @@ fn text(value: Option<Value>, at: &At<'_>, field: &str) -> Result<Option<String>
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(other) => Err(at.err(field, format!("must be a string, got {}", shown(&other)))),
+    }
+}
+
+/// A boolean field; `null` or absent is `false`.
+fn flag(value: Option<Value>, at: &At<'_>, field: &str) -> Result<bool, ConfigError> {
+    match value {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(b),
+        Some(other) => Err(at.err(field, format!("must be true or false, got {}", shown(&other)))),
     }
 }
 

@@ -106,6 +106,8 @@ pub struct ServiceState {
     pub errors: Counter,
     /// Clients closed without a backend: none was available, or every connect failed.
     pub no_backend: Counter,
+    /// Clients closed for a missing, malformed, slow or oversized PROXY header.
+    pub proxy_header_errors: Counter,
     /// How long established backend connects took.
     pub connect_time: Histogram,
     /// How long finished connections lasted, from accept to close.
@@ -126,6 +128,7 @@ impl ServiceState {
         ServiceState {
             errors: Counter::default(),
             no_backend: Counter::default(),
+            proxy_header_errors: Counter::default(),
             connect_time: Histogram::new(CONNECT_BOUNDS),
             duration: Histogram::new(DURATION_BOUNDS),
             gate: Gate::new(loops),

@@ -10,5 +10,6 @@ pub mod diff;
 pub mod health;
 pub mod histogram;
 pub mod limits;
+pub mod proxy_header;
 pub mod queue;
 pub mod service;

@@ -628,6 +628,7 @@ impl Services {
             ("active", sum.active),
             ("queued", s.state.gate.queued.get()),
             ("queue_timeouts", s.state.gate.queue_timeouts.get()),
+            ("proxy_header_errors", s.state.proxy_header_errors.get()),
         ]));
         let backends = s.backends.iter().filter_map(|&k| self.backend_stats(k)).collect();
         fields.push(("backends".into(), Stats::List(backends)));
@@ -651,8 +652,9 @@ const SERVICE_FIELDS: &[&str] = &[
     "max_connections",
     "max_queue",
     "queue_timeout",
+    "accept_proxy",
 ];
-const BACKEND_FIELDS: &[&str] = &["name", "address", "check_address", "weight", "max_connections"];
+const BACKEND_FIELDS: &[&str] = &["name", "address", "check_address", "weight", "max_connections", "send_proxy"];
 
 /// A stats document whose objects keep their keys in a reading order (serde_json's
 /// own objects are sorted), so config fields come first and counters after.
@@ -867,9 +869,9 @@ mod tests {
         let (key, _) = services.insert(service(&[("a", 1)]));
         let text = serde_json::to_string(&services.service_stats(key).unwrap()).unwrap();
         assert!(text.starts_with(r#"{"name":"web","address":"127.0.0.1:0","balance":"RR""#), "{text}");
-        assert!(
-            text.contains(r#""backends":[{"name":"a","address":"127.0.0.1:1","check_address":"","weight":1,"max_connections":0,"up":true"#)
-        );
+        assert!(text.contains(
+            r#""backends":[{"name":"a","address":"127.0.0.1:1","check_address":"","weight":1,"max_connections":0,"send_proxy":"","up":true"#
+        ));
         let config = serde_json::to_value(services.config(key).unwrap()).unwrap();
         let known: Vec<&str> = SERVICE_FIELDS.iter().chain(["backends"].iter()).copied().collect();
         for field in config.as_object().unwrap().keys() {

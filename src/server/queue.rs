@@ -22,6 +22,7 @@ use mio::Interest;
 
 use super::{Entry, Server};
 use crate::data::finished::{End, Finished};
+use crate::data::proxy::Client;
 use crate::model::service::Plan;
 use crate::runtime::key::{Key, Side};
 use crate::runtime::net;
@@ -34,11 +35,9 @@ pub const QUEUE_RETRY: Duration = Duration::from_millis(100);
 /// A client waiting in its service's queue.
 #[derive(Debug)]
 pub struct Queued {
-    stream: TcpStream,
-    peer: SocketAddr,
+    /// The client; its pair's duration and idle clocks count from its `accepted`.
+    client: Client,
     service: Key,
-    /// When it was accepted: its pair's duration and idle clocks count from there.
-    accepted: Instant,
     /// Its place in the order of every loop's queues.
     ticket: u64,
     /// When it gives up; `None` with `queue_timeout` 0.
@@ -59,33 +58,20 @@ impl Server {
     /// Queues an accepted client that holds a slot of its service but found no
     /// backend with room; with the queue full (or off) it is closed as "no
     /// backend". An error is a local shortage that should pause accepting.
-    pub(super) fn enqueue_client(
-        &mut self,
-        service: Key,
-        stream: TcpStream,
-        peer: SocketAddr,
-        now: Instant,
-    ) -> Result<(), io::Error> {
+    pub(super) fn enqueue_client(&mut self, service: Key, client: Client, now: Instant) -> Result<(), io::Error> {
         let Some(s) = self.services.service(service) else { return Ok(()) };
+        let peer = client.peer;
         let (max_queue, timeout) = (s.settings.max_queue, crate::model::config::seconds(s.settings.queue_timeout));
         let Some(ticket) = s.state.gate.join_queue(u64::from(max_queue)) else {
-            self.refuse_no_backend(service, &stream, peer);
+            self.refuse_no_backend(service, &client.stream, peer);
             return Ok(());
         };
         let deadline = timeout.map(|t| now + t);
         let registry = self.poll.registry();
         let made = self.entries.try_insert_with(|key| {
-            let mut stream = stream;
-            registry.register(&mut stream, key.token(Side::Client), Interest::READABLE)?;
-            Ok::<_, io::Error>(Entry::Queued(Queued {
-                stream,
-                peer,
-                service,
-                accepted: now,
-                ticket,
-                deadline,
-                timer: None,
-            }))
+            let mut client = client;
+            registry.register(&mut client.stream, key.token(Side::Client), Interest::READABLE)?;
+            Ok::<_, io::Error>(Entry::Queued(Queued { client, service, ticket, deadline, timer: None }))
         });
         let key = match made {
             Ok(key) => key,
@@ -151,13 +137,13 @@ impl Server {
         if !(ready.readable || ready.closing || ready.error) {
             return;
         }
-        let gone = match q.stream.peek(&mut [0u8; 1]) {
+        let gone = match q.client.stream.peek(&mut [0u8; 1]) {
             Ok(0) => true,
             Ok(_) => false,
             Err(e) => !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted),
         };
         if gone {
-            debug!("{}: queued client left before its turn", q.peer);
+            debug!("{}: queued client left before its turn", q.client.peer);
             self.log_queued(key, End::ClientClosed);
             self.remove_entry(key);
         }
@@ -187,9 +173,9 @@ impl Server {
             if let Some(Entry::Queued(q)) = self.entries.get(gone) {
                 if let Some(s) = self.services.service(service) {
                     s.state.gate.queue_timeouts.add(1);
-                    debug!("{}: {}: queue timeout", s.settings.name, q.peer);
+                    debug!("{}: {}: queue timeout", s.settings.name, q.client.peer);
                 }
-                net::close_gently(&q.stream);
+                net::close_gently(&q.client.stream);
                 self.log_queued(gone, End::QueueTimeout);
             }
             // Out of the queue already: removing the entry gives back its slot and fd.
@@ -321,8 +307,8 @@ impl Server {
                 self.timers.cancel(timer);
             }
             // The pair registers the socket afresh under its own key; epoll then reports what is pending.
-            let _ = self.poll.registry().deregister(&mut q.stream);
-            if !matches!(self.open_pair(service, (q.stream, q.peer, q.accepted), plan, now), Ok(true)) {
+            let _ = self.poll.registry().deregister(&mut q.client.stream);
+            if !matches!(self.open_pair(service, q.client, plan, now), Ok(true)) {
                 self.fds.pair_closed();
             }
         }
@@ -331,7 +317,7 @@ impl Server {
     /// The access log's line for a queued client that never got a pair.
     fn log_queued(&mut self, key: Key, end: End) {
         let Some(Entry::Queued(q)) = self.entries.get(key) else { return };
-        let (service, peer, waited) = (q.service, q.peer, q.accepted.elapsed());
+        let (service, peer, waited) = (q.service, q.client.peer, q.client.accepted.elapsed());
         self.log_refused(service, peer, end, 0, waited);
     }
 
@@ -341,12 +327,11 @@ impl Server {
     pub(super) fn open_pair(
         &mut self,
         service: Key,
-        client: (TcpStream, SocketAddr, Instant),
+        client: Client,
         plan: Plan,
         now: Instant,
     ) -> Result<bool, io::Error> {
-        let peer = client.1;
-        let accepted = client.2;
+        let (peer, accepted) = (client.peer, client.accepted);
         let Server { poll, entries, timers, services, pool, fds, access_log, .. } = self;
         let mut cx = crate::context::Cx { now, registry: poll.registry(), timers, services, pool, fds, access_log };
         let opened = entries.try_insert_with(|key| {

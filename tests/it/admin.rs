@@ -491,14 +491,17 @@ fn admin_get_config_shows_every_field_with_effective_values() {
     let expected = json!([
         { "name": "api", "address": "127.0.0.1:0", "backends": [], "balance": "LC", "check_interval": 2,
           "fall": 2, "rise": 2, "client_timeout": 0.25, "server_timeout": 0, "connect_timeout": 5,
-          "check_send": "", "check_expect": "", "max_connections": 0, "max_queue": 0, "queue_timeout": 5 },
+          "check_send": "", "check_expect": "", "max_connections": 0, "max_queue": 0, "queue_timeout": 5,
+          "accept_proxy": false },
         { "name": "web", "address": "127.0.0.1:0",
           "backends": [
-            { "name": "zz", "address": echo.address(), "check_address": "", "weight": 1, "max_connections": 0 },
-            { "name": "aa", "address": echo.address(), "check_address": "", "weight": 3, "max_connections": 0 }],
+            { "name": "zz", "address": echo.address(), "check_address": "", "weight": 1, "max_connections": 0,
+              "send_proxy": "" },
+            { "name": "aa", "address": echo.address(), "check_address": "", "weight": 3, "max_connections": 0,
+              "send_proxy": "" }],
           "balance": "RR", "check_interval": 2, "fall": 2, "rise": 2, "client_timeout": 0,
           "server_timeout": 0, "connect_timeout": 5, "check_send": "", "check_expect": "",
-          "max_connections": 0, "max_queue": 0, "queue_timeout": 5 },
+          "max_connections": 0, "max_queue": 0, "queue_timeout": 5, "accept_proxy": false },
     ]);
     assert_eq!(response.json(), expected, "services sorted by name, backends in order, every field shown");
 }
@@ -685,7 +688,8 @@ fn admin_put_backend_adds_at_the_end_and_replaces_in_place() {
     let response = put(admin, "/web/b1", &json!({ "address": two.address(), "weight": 2 })).expect(200);
     assert_eq!(response.body, config_bytes(admin), "the PUT answer is GET /_config");
     let backends = &response.json()[0]["backends"];
-    let b1 = json!({ "name": "b1", "address": two.address(), "check_address": "", "weight": 2, "max_connections": 0 });
+    let b1 = json!({ "name": "b1", "address": two.address(), "check_address": "", "weight": 2, "max_connections": 0,
+                     "send_proxy": "" });
     assert_eq!(backends[1], b1);
     assert_eq!(backends[0]["name"], "b0");
 

@@ -24,6 +24,8 @@ mod limits_queue;
 mod metrics;
 mod notify;
 mod proxy;
+mod proxy_interop;
+mod proxy_protocol;
 mod readme;
 mod regressions;
 mod reload;

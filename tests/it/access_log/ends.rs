@@ -66,6 +66,7 @@ fn check(line: &Line, want: &Expected, window: (SystemTime, SystemTime)) {
     assert_eq!((line.sent, line.received), (want.sent, want.received), "{case}: bytes each way: {line:?}");
     assert_eq!(line.failed_connects, want.failed_connects, "{case}: {line:?}");
     assert_eq!(line.end, want.end, "{case}: {line:?}");
+    assert_eq!(line.queue_ms, 0.0, "{case}: no limits, so nobody queued: {line:?}");
     let (from, to) = window;
     let slack = Duration::from_secs(1);
     assert!(line.time + slack >= from && line.time <= to + slack, "{case}: the time is not now: {line:?}");

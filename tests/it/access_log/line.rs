@@ -9,12 +9,13 @@ use serde_json::Value;
 use super::Format;
 
 /// The fields of a line after its time, in the order the text format writes them.
-const KEYS: [&str; 10] = [
+const KEYS: [&str; 11] = [
     "service",
     "client",
     "backend",
     "backend_address",
     "connect_ms",
+    "queue_ms",
     "duration_ms",
     "sent",
     "received",
@@ -30,6 +31,7 @@ pub(super) struct Line {
     pub backend: Option<String>,
     pub backend_address: Option<SocketAddr>,
     pub connect_ms: Option<f64>,
+    pub queue_ms: f64,
     pub duration_ms: f64,
     pub sent: u64,
     pub received: u64,
@@ -98,6 +100,7 @@ fn parse_text(text: &str) -> Result<Line, String> {
         backend: some("backend").map(str::to_string),
         backend_address: some("backend_address").map(addr).transpose()?,
         connect_ms: some("connect_ms").map(|_| millis("connect_ms")).transpose()?,
+        queue_ms: millis("queue_ms")?,
         duration_ms: millis("duration_ms")?,
         sent: number("sent")?,
         received: number("received")?,
@@ -138,6 +141,7 @@ fn parse_json(text: &str) -> Result<Line, String> {
         backend: nullable("backend")?,
         backend_address: nullable("backend_address")?.map(|a| addr(&a)).transpose()?,
         connect_ms,
+        queue_ms: value["queue_ms"].as_f64().ok_or_else(|| wrong("queue_ms"))?,
         duration_ms: value["duration_ms"].as_f64().ok_or_else(|| wrong("duration_ms"))?,
         sent: number("sent")?,
         received: number("received")?,
