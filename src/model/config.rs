@@ -25,6 +25,9 @@ use serde_json::Value;
 use crate::model::address::{self, clip, overlaps, Address, Host};
 use crate::runtime::files::{self, FileError};
 
+mod patch;
+pub use patch::{patch_backend, patch_service};
+
 /// Default seconds between health checks.
 pub const DEFAULT_CHECK_INTERVAL: f64 = 2.0;
 /// Default consecutive checks for `fall` and `rise`.

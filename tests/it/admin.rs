@@ -965,9 +965,12 @@ fn admin_unknown_methods_get_405_with_allow() {
         ("DELETE", "/_config", &["GET"][..]),
         ("PUT", "/", &["GET"][..]),
         ("DELETE", "/", &["GET"][..]),
-        ("PATCH", "/web", &["GET", "PUT", "POST", "DELETE"][..]),
-        ("PATCH", "/web/b0", &["GET", "PUT", "POST", "DELETE"][..]),
-        ("BREW", "/web", &["GET", "PUT", "DELETE"][..]),
+        ("PATCH", "/", &["GET"][..]),
+        ("PATCH", "/_config", &["GET"][..]),
+        ("PATCH", "/_info", &["GET"][..]),
+        ("PATCH", "/_metrics", &["GET"][..]),
+        ("BREW", "/web", &["GET", "PUT", "POST", "PATCH", "DELETE"][..]),
+        ("OPTIONS", "/web/b0", &["GET", "PUT", "POST", "PATCH", "DELETE"][..]),
     ];
     for (method, target, allowed) in cases {
         let body = (method != "DELETE").then_some("{}");
