@@ -321,14 +321,14 @@ fn backend_in(service: &Value, name: &str) -> Value {
 }
 
 /// The counters of a stats object, as a comparable tuple.
-fn counters(stats: &Value) -> [u64; 5] {
+pub(crate) fn counters(stats: &Value) -> [u64; 5] {
     ["connections", "sent", "received", "errors", "active"]
         .map(|k| stats[k].as_u64().unwrap_or_else(|| panic!("no counter {k:?} in {stats}")))
 }
 
 /// Waits until service `name` has no active connection.
 #[track_caller]
-fn wait_idle(admin: SocketAddr, name: &str) {
+pub(crate) fn wait_idle(admin: SocketAddr, name: &str) {
     let target = format!("/{name}");
     assert!(
         wait_until(DEADLINE, || stats(admin, &target)["active"] == 0),
@@ -339,7 +339,7 @@ fn wait_idle(admin: SocketAddr, name: &str) {
 
 /// A fresh connection to `addr`, one echo round trip, then a clean close; returns how long it took.
 #[track_caller]
-fn echo_once(addr: SocketAddr, message: &[u8]) -> Duration {
+pub(crate) fn echo_once(addr: SocketAddr, message: &[u8]) -> Duration {
     let started = Instant::now();
     let mut client = connect(addr);
     round_trip(&mut client, message);
@@ -351,7 +351,7 @@ fn echo_once(addr: SocketAddr, message: &[u8]) -> Duration {
 }
 
 /// A loopback port that was free a moment ago (bound to port 0, then released).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local addr").port()
 }
 
@@ -361,7 +361,7 @@ fn service_body(address: &str, backend_address: &str) -> Value {
 }
 
 /// A JSON body padded with spaces to exactly `len` bytes.
-fn padded(body: &Value, len: usize) -> Vec<u8> {
+pub(crate) fn padded(body: &Value, len: usize) -> Vec<u8> {
     let mut bytes = body.to_string().into_bytes();
     assert!(bytes.len() <= len);
     bytes.resize(len, b' ');

@@ -21,6 +21,7 @@ mod info;
 mod limits;
 mod metrics;
 mod notify;
+mod patch;
 mod proxy;
 mod readme;
 mod regressions;
