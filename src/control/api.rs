@@ -402,9 +402,10 @@ enum Apply {
 }
 
 impl Ready {
-    /// The state file's new text: the config list after the change.
-    pub fn state_text(&self) -> String {
-        config::to_json(&self.configs)
+    /// Every service's config once the change is applied, sorted by name:
+    /// what the state file is to hold.
+    pub fn configs(&self) -> &[ServiceConfig] {
+        &self.configs
     }
 
     /// Whether applying it would change nothing (a reload of the running config).

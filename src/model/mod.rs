@@ -9,4 +9,5 @@ pub mod counters;
 pub mod diff;
 pub mod health;
 pub mod histogram;
+pub mod options;
 pub mod service;

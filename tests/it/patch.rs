@@ -99,7 +99,10 @@ fn patch_of_a_backend_changes_weight_address_and_check_address() {
     let config = patch(admin, "/web/b1", &json!({ "weight": 0 })).expect(200).json();
     let expected = json!({ "name": "b1", "address": one.address(), "check_address": one.address(), "weight": 0 });
     assert_eq!(config[0]["backends"][1], expected);
-    assert_eq!(config[0]["backends"][0], json!({ "name": "b0", "address": one.address(), "check_address": "", "weight": 1 }));
+    assert_eq!(
+        config[0]["backends"][0],
+        json!({ "name": "b0", "address": one.address(), "check_address": "", "weight": 1 })
+    );
 
     let seen = shuttle.stderr_lines().len();
     let change = json!({ "address": two.address(), "check_address": "", "weight": 1 });
