@@ -184,6 +184,13 @@ impl Http {
         self.response()
     }
 
+    /// Sends one request with `extra` header fields and reads its final response.
+    #[track_caller]
+    pub fn request_with(&mut self, method: &str, target: &str, extra: &[&str], body: Option<&[u8]>) -> Response {
+        self.send(&request_bytes(method, target, body, extra));
+        self.response()
+    }
+
     /// Reads more bytes into the buffer; panics on EOF, error or timeout.
     #[track_caller]
     fn fill(&mut self) {

@@ -14,6 +14,7 @@ mod admin;
 mod audit;
 mod balance;
 mod check;
+mod config_object;
 mod failover;
 mod hardening;
 mod health;
