@@ -84,6 +84,8 @@ pub struct Flags {
 }
 
 /// What to do.
+// Made once per process: boxing the flags would only cost an indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     /// Run the proxy.
