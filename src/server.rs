@@ -143,6 +143,8 @@ pub struct Options {
     pub state: Option<StateFile>,
     /// The file the services came from, which SIGHUP reads again.
     pub source: Option<std::path::PathBuf>,
+    /// That file's form, which the state file is written in.
+    pub form: crate::model::config::Form,
     /// How long open pairs may run on after SIGTERM.
     pub grace: Duration,
     /// The process's open-file limit; accepting pauses before pairs would exhaust it.
@@ -293,7 +295,7 @@ impl Server {
             Some(state) => Some((state, Worker::new("shuttle-state", inbox.outbox()).map_err(StartupError::Io)?)),
             None => None,
         };
-        let changes = Changes::new(inbox.outbox(), state, options.source);
+        let changes = Changes::new(inbox.outbox(), state, options.source, options.form);
         // Every loop counts its pairs into one gauge, for `/_info` and the second signal.
         let pairs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         // Workers get the pairs' part of the fd limit between them; the control

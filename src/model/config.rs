@@ -25,6 +25,11 @@ use serde_json::Value;
 use crate::model::address::{self, clip, overlaps, Address, Host};
 use crate::runtime::files::{self, FileError};
 
+mod file;
+mod patch;
+pub use file::{parse_file, ConfigFile, Form};
+pub use patch::{patch_backend, patch_service};
+
 /// Default seconds between health checks.
 pub const DEFAULT_CHECK_INTERVAL: f64 = 2.0;
 /// Default consecutive checks for `fall` and `rise`.
@@ -181,6 +186,13 @@ pub enum ConfigError {
         /// What is wrong and what is expected.
         problem: String,
     },
+    /// A global option of an object file breaks its rule (reference §2.1).
+    Global {
+        /// Its key: `grace`, `admin.mode`.
+        key: &'static str,
+        /// What is wrong and what is expected.
+        problem: String,
+    },
     /// The file could not be read.
     Io {
         /// The file.
@@ -209,6 +221,7 @@ impl fmt::Display for ConfigError {
                 }
                 write!(f, "{field}: {problem}")
             }
+            ConfigError::Global { key, problem } => write!(f, "{key}: {problem}"),
             ConfigError::Io { path, source } => write!(f, "cannot read {}: {source}", path.display()),
         }
     }
@@ -387,23 +400,24 @@ impl At<'_> {
     }
 }
 
-/// Parses a config or state file: a JSON list of services (Go's `null` is an empty list).
+/// Parses a list of services (Go's `null` is an empty list); `parse_file` reads either form.
 pub fn parse_services(text: &str) -> Result<Vec<ServiceConfig>, ConfigError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let raw: Option<Vec<Object<RawService>>> = serde_json::from_str(text).map_err(|e| match json_error(e) {
-        // The later Go shuttle's `{"services": [...]}`: say what this format is instead of "expected a sequence".
+        // `parse_file` reads the object form; this one is the list only.
         ConfigError::Json { line, column, .. } if text.trim_start().starts_with('{') => {
             let message = "expected a JSON list of services, got an object".to_string();
             ConfigError::Json { line, column, message }
         }
         other => other,
     })?;
-    let services = raw
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-        .map(|(i, raw)| build_service(raw.0, i, None))
-        .collect::<Result<Vec<_>, _>>()?;
+    build_all(raw.unwrap_or_default())
+}
+
+/// Builds and checks a whole list of services as read.
+fn build_all(raw: Vec<Object<RawService>>) -> Result<Vec<ServiceConfig>, ConfigError> {
+    let services =
+        raw.into_iter().enumerate().map(|(i, raw)| build_service(raw.0, i, None)).collect::<Result<Vec<_>, _>>()?;
     validate_all(&services)?;
     Ok(services)
 }
@@ -438,8 +452,8 @@ pub fn parse_backend(body: &[u8], service: &str, url_name: &str) -> Result<Backe
     Ok(backend)
 }
 
-/// Reads and parses a config or state file: a regular file of at most 64 MiB.
-pub fn load(path: &Path) -> Result<Vec<ServiceConfig>, ConfigError> {
+/// Reads and parses a config or state file, in either form: a regular file of at most 64 MiB.
+pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
     let io = |source| ConfigError::Io { path: path.to_path_buf(), source };
     let bytes = files::read_regular(path, files::MAX_FILE).map_err(|e| match e {
         FileError::Io(e) => io(e),
@@ -447,7 +461,7 @@ pub fn load(path: &Path) -> Result<Vec<ServiceConfig>, ConfigError> {
     })?;
     let text = String::from_utf8(bytes)
         .map_err(|e| io(io::Error::new(io::ErrorKind::InvalidData, format!("is not UTF-8 text ({e})"))))?;
-    parse_services(&text)
+    parse_file(&text)
 }
 
 fn json_error(e: serde_json::Error) -> ConfigError {

@@ -10,6 +10,7 @@ pub mod diff;
 pub mod health;
 pub mod histogram;
 pub mod limits;
+pub mod options;
 pub mod proxy_header;
 pub mod queue;
 pub mod service;
