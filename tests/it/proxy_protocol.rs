@@ -284,6 +284,30 @@ fn accept_proxy_bad_headers_never_reach_the_backend_and_are_counted() {
 }
 
 #[test]
+fn a_client_sending_its_header_holds_a_service_slot_and_a_failed_one_gives_it_back() {
+    let b = echo();
+    let fields = json!({"connect_timeout": 0.5, "max_connections": 1});
+    let shuttle = accepts(fields, backend("b0", b.address()), &[]);
+    for i in 0..3 {
+        // Were the slot of a bad header kept, the next client would wait in the backlog forever.
+        refused(&shuttle, &b, b"not a PROXY header\r\n", false, i);
+    }
+    // A silent client holds the only slot; a good one waits until its header deadline passes.
+    let silent = connect(shuttle.service_addr("web"));
+    thread::sleep(Duration::from_millis(100));
+    let mut good = connect(shuttle.service_addr("web"));
+    good.write_all(b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 80\r\nping").expect("send");
+    good.shutdown(Shutdown::Write).expect("half-close");
+    let started = Instant::now();
+    assert_eq!(read_to_eof(&mut good), b"ping", "served once the silent client is gone");
+    assert!(started.elapsed() >= Duration::from_millis(200), "it waited for the slot");
+    let admin = shuttle.admin_addr();
+    assert!(wait_until(DEADLINE, || stats(admin, "/web")["proxy_header_errors"] == 4), "the silent one was counted");
+    assert!(wait_until(DEADLINE, || stats(admin, "/web")["active"] == 0), "every slot is back");
+    drop(silent);
+}
+
+#[test]
 fn health_checks_of_a_send_proxy_backend_announce_themselves() {
     for version in ["v1", "v2"] {
         let (b, rx) = recorder();
