@@ -46,9 +46,25 @@ fn balance(c: &mut Criterion) {
     let mut group = c.benchmark_group("balance");
     for n in [2usize, 200] {
         let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
-        let equal: Vec<Candidate> = (0..n).map(|_| Candidate { weight: 1, up: true, active: 0 }).collect();
+        let equal: Vec<Candidate> = (0..n).map(|_| Candidate { weight: 1, up: true, active: 0, limit: 0 }).collect();
         // Least connected sees uneven counts, as a busy service would have.
-        let busy: Vec<Candidate> = (0..n).map(|_| Candidate { weight: 1, up: true, active: rng.below(64) }).collect();
+        let busy: Vec<Candidate> =
+            (0..n).map(|_| Candidate { weight: 1, up: true, active: rng.below(64), limit: 0 }).collect();
+        // The same with max_connections set: below it everywhere, and with every other backend full.
+        let limited: Vec<Candidate> = busy.iter().map(|c| Candidate { limit: 64, ..*c }).collect();
+        let half_full: Vec<Candidate> = (busy.iter().enumerate())
+            .map(|(i, c)| Candidate { limit: if i % 2 == 0 { c.active } else { 64 }, ..*c })
+            .collect();
+        for (name, backends) in [("limited", &limited), ("half_full", &half_full)] {
+            group.bench_with_input(BenchmarkId::new(format!("round_robin_{name}"), n), backends, |b, backends| {
+                let mut cursor = Cursor::default();
+                b.iter(|| round_robin(&mut cursor, backends.len(), |i| black_box(backends)[i]));
+            });
+            group.bench_with_input(BenchmarkId::new(format!("least_connected_{name}"), n), backends, |b, backends| {
+                let mut cursor = Cursor::default();
+                b.iter(|| least_connected(&mut cursor, backends.len(), |i| black_box(backends)[i]));
+            });
+        }
         group.throughput(Throughput::Elements(1));
         group.bench_with_input(BenchmarkId::new("round_robin", n), &equal, |b, backends| {
             let mut cursor = Cursor::default();

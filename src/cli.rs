@@ -6,8 +6,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::data::finished::Format;
-use crate::model::config::{one_line, MAX_SECONDS};
+use crate::model::config::one_line;
+use crate::model::options::{self, Globals, LogFormat};
 use crate::runtime::accesslog::Target;
+
+pub use crate::model::options::{Workers, MAX_WORKERS};
 
 /// The help text.
 pub const USAGE: &str = "\
@@ -19,7 +22,8 @@ usage: shuttle [-config FILE] [-state FILE] [-http ADDR] [-http-mode MODE]
                [-debug]
        shuttle -check [-config FILE] [-state FILE] [-http ADDR] [-admin-token-file FILE]
 
-  -config FILE            default config (a JSON list of services); never written
+  -config FILE            default config (a JSON list of services, or an object with
+                          services and global options, which flags override); never written
   -state FILE             live config: loaded at start if it exists, written after every change
   -http ADDR              admin API address, host:port or a unix socket path (default 127.0.0.1:9090)
   -http-mode MODE         permissions of a unix admin socket, in octal (default 0600)
@@ -74,21 +78,14 @@ pub struct Flags {
     pub access_log: Option<Target>,
     /// `-access-log-format`.
     pub access_log_format: Format,
+    /// The flags given on the command line, by name without dashes
+    /// (`grace`): they win over a config file's global options.
+    pub given: Vec<String>,
 }
-
-/// How many worker loops `-workers` asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Workers {
-    /// This many.
-    Count(usize),
-    /// One per CPU the process may run on.
-    Auto,
-}
-
-/// The most worker loops shuttle runs.
-pub const MAX_WORKERS: usize = 256;
 
 /// What to do.
+// Made once per process: boxing the flags would only cost an indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     /// Run the proxy.
@@ -106,17 +103,30 @@ const SWITCHES: &[&str] = &["--debug", "--pin", "--check", "--help", "--version"
 struct Arg {
     long: OsString,
     typed: String,
+    /// A flag, not a flag's value.
+    flag: bool,
+}
+
+impl Arg {
+    fn flag(long: &str, typed: String) -> Arg {
+        Arg { long: long.into(), typed, flag: true }
+    }
+
+    fn value(value: &str) -> Arg {
+        Arg { long: value.into(), typed: value.to_string(), flag: false }
+    }
 }
 
 /// Go-style flags: `-word` means `--word`, and `--flag=value` is split, so
-/// pico-args only ever sees long keys (pitfall 21); Go's `-debug=false` is honoured.
+/// pico-args only ever sees long keys (pitfall 21); Go's `-debug=false` is
+/// honoured, and kept (with no value) so that it counts as given.
 fn normalise(args: Vec<String>) -> Result<Vec<Arg>, String> {
     let mut out = Vec::new();
     let mut values_follow = false;
     for arg in args {
         // A flag's value is taken as written: `-config -odd-name.json` is a file name.
         if values_follow {
-            out.push(Arg { long: arg.clone().into(), typed: arg });
+            out.push(Arg::value(&arg));
             values_follow = false;
             continue;
         }
@@ -128,17 +138,17 @@ fn normalise(args: Vec<String>) -> Result<Vec<Arg>, String> {
         let shown = arg.split('=').next().unwrap_or(&arg).to_string();
         match long.split_once('=') {
             Some((flag, value)) if SWITCHES.contains(&flag) => match go_bool(value) {
-                Some(true) => out.push(Arg { long: flag.into(), typed: shown }),
-                Some(false) => {}
+                Some(true) => out.push(Arg::flag(flag, shown)),
+                Some(false) => out.push(Arg { long: format!("{flag}=false").into(), typed: shown, flag: true }),
                 None => return Err(format!("{shown}: expected true or false, got {value:?}")),
             },
             Some((flag, value)) if flag.starts_with("--") => {
-                out.push(Arg { long: flag.into(), typed: shown });
-                out.push(Arg { long: value.into(), typed: value.to_string() });
+                out.push(Arg::flag(flag, shown));
+                out.push(Arg::value(value));
             }
             _ => {
                 values_follow = long.starts_with("--") && !SWITCHES.contains(&long.as_str());
-                out.push(Arg { long: long.into(), typed: arg });
+                out.push(Arg { long: long.clone().into(), typed: arg, flag: long.starts_with("--") });
             }
         }
     }
@@ -158,7 +168,17 @@ fn go_bool(value: &str) -> Option<bool> {
 pub fn parse(args: Vec<String>) -> Result<Command, String> {
     let normalised = normalise(args)?;
     let typed: Vec<(OsString, String)> = normalised.iter().map(|a| (a.long.clone(), a.typed.clone())).collect();
-    let mut args = pico_args::Arguments::from_vec(normalised.into_iter().map(|a| a.long).collect());
+    let mut given: Vec<String> = normalised
+        .iter()
+        .filter(|a| a.flag)
+        .filter_map(|a| a.long.to_str())
+        .map(|long| long.trim_start_matches('-').trim_end_matches("=false").to_string())
+        .collect();
+    given.sort();
+    given.dedup();
+    // A switch set false is given but takes no value: pico-args must not see it.
+    let kept = normalised.into_iter().filter(|a| !(a.flag && a.long.to_string_lossy().ends_with("=false")));
+    let mut args = pico_args::Arguments::from_vec(kept.map(|a| a.long).collect());
     if args.contains(["-h", "--help"]) {
         return Ok(Command::Help);
     }
@@ -170,16 +190,8 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
         Some(seconds) => Duration::from_secs_f64(seconds),
     };
     let mut admin_hosts = Vec::new();
-    while let Some(names) = value(&mut args, "--admin-host", non_empty)? {
-        for name in names.split(',').map(str::trim) {
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
-                return Err(format!(
-                    "-admin-host: expected host names separated by commas, got {:?}",
-                    one_line(&names)
-                ));
-            }
-            admin_hosts.push(name.to_string());
-        }
+    while let Some(names) = value(&mut args, "--admin-host", options::host_names)? {
+        admin_hosts.extend(names);
     }
     let flags = Flags {
         config: value(&mut args, "--config", path)?,
@@ -195,6 +207,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
         check: args.contains("--check"),
         access_log: value(&mut args, "--access-log", non_empty)?.map(|v| Target::parse(&v)),
         access_log_format: value(&mut args, "--access-log-format", parse_format)?.unwrap_or_default(),
+        given,
     };
     let rest = args.finish();
     if let Some(first) = rest.first() {
@@ -228,42 +241,80 @@ fn path(s: &str) -> Result<PathBuf, String> {
 }
 
 fn non_empty(s: &str) -> Result<String, String> {
-    if s.is_empty() {
-        return Err("needs a value, got an empty one".into());
-    }
-    Ok(s.to_string())
+    options::non_empty(s.to_string())
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if (0.0..=MAX_SECONDS).contains(&v) => Ok(v),
-        _ => Err(format!("expected a number of seconds from 0 to {MAX_SECONDS:e}, got {s:?}")),
-    }
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| options::seconds(*v).is_ok())
+        .ok_or_else(|| options::seconds_rule(&format!("{s:?}")))
 }
 
 fn parse_workers(s: &str) -> Result<Workers, String> {
-    if s == "auto" {
-        return Ok(Workers::Auto);
-    }
-    match s.parse::<usize>() {
-        Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(Workers::Count(n)),
-        _ => Err(format!("expected a number of workers from 1 to {MAX_WORKERS}, or auto, got {s:?}")),
-    }
+    options::workers(s)
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
-    match s {
-        "text" => Ok(Format::Text),
-        "json" => Ok(Format::Json),
-        _ => Err(format!("expected text or json, got {s:?}")),
+    options::log_format(s).map(format)
+}
+
+fn format(f: LogFormat) -> Format {
+    match f {
+        LogFormat::Text => Format::Text,
+        LogFormat::Json => Format::Json,
     }
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
-    let digits = s.strip_prefix("0o").unwrap_or(s);
-    match u32::from_str_radix(digits, 8) {
-        Ok(mode) if !digits.is_empty() && mode <= 0o777 => Ok(mode),
-        _ => Err(format!("expected permissions in octal such as 0600 or 0660, got {s:?}")),
+    options::mode(s)
+}
+
+impl Flags {
+    /// These flags with a config file's global options (reference §2.1)
+    /// wherever no flag was given; returns the options a flag overrode, as
+    /// `flag (key)` pairs for the log.
+    pub fn with_file(mut self, globals: &Globals) -> (Flags, Vec<String>) {
+        let mut overridden = Vec::new();
+        let mut take = |flag: &str, key: &str, present: bool| {
+            let given = self.given.iter().any(|g| g == flag);
+            if present && given {
+                overridden.push(format!("-{flag} ({key})"));
+            }
+            present && !given
+        };
+        if let Some(admin) = &globals.admin {
+            if take("http", "admin.address", admin.address.is_some()) {
+                self.http = admin.address.clone().unwrap_or_default();
+            }
+            if take("http-mode", "admin.mode", admin.mode.is_some()) {
+                self.http_mode = admin.mode.unwrap_or(self.http_mode);
+            }
+            if take("admin-host", "admin.hosts", admin.hosts.is_some()) {
+                self.admin_hosts = admin.hosts.clone().unwrap_or_default();
+            }
+            if take("admin-token-file", "admin.token_file", admin.token_file.is_some()) {
+                self.token_file = admin.token_file.as_ref().map(PathBuf::from);
+            }
+        }
+        if take("grace", "grace", globals.grace.is_some()) {
+            self.grace = globals.grace.map_or(self.grace, Duration::from_secs_f64);
+        }
+        if take("workers", "workers", globals.workers.is_some()) {
+            self.workers = globals.workers.unwrap_or(self.workers);
+        }
+        if take("pin", "pin", globals.pin.is_some()) {
+            self.pin = globals.pin.unwrap_or(self.pin);
+        }
+        if let Some(log) = &globals.access_log {
+            if take("access-log", "access_log.path", log.path.is_some()) {
+                self.access_log = log.path.as_deref().map(Target::parse);
+            }
+            if take("access-log-format", "access_log.format", log.format.is_some()) {
+                self.access_log_format = log.format.map_or(self.access_log_format, format);
+            }
+        }
+        (self, overridden)
     }
 }
 
@@ -362,6 +413,46 @@ mod tests {
             r#"-access-log-format: expected text or json, got "xml""#
         );
         assert_eq!(run(&["-access-log"]).unwrap_err(), "-access-log: needs a value");
+    }
+
+    #[test]
+    fn given_lists_the_flags_on_the_command_line_however_written() {
+        assert!(run(&[]).unwrap().given.is_empty());
+        let flags = run(&["-grace=2", "--workers", "2", "-pin=false", "-config", "--http"]).unwrap();
+        assert_eq!(flags.given, ["config", "grace", "pin", "workers"], "a flag's value is not a flag");
+        assert!(!flags.pin);
+    }
+
+    #[test]
+    fn a_config_files_options_apply_where_no_flag_was_given() {
+        let text = r#"{"services": [], "grace": 3, "workers": 4, "pin": true,
+            "admin": {"address": "/run/s.sock", "mode": "0660", "hosts": ["a.example"], "token_file": "/t"},
+            "access_log": {"path": "/var/log/s.log", "format": "json"}}"#;
+        let file = crate::model::config::parse_file(text).unwrap();
+        let globals = file.form.globals().unwrap();
+        let (flags, overridden) = run(&[]).unwrap().with_file(globals);
+        assert!(overridden.is_empty());
+        assert_eq!(
+            (flags.http.as_str(), flags.http_mode, flags.admin_hosts.clone()),
+            ("/run/s.sock", 0o660, vec!["a.example".to_string()])
+        );
+        assert_eq!(
+            (flags.token_file, flags.grace, flags.workers, flags.pin),
+            (Some("/t".into()), Duration::from_secs(3), Workers::Count(4), true)
+        );
+        assert_eq!(
+            (flags.access_log, flags.access_log_format),
+            (Some(Target::File("/var/log/s.log".into())), Format::Json)
+        );
+
+        let given = run(&["-grace", "1", "-http", "127.0.0.1:0", "-pin=false", "-access-log-format", "text"]).unwrap();
+        let (flags, overridden) = given.with_file(globals);
+        assert_eq!((flags.grace, flags.http.as_str(), flags.pin), (Duration::from_secs(1), "127.0.0.1:0", false));
+        assert_eq!((flags.access_log_format, flags.workers), (Format::Text, Workers::Count(4)));
+        assert_eq!(
+            overridden,
+            ["-http (admin.address)", "-grace (grace)", "-pin (pin)", "-access-log-format (access_log.format)"]
+        );
     }
 
     #[test]

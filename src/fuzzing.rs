@@ -6,6 +6,7 @@ use crate::cli;
 use crate::control::http::{Decoder, HttpError, Progress, Request, MAX_BODY};
 use crate::model::address;
 use crate::model::config::{self, ServiceConfig};
+use crate::model::proxy_header::{self, Origin, Parsed, Version, MAX_HEADER};
 
 /// What decoding a byte stream came to: the requests, then the error that ended it, if any.
 #[derive(Debug, PartialEq, Eq)]
@@ -121,6 +122,31 @@ pub fn address(data: &[u8]) {
     }
 }
 
+/// A client's first bytes where a PROXY header is required: no panic, a
+/// header never longer than the bound, the same verdict whatever prefix of
+/// it arrived first, and the addresses of a header survive re-encoding.
+pub fn proxy_header(data: &[u8]) {
+    let whole = proxy_header::parse(data);
+    for n in 0..data.len() {
+        match proxy_header::parse(&data[..n]) {
+            Ok(Parsed::Incomplete) => continue,
+            Ok(header) => assert_eq!(whole, Ok(header), "a header, then more bytes"),
+            Err(_) => assert!(whole.is_err(), "an error, then more bytes"),
+        }
+        break;
+    }
+    if let Ok(Parsed::Header { len, origin }) = whole {
+        assert!(len <= MAX_HEADER && len <= data.len(), "header of {len} bytes");
+        if let Origin::Proxied { source, destination } = origin {
+            for version in [Version::V1, Version::V2] {
+                let again = proxy_header::encode(version, source, destination);
+                let parsed = proxy_header::parse(&again);
+                assert_eq!(parsed, Ok(Parsed::Header { len: again.len(), origin }), "{version:?} re-encoding");
+            }
+        }
+    }
+}
+
 /// The command line: no panic, whatever the arguments (NUL-separated).
 pub fn cli(data: &[u8]) {
     let args: Vec<String> = data.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
@@ -139,6 +165,7 @@ mod tests {
         ("api_bodies", super::api_bodies),
         ("address", super::address),
         ("cli", super::cli),
+        ("proxy_header", super::proxy_header),
     ];
 
     /// Every committed corpus input and seed, through the same entry points as the fuzzers.

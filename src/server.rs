@@ -27,6 +27,7 @@ use signal_hook_mio::v1_0::Signals;
 mod accept;
 mod admin;
 mod plane;
+mod queue;
 mod retire;
 pub mod workers;
 
@@ -39,6 +40,7 @@ use crate::control::info::Started;
 use crate::control::probe::Probe;
 use crate::control::state::StateFile;
 use crate::data::buffer::BufferPool;
+use crate::data::greeting::Greeting;
 use crate::data::proxy::{Cut, Pair};
 use crate::model::counters::StatusCounts;
 use crate::model::service::{self, Services};
@@ -80,6 +82,8 @@ pub struct Listener {
     short_since: Option<Instant>,
     /// Set once it takes no new connections: it serves what was queued, then closes at this time.
     retiring: Option<Instant>,
+    /// Set while its service is at `max_connections`: it is not read until a connection ends.
+    held: bool,
 }
 
 /// Every socket-owning state machine of the loop.
@@ -92,6 +96,8 @@ pub enum Entry {
     Listener(Listener),
     /// A client and its backend.
     Pair(Pair),
+    /// A client of an `accept_proxy` service whose header is still arriving.
+    Greeting(Greeting),
     /// One backend's health checker.
     Probe(Probe),
     /// The admin API's listening socket.
@@ -100,6 +106,8 @@ pub enum Entry {
     Admin(AdminConn),
     /// The control loop's record of a service's listeners, one per worker.
     Group(workers::Group),
+    /// A client waiting for a backend slot.
+    Queued(queue::Queued),
 }
 
 /// What a loop hosts besides pairs and listeners.
@@ -135,6 +143,8 @@ pub struct Options {
     pub state: Option<StateFile>,
     /// The file the services came from, which SIGHUP reads again.
     pub source: Option<std::path::PathBuf>,
+    /// That file's form, which the state file is written in.
+    pub form: crate::model::config::Form,
     /// How long open pairs may run on after SIGTERM.
     pub grace: Duration,
     /// The process's open-file limit; accepting pauses before pairs would exhaust it.
@@ -226,8 +236,16 @@ pub struct Server {
     admin_retry: Option<TimerKey>,
     /// Refused admin requests are logged through this.
     refusals: Throttle,
-    /// Listeners paused for lack of fds; woken when a pair closes.
+    /// Clients closed for a bad PROXY header are logged through this.
+    bad_headers: Throttle,
+    /// Listeners paused for lack of fds or held at their service's limit; woken when a pair closes.
     paused: Vec<Key>,
+    /// This loop's queued clients, per service.
+    waiting: std::collections::HashMap<Key, crate::model::queue::Queue<Key>>,
+    /// Services whose queue may have room now, served at the end of the turn.
+    to_serve: Vec<Key>,
+    /// The other worker loops, to wake one whose queued client should get a slot freed here.
+    pub(crate) peers: Option<std::sync::Arc<workers::Peers>>,
     draining: Option<Instant>,
     /// Set by a second SIGTERM/SIGINT: the drain ends now, open connections are cut.
     stopping_now: bool,
@@ -279,7 +297,7 @@ impl Server {
             Some(state) => Some((state, Worker::new("shuttle-state", inbox.outbox()).map_err(StartupError::Io)?)),
             None => None,
         };
-        let changes = Changes::new(inbox.outbox(), state, options.source);
+        let changes = Changes::new(inbox.outbox(), state, options.source, options.form);
         // Every loop counts its pairs into one gauge, for `/_info` and the second signal.
         let pairs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         // Every loop rings it when a backend goes down, and hears it (the worker loops get it as they start).
@@ -310,6 +328,8 @@ impl Server {
         bell.connect(wakers.collect());
         let role = Role::Control { inbox, workers };
         let mut server = Server::bare(poll, role, options.fd_limit, options.grace, options.access);
+        // Every service's shared gate has a slot per proxying loop.
+        server.services.set_loops(options.workers.max(1));
         server.fds.share_pairs(pairs);
         server.started = options.started;
         server.notify = options.notify;
@@ -371,7 +391,11 @@ impl Server {
             admin_short: false,
             admin_retry: None,
             refusals: Throttle::new(admin::REFUSALS_LOGGED_EVERY),
+            bad_headers: Throttle::new(admin::REFUSALS_LOGGED_EVERY),
             paused: Vec::new(),
+            waiting: std::collections::HashMap::new(),
+            to_serve: Vec::new(),
+            peers: None,
             draining: None,
             stopping_now: false,
             started: Started::now(),
@@ -416,6 +440,7 @@ impl Server {
                 paused: None,
                 short_since: None,
                 retiring: None,
+                held: false,
             }))
         })?;
         self.fds.listeners += 1;
@@ -487,6 +512,9 @@ impl Server {
     /// Removes an entry, giving back its timer, buffers and counts.
     pub(crate) fn remove_entry(&mut self, key: Key) {
         let Some(mut entry) = self.entries.remove(key) else { return };
+        if let Entry::Queued(queued) = &entry {
+            return self.close_queued(queued, Instant::now());
+        }
         let mut cx = Cx {
             now: Instant::now(),
             registry: self.poll.registry(),
@@ -504,6 +532,21 @@ impl Server {
                 for listener in std::mem::take(&mut self.paused) {
                     self.enqueue(listener);
                 }
+                // And a slot of its service and backend: the oldest queued client gets it.
+                self.service_slot_freed(pair.service());
+            }
+            Entry::Queued(_) => {}
+            Entry::Greeting(greeting) => {
+                greeting.close(&mut cx);
+                self.fds.pair_closed();
+                for listener in std::mem::take(&mut self.paused) {
+                    self.enqueue(listener);
+                }
+                // The service slot it took at accept goes back.
+                if let Some(s) = self.services.service(greeting.service()) {
+                    s.state.gate.active.sub_one();
+                }
+                self.service_slot_freed(greeting.service());
             }
             Entry::Listener(listener) => {
                 if let Some(timer) = listener.paused.take() {
@@ -544,7 +587,7 @@ impl Server {
         }
         loop {
             let now = Instant::now();
-            let timeout = if self.ready.is_empty() {
+            let timeout = if self.ready.is_empty() && self.to_serve.is_empty() {
                 let changes = self.changes.as_ref().and_then(Changes::deadline);
                 let watchdog = self.workers().map(workers::Workers::next_ping);
                 let deadline =
@@ -576,6 +619,7 @@ impl Server {
                 return Err(io::Error::other(why));
             }
             self.start_waiting_probes(now);
+            self.serve_waiting(now);
             for _ in 0..self.ready.len() {
                 let Some(key) = self.ready.pop_front() else { break };
                 if let Some(slot) = self.queued.get_mut(key.index() as usize).filter(|q| **q == Some(key)) {
@@ -585,6 +629,14 @@ impl Server {
             }
             self.access_log.flush();
             if self.drained(now) {
+                // Grace over with workers still running: they cut their connections and
+                // stop, waited for as after a second signal, so none is lost unlogged.
+                if !self.stopping_now && self.workers().is_some_and(|w| !w.all_exited()) {
+                    self.stop_workers(now);
+                    continue;
+                }
+                self.close_open_pairs();
+                self.access_log.flush();
                 if matches!(self.role, Role::Control { .. }) {
                     self.access_log.finish();
                 }
@@ -617,6 +669,8 @@ impl Server {
                 Entry::Probe(probe) => probe.on_ready(key, ready, cx),
                 _ => Step::Wait,
             }),
+            Some(Entry::Queued(_)) => self.on_queued_ready(key, ready),
+            Some(Entry::Greeting(_)) => self.greet(key, now, |greeting, _| greeting.on_ready()),
             Some(Entry::Group(_)) | None => {} // a closed entry's leftover event (pitfall 7)
         }
     }
@@ -665,6 +719,8 @@ impl Server {
                 self.admin_retry = None;
                 self.accept_admin(key, now);
             }
+            Some(Entry::Queued(_)) => self.on_queued_timer(key, now),
+            Some(Entry::Greeting(_)) => self.greet(key, now, |greeting, cx| greeting.on_timer(key, cx)),
             Some(Entry::Group(_)) | None => {}
         }
     }
@@ -802,7 +858,8 @@ impl Server {
         let (mut listeners, mut others) = (Vec::new(), Vec::new());
         for (key, entry) in self.entries.iter() {
             match entry {
-                Entry::Pair(_) => {}
+                // A client whose header is on its way is served like one already relaying.
+                Entry::Pair(_) | Entry::Greeting(_) => {}
                 Entry::Listener(_) => listeners.push(key),
                 _ => others.push(key),
             }
@@ -842,6 +899,26 @@ impl Server {
         self.draining = Some(now + wait);
     }
 
+    /// The grace period ran out while workers still run: tell them to cut their
+    /// connections and stop, and wait for them as `stop_now` does.
+    fn stop_workers(&mut self, now: Instant) {
+        self.stopping_now = true;
+        if let Some(workers) = self.workers() {
+            workers.stop();
+        }
+        self.draining = Some(now + STOP_WAIT);
+    }
+
+    /// Closes the pairs still open when the loop stops (the grace ran out, or a
+    /// second signal), so each is counted and gets its access-log line (`end=shutdown`).
+    fn close_open_pairs(&mut self) {
+        let open: Vec<Key> =
+            self.entries.iter().filter(|(_, entry)| matches!(entry, Entry::Pair(_))).map(|(key, _)| key).collect();
+        for key in open {
+            self.remove_entry(key);
+        }
+    }
+
     /// Tells systemd (if it listens) that every listener and the admin API are up.
     fn notify_ready(&mut self) {
         if !self.notify.is_enabled() {
@@ -874,8 +951,16 @@ impl Server {
             return true;
         }
         if now >= deadline {
-            let pairs = self.fds.pairs;
-            info!("grace period over; closing {pairs} open connection{}", if pairs == 1 { "" } else { "s" });
+            let connections = |n: u64| format!("{n} open connection{}", if n == 1 { "" } else { "s" });
+            match self.role {
+                Role::Worker { index, .. } => {
+                    log::debug!("worker {index}: grace period over; closing {}", connections(self.fds.pairs as u64))
+                }
+                // Over every worker: the control loop itself holds none of them.
+                Role::Control { .. } => {
+                    info!("grace period over; closing {}", connections(self.fds.process_pairs()))
+                }
+            }
             return true;
         }
         false

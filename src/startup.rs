@@ -12,7 +12,7 @@ use crate::control::admin::AdminAddr;
 use crate::control::info::Started;
 use crate::control::state::StateFile;
 use crate::model::address;
-use crate::model::config::{self, one_line, ServiceConfig};
+use crate::model::config::{self, one_line, ConfigFile, Form, ServiceConfig};
 use crate::model::service;
 use crate::runtime::accesslog::{AccessLog, Target};
 use crate::runtime::notify::Notifier;
@@ -48,6 +48,10 @@ pub fn check(flags: &Flags) -> Result<String, Failed> {
 struct Loaded {
     /// The file the services came from: the state file when it exists, else `-config`.
     source: Option<PathBuf>,
+    /// Its form, which the state file is written in (a list without a file).
+    form: Form,
+    /// The flags with the file's global options where no flag was given.
+    flags: Flags,
     /// The services, resolved and checked against each other.
     prepared: Vec<service::Prepared>,
     /// The `-http` address, resolved.
@@ -64,12 +68,22 @@ fn load(flags: &Flags) -> Result<Loaded, Failed> {
         (Some(state), _) if state.exists() => Some(state.clone()),
         (_, config) => config.clone(),
     };
-    let configs = match &source {
-        None => Vec::new(),
+    let file = match &source {
+        None => ConfigFile { services: Vec::new(), form: Form::List },
         Some(path) => config::load(path).map_err(|e| Failed::at(path, e))?,
     };
-    let admin = admin_address(flags)?;
-    let prepared = prepare(configs, &source)?;
+    let flags = match (file.form.globals(), &source) {
+        (Some(globals), Some(path)) => {
+            let (flags, overridden) = flags.clone().with_file(globals);
+            if !overridden.is_empty() {
+                log::info!("{}: flags override its options: {}", path.display(), overridden.join(", "));
+            }
+            flags
+        }
+        _ => flags.clone(),
+    };
+    let admin = admin_address(&flags)?;
+    let prepared = prepare(file.services, &source)?;
     // A TCP admin address with a fixed port is known already; `Server::new`
     // checks again once it is bound, when port 0 has become a real port.
     let admin_tcp = match &admin {
@@ -81,7 +95,7 @@ fn load(flags: &Flags) -> Result<Loaded, Failed> {
         Some(path) => Some(read_token(path)?),
         None => None,
     };
-    Ok(Loaded { source, prepared, admin, token })
+    Ok(Loaded { source, form: file.form, flags, prepared, admin, token })
 }
 
 /// A failure of the config, named with the file it came from, if any.
@@ -99,7 +113,7 @@ pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
         Some(path) => Some(StateFile::open(path).map_err(|e| Failed::at(path, e))?),
         None => None,
     };
-    let Loaded { source, prepared, admin, token } = load(&flags)?;
+    let Loaded { source, form, flags, prepared, admin, token } = load(&flags)?;
     if let AdminAddr::Tcp(addr) = &admin {
         if token.is_none() && !access::is_local_only(addr) {
             log::warn!(
@@ -141,6 +155,7 @@ pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
         access,
         state,
         source: source.clone(),
+        form,
         grace: flags.grace,
         fd_limit,
         workers,

@@ -128,7 +128,7 @@ fn pretty<T: serde::Serialize>(value: &T) -> Vec<u8> {
 }
 
 const READ_ONLY: &str = "GET";
-const READ_WRITE: &str = "GET, PUT, POST, DELETE";
+const READ_WRITE: &str = "GET, PUT, POST, PATCH, DELETE";
 
 /// A listener bound and registered for a change, serving nothing yet.
 #[derive(Debug, Clone, Copy)]
@@ -175,7 +175,7 @@ pub trait Plane {
 
 /// Whether a request changes the config (and so takes its turn), or only reads.
 pub fn is_change(request: &Request) -> bool {
-    matches!(request.method.as_str(), "PUT" | "POST" | "DELETE")
+    matches!(request.method.as_str(), "PUT" | "POST" | "PATCH" | "DELETE")
 }
 
 /// Answers a request that changes nothing.
@@ -310,7 +310,7 @@ impl Draft {
     }
 }
 
-/// Works out the change a `PUT`, `POST` or `DELETE` asks for.
+/// Works out the change a `PUT`, `POST`, `PATCH` or `DELETE` asks for.
 pub fn draft(plane: &impl Plane, request: &Request) -> Result<Draft, ApiError> {
     let services = plane.services();
     let segments = segments(request);
@@ -319,6 +319,13 @@ pub fn draft(plane: &impl Plane, request: &Request) -> Result<Draft, ApiError> {
     match (request.method.as_str(), segments.as_slice()) {
         (_, [""] | ["_config"] | ["_info"] | ["_metrics"]) => Err(ApiError::MethodNotAllowed(READ_ONLY)),
         ("PUT" | "POST", [name]) => put_service(services, name, &request.body, backends_only),
+        ("PATCH", [name]) => {
+            writable_name("service", name)?;
+            let key = find_service(services, name)?;
+            let running = services.config(key).ok_or_else(|| no_service(name))?;
+            let config = config::patch_service(&request.body, &running)?;
+            Ok(service_draft(Some(key), Some(&running), config))
+        }
         ("DELETE", [name]) => {
             writable_name("service", name)?;
             let key = find_service(services, name)?;
@@ -334,6 +341,17 @@ pub fn draft(plane: &impl Plane, request: &Request) -> Result<Draft, ApiError> {
             match backends.iter_mut().find(|b| b.name == *backend) {
                 Some(slot) => *slot = config,
                 None => backends.push(config),
+            }
+            set_backends(services, key, backends)
+        }
+        ("PATCH", [name, backend]) => {
+            writable_name("service", name)?;
+            writable_name("backend", backend)?;
+            let key = find_service(services, name)?;
+            find_backend(services, key, name, backend)?;
+            let mut backends = services.config(key).map(|c| c.backends).unwrap_or_default();
+            if let Some(slot) = backends.iter_mut().find(|b| b.name == *backend) {
+                *slot = config::patch_backend(&request.body, name, slot)?;
             }
             set_backends(services, key, backends)
         }
@@ -360,12 +378,16 @@ fn put_service(services: &Services, name: &str, body: &[u8], backends_only: bool
         Some(running) if backends_only => config::parse_backends_only(body, running)?,
         _ => config::parse_service(body, name)?,
     };
-    if let (Some(key), Some(running)) = (existing, &running) {
-        if config.settings_equal(running) {
-            return Ok(Draft::SetBackends { key, config });
-        }
+    Ok(service_draft(existing, running.as_ref(), config))
+}
+
+/// A new config for service `name`: a backends-only update when its settings
+/// are those running (reference §5), else a replacement (or a new service).
+fn service_draft(existing: Option<Key>, running: Option<&ServiceConfig>, config: ServiceConfig) -> Draft {
+    match (existing, running) {
+        (Some(key), Some(running)) if config.settings_equal(running) => Draft::SetBackends { key, config },
+        _ => Draft::PutService { existing, config },
     }
-    Ok(Draft::PutService { existing, config })
 }
 
 fn set_backends(services: &Services, key: Key, backends: Vec<BackendConfig>) -> Result<Draft, ApiError> {
@@ -398,9 +420,10 @@ enum Apply {
 }
 
 impl Ready {
-    /// The state file's new text: the config list after the change.
-    pub fn state_text(&self) -> String {
-        config::to_json(&self.configs)
+    /// Every service's config once the change is applied, sorted by name:
+    /// what the state file is to hold.
+    pub fn configs(&self) -> &[ServiceConfig] {
+        &self.configs
     }
 
     /// Whether applying it would change nothing (a reload of the running config).

@@ -31,7 +31,7 @@ use crate::control::api::{self, ApiError, Draft, Plane, Ready, Response};
 use crate::control::http::Request;
 use crate::control::state::StateFile;
 use crate::model::address::Lookups;
-use crate::model::config::{self, ConfigError, ServiceConfig};
+use crate::model::config::{self, ConfigError, ConfigFile, Form};
 use crate::runtime::helpers::{self, Answer, Busy, Outbox, Resolver, Worker, RESOLVE_DEADLINE};
 use crate::runtime::key::Key;
 
@@ -68,6 +68,8 @@ enum Origin {
     Signal {
         /// The file re-read.
         path: PathBuf,
+        /// Its form once read: the state file takes it with the services.
+        form: Option<Form>,
     },
 }
 
@@ -80,7 +82,17 @@ impl Origin {
     fn head(&self) -> String {
         match self {
             Origin::Admin { what, who, .. } => format!("{what} from {who}"),
-            Origin::Signal { path } => format!("reload (SIGHUP) of {}", config::one_line(&path.display().to_string())),
+            Origin::Signal { path, .. } => {
+                format!("reload (SIGHUP) of {}", config::one_line(&path.display().to_string()))
+            }
+        }
+    }
+
+    /// A reload's file form, once read.
+    fn form(&self) -> Option<&Form> {
+        match self {
+            Origin::Signal { form, .. } => form.as_ref(),
+            Origin::Admin { .. } => None,
         }
     }
 
@@ -132,7 +144,7 @@ enum Pending {
 #[derive(Debug)]
 enum Current {
     /// A reload's file is being read and parsed; past `deadline` it is given up.
-    Reading { job: u64, deadline: Instant, path: PathBuf, read: Receiver<Result<Vec<ServiceConfig>, ConfigError>> },
+    Reading { job: u64, deadline: Instant, path: PathBuf, read: Receiver<Result<ConfigFile, ConfigError>> },
     /// Names are being looked up; past `deadline` the change gets a 400.
     Resolving { origin: Origin, job: u64, deadline: Instant, draft: Draft, names: Vec<String> },
     /// The state file is being written; once it is, the change is applied.
@@ -154,14 +166,17 @@ pub struct Changes {
     state: Option<(StateFile, Worker)>,
     /// The file a reload reads: the one shuttle started from, if any.
     source: Option<PathBuf>,
+    /// The form the state file is written in: that of the file last read
+    /// (at start-up or by a reload), with its global options as read.
+    form: Form,
 }
 
 impl Changes {
-    /// A queue whose helpers answer into `outbox`, saving to `state`, and
-    /// whose reloads read `source`.
-    pub fn new(outbox: Outbox, state: Option<(StateFile, Worker)>, source: Option<PathBuf>) -> Changes {
+    /// A queue whose helpers answer into `outbox`, saving to `state` in
+    /// `form`, and whose reloads read `source`.
+    pub fn new(outbox: Outbox, state: Option<(StateFile, Worker)>, source: Option<PathBuf>, form: Form) -> Changes {
         let resolver = Resolver::new(outbox.clone());
-        Changes { waiting: VecDeque::new(), current: None, next_job: 1, resolver, outbox, state, source }
+        Changes { waiting: VecDeque::new(), current: None, next_job: 1, resolver, outbox, state, source, form }
     }
 
     /// Takes a change request from admin connection `conn`, sent by `who`;
@@ -270,7 +285,7 @@ impl Changes {
                 }
                 Some(Current::Reading { path, .. }) => {
                     let slow = format!("the file was not read within {} s", READ_DEADLINE.as_secs());
-                    Origin::Signal { path }.refused(ApiError::Internal(slow));
+                    Origin::Signal { path, form: None }.refused(ApiError::Internal(slow));
                 }
                 other => self.current = other,
             }
@@ -340,9 +355,8 @@ impl Changes {
                 self.current = Some(Current::Reading { job, deadline: now + READ_DEADLINE, path, read });
                 None
             }
-            Err(e) => {
-                Origin::Signal { path }.refused(ApiError::Internal(format!("cannot start a thread to read it: {e}")))
-            }
+            Err(e) => Origin::Signal { path, form: None }
+                .refused(ApiError::Internal(format!("cannot start a thread to read it: {e}"))),
         }
     }
 
@@ -351,14 +365,16 @@ impl Changes {
         &mut self,
         plane: &mut impl Plane,
         path: PathBuf,
-        configs: Result<Vec<ServiceConfig>, ConfigError>,
+        file: Result<ConfigFile, ConfigError>,
         now: Instant,
     ) -> Option<Reply> {
-        let origin = Origin::Signal { path };
-        match configs {
-            Ok(configs) => self.look_up(plane, origin, Draft::Reload { configs }, now),
+        match file {
+            Ok(ConfigFile { services, form }) => {
+                let origin = Origin::Signal { path, form: Some(form) };
+                self.look_up(plane, origin, Draft::Reload { configs: services }, now)
+            }
             // The words start-up would print for this file.
-            Err(e) => origin.refused(ApiError::BadRequest(e.to_string())),
+            Err(e) => Origin::Signal { path, form: None }.refused(ApiError::BadRequest(e.to_string())),
         }
     }
 
@@ -394,12 +410,15 @@ impl Changes {
             Ok(ready) => ready,
             Err(e) => return origin.refused(e),
         };
-        let Some((state, worker)) = self.state.as_ref().filter(|_| !ready.changes_nothing()) else {
+        // A reload brings its file's form; a reload that changes only global options is saved too.
+        let form = origin.form().unwrap_or(&self.form);
+        let saves = !ready.changes_nothing() || *form != self.form;
+        let Some((state, worker)) = self.state.as_ref().filter(|_| saves) else {
             return self.commit(plane, origin, ready, now);
         };
         let job = self.next_job;
         self.next_job += 1;
-        match worker.submit(job, state.save_job(ready.state_text())) {
+        match worker.submit(job, state.save_job(form.render(ready.configs()))) {
             Ok(()) => {
                 self.current = Some(Current::Saving { origin, job, ready });
                 None
@@ -417,6 +436,17 @@ impl Changes {
     fn commit(&mut self, plane: &mut impl Plane, origin: Origin, ready: Ready, now: Instant) -> Option<Reply> {
         let (response, summary) = api::commit(plane, ready, now);
         origin.applied(&summary);
+        if let Some(form) = origin.form() {
+            let changed = self.form.changed(form);
+            if !changed.is_empty() {
+                warn!(
+                    "admin: {}: global options changed: {}; they take effect at start-up only: restart shuttle to apply them",
+                    origin.head(),
+                    changed.join(", ")
+                );
+            }
+            self.form = form.clone();
+        }
         let reply = origin.answer(response);
         if !plane.settled() {
             self.current = Some(Current::Applying { reply });
@@ -500,7 +530,7 @@ mod tests {
         services.insert(service::prepare(config, &Lookups::new()).unwrap());
         let mut plane = Fake { services, unacknowledged: false };
         let outbox = Inbox::<Answer>::new(mio::Poll::new().unwrap().registry(), mio::Token(1)).unwrap().outbox();
-        let mut changes = Changes::new(outbox, None, None);
+        let mut changes = Changes::new(outbox, None, None, Form::List);
         let request = Request {
             method: "PUT".into(),
             path: "/web/b".into(),
@@ -544,7 +574,7 @@ mod tests {
         let mut plane = Fake { services, unacknowledged: false };
         let poll = mio::Poll::new().unwrap();
         let inbox = Inbox::<Answer>::new(poll.registry(), mio::Token(1)).unwrap();
-        let mut changes = Changes::new(inbox.outbox(), None, Some(path));
+        let mut changes = Changes::new(inbox.outbox(), None, Some(path), Form::List);
         let now = Instant::now();
         for _ in 0..3 {
             assert!(changes.reload(&mut plane, now).is_empty());
@@ -562,7 +592,7 @@ mod tests {
     fn a_signal_without_a_file_queues_nothing() {
         let poll = mio::Poll::new().unwrap();
         let inbox = Inbox::<Answer>::new(poll.registry(), mio::Token(1)).unwrap();
-        let mut changes = Changes::new(inbox.outbox(), None, None);
+        let mut changes = Changes::new(inbox.outbox(), None, None, Form::List);
         let mut plane = Fake { services: Services::default(), unacknowledged: false };
         assert!(changes.reload(&mut plane, Instant::now()).is_empty());
         assert!(changes.current.is_none() && changes.waiting.is_empty());

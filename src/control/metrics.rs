@@ -55,6 +55,9 @@ pub fn render(services: &Services, process: &Process<'_>) -> String {
 
 struct Out(String);
 
+/// Reads one figure of a service's shared gate.
+type GateFigure = fn(&crate::model::limits::Gate) -> u64;
+
 impl Out {
     fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = write!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
@@ -155,6 +158,28 @@ impl Out {
                 &[("service", &s.settings.name)],
                 s.state.no_backend.get(),
             );
+        }
+        let queues: [(&str, &str, &str, GateFigure); 2] = [
+            ("shuttle_service_queued", "gauge", "Clients waiting now for a backend slot.", |g| g.queued.get()),
+            (
+                "shuttle_service_queue_timeouts_total",
+                "counter",
+                "Queued clients closed because their queue_timeout passed.",
+                |g| g.queue_timeouts.get(),
+            ),
+        ];
+        for (name, kind, help, value) in queues {
+            self.family(name, kind, help);
+            for s in &running {
+                self.sample(name, &[("service", &s.settings.name)], value(&s.state.gate));
+            }
+        }
+        let help =
+            "Clients of an accept_proxy service closed for a missing, malformed, slow or oversized PROXY header.";
+        self.family("shuttle_service_proxy_header_errors_total", "counter", help);
+        for s in &running {
+            let errors = s.state.proxy_header_errors.get();
+            self.sample("shuttle_service_proxy_header_errors_total", &[("service", &s.settings.name)], errors);
         }
         self.family("shuttle_service_connect_seconds", "histogram", "Time to establish a backend connection.");
         for s in &running {

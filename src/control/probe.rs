@@ -3,7 +3,8 @@
 //!
 //! A probe waits `check_interval`, connects to the backend's `check_address`
 //! with `connect_timeout` as the deadline, optionally sends `check_send` and
-//! looks for `check_expect` in the first 4 KiB of the reply, then feeds the
+//! looks for `check_expect` in the first 4 KiB of the reply (a `send_proxy`
+//! backend gets a PROXY header first: see `check_header`), then feeds the
 //! result to the backend's `Health`. There is one state per probe, so a check
 //! that is still running when the next interval comes is never started twice.
 //! Settings are read from the service when each check starts, so a changed
@@ -17,7 +18,9 @@ use mio::net::TcpStream;
 use mio::Interest;
 
 use crate::context::Cx;
+use crate::model::config::SendProxy;
 use crate::model::health::Transition;
+use crate::model::proxy_header;
 use crate::model::service::LastCheck;
 use crate::runtime::key::{Key, Side};
 use crate::runtime::net::{self, ConnectOutcome};
@@ -33,6 +36,8 @@ enum ProbeState {
     Idle,
     /// The check's connect is in flight.
     Connecting { stream: TcpStream },
+    /// Connected; the PROXY header a `send_proxy` backend expects is partly written.
+    Announcing { stream: TcpStream, header: Vec<u8>, sent: usize },
     /// Connected; `check_send` is partly written.
     Sending { stream: TcpStream, sent: usize },
     /// Waiting for `check_expect` in the reply.
@@ -61,6 +66,7 @@ impl std::fmt::Debug for Probe {
         let state = match self.state {
             ProbeState::Idle => "idle",
             ProbeState::Connecting { .. } => "connecting",
+            ProbeState::Announcing { .. } => "announcing",
             ProbeState::Sending { .. } => "sending",
             ProbeState::Expecting { .. } => "expecting",
         };
@@ -214,10 +220,22 @@ impl Probe {
                         ConnectOutcome::Failed(e) => {
                             (ProbeState::Connecting { stream }, Progress::Done(Err(reason(&e))))
                         }
-                        ConnectOutcome::Connected if send.is_empty() && expect.is_empty() => {
-                            (ProbeState::Connecting { stream }, Progress::Done(Ok(())))
+                        ConnectOutcome::Connected => match check_header(cx, self.backend, &stream) {
+                            Some(header) => (ProbeState::Announcing { stream, header, sent: 0 }, Progress::Next),
+                            None if send.is_empty() && expect.is_empty() => {
+                                (ProbeState::Connecting { stream }, Progress::Done(Ok(())))
+                            }
+                            None => (ProbeState::Sending { stream, sent: 0 }, Progress::Next),
+                        },
+                    }
+                }
+                ProbeState::Announcing { mut stream, header, mut sent } => {
+                    match write_send(&mut stream, &header, &mut sent, &mut self.ready) {
+                        Progress::Next if send.is_empty() && expect.is_empty() => {
+                            (ProbeState::Sending { stream, sent: 0 }, Progress::Done(Ok(())))
                         }
-                        ConnectOutcome::Connected => (ProbeState::Sending { stream, sent: 0 }, Progress::Next),
+                        Progress::Next => (ProbeState::Sending { stream, sent: 0 }, Progress::Next),
+                        other => (ProbeState::Announcing { stream, header, sent }, other),
                     }
                 }
                 ProbeState::Sending { mut stream, mut sent } => {
@@ -320,6 +338,30 @@ enum Progress {
     Wait,
     /// The check passed or failed.
     Done(CheckResult),
+}
+
+/// The PROXY header a check sends first, if any. A `send_proxy` backend
+/// checked at its traffic address gets one, since a server that requires the
+/// header logs or rejects a connection without it (HAProxy issue #511): v2
+/// sends `LOCAL` (spec 2.2: "such connections exist when the proxy sends
+/// health-checks"), v1 a line of the check's own endpoints, as spec 2.1 asks
+/// of health checks. A separate `check_address` is a health port of its own
+/// and gets none, as HAProxy does when a check has its own port.
+fn check_header(cx: &Cx<'_>, backend: Key, stream: &TcpStream) -> Option<Vec<u8>> {
+    let backend = cx.services.backend(backend)?;
+    if backend.check_addr != Some(backend.addr) {
+        return None;
+    }
+    match backend.config.send_proxy {
+        SendProxy::Off => None,
+        SendProxy::V2 => Some(proxy_header::v2_local()),
+        SendProxy::V1 => {
+            let (Ok(local), Ok(remote)) = (stream.local_addr(), stream.peer_addr()) else {
+                return Some(b"PROXY UNKNOWN\r\n".to_vec());
+            };
+            Some(proxy_header::v1(local, remote))
+        }
+    }
 }
 
 /// Writes what is left of `check_send`.

@@ -35,6 +35,10 @@ pub enum End {
     LocalError,
     /// Cut when shuttle stopped before it finished.
     Shutdown,
+    /// Waited in the service's queue for longer than `queue_timeout`; never connected.
+    QueueTimeout,
+    /// An `accept_proxy` client's PROXY header was missing, malformed, slow or too long.
+    ProxyHeader,
     /// Cut because its backend was marked down (`on_backend_down: close`).
     BackendDown,
     /// Cut because its backend was removed with `?close`.
@@ -61,6 +65,8 @@ impl End {
             End::ConnectFailed => "connect_failed",
             End::LocalError => "local_error",
             End::Shutdown => "shutdown",
+            End::QueueTimeout => "queue_timeout",
+            End::ProxyHeader => "proxy_header_error",
             End::BackendDown => "backend_down",
             End::BackendRemoved => "backend_removed",
             End::ServiceRemoved => "service_removed",
@@ -92,6 +98,8 @@ pub struct Finished<'a> {
     pub backend: Option<(&'a str, SocketAddr)>,
     /// How long the backend connect took, once one succeeded.
     pub connect: Option<Duration>,
+    /// How long it waited in the service's queue for a backend slot (a part of `duration`).
+    pub queued: Duration,
     /// From accept to close.
     pub duration: Duration,
     /// Bytes client → backend.
@@ -127,7 +135,8 @@ impl Finished<'_> {
         }
         writeln!(
             out,
-            " duration_ms={} sent={} received={} failed_connects={} end={}",
+            " queue_ms={} duration_ms={} sent={} received={} failed_connects={} end={}",
+            millis(self.queued),
             millis(self.duration),
             self.sent,
             self.received,
@@ -155,7 +164,8 @@ impl Finished<'_> {
         }
         writeln!(
             out,
-            ",\"duration_ms\":{},\"sent\":{},\"received\":{},\"failed_connects\":{},\"end\":\"{}\"}}",
+            ",\"queue_ms\":{},\"duration_ms\":{},\"sent\":{},\"received\":{},\"failed_connects\":{},\"end\":\"{}\"}}",
+            millis(self.queued),
             millis(self.duration),
             self.sent,
             self.received,
@@ -190,6 +200,7 @@ mod tests {
             client: "127.0.0.1:5555".parse().unwrap(),
             backend,
             connect: backend.map(|_| Duration::from_micros(1_250)),
+            queued: Duration::from_micros(500),
             duration: Duration::from_millis(25),
             sent: 100,
             received: 2_000,
@@ -210,7 +221,7 @@ mod tests {
         assert_eq!(
             line(&f, Format::Text),
             "2026-12-03T08:16:51.279Z service=web client=127.0.0.1:5555 backend=b1 backend_address=127.0.0.1:8080 \
-             connect_ms=1.250 duration_ms=25.000 sent=100 received=2000 failed_connects=1 end=client_closed\n"
+             connect_ms=1.250 queue_ms=0.500 duration_ms=25.000 sent=100 received=2000 failed_connects=1 end=client_closed\n"
         );
     }
 
@@ -224,6 +235,7 @@ mod tests {
         assert_eq!(v["backend"], serde_json::Value::Null);
         assert_eq!(v["connect_ms"], serde_json::Value::Null);
         assert_eq!(v["duration_ms"], 25.0);
+        assert_eq!(v["queue_ms"], 0.5);
         assert_eq!(v["end"], "no_backend");
         assert_eq!(v["received"], 2000);
     }

@@ -3,4 +3,5 @@
 
 pub mod buffer;
 pub mod finished;
+pub mod greeting;
 pub mod proxy;

@@ -34,7 +34,9 @@ use mio::{Interest, Token};
 use crate::context::Cx;
 use crate::data::buffer::{Buffer, BufferPool, Transfer, BUF_SIZE};
 use crate::data::finished::{End, Finished};
+use crate::model::config::SendProxy;
 use crate::model::health::Transition;
+use crate::model::proxy_header::{self, Version};
 use crate::model::service::{Label, Limits, Plan};
 use crate::runtime::key::{Key, Side};
 use crate::runtime::net::{self, ConnectOutcome};
@@ -312,6 +314,9 @@ pub struct Pair {
     /// How long the backend connect took, once it succeeded.
     /// In microseconds (saturating: no connect outlasts 71 minutes), to keep the slab slot small.
     connected_in: Option<u32>,
+    /// How long the client waited in its service's queue before this pair began, in
+    /// microseconds (saturating like `connected_in`; `accepted` is when it came in).
+    queued_us: u32,
     /// Connects that failed before the one in flight (failovers).
     failed_connects: u16,
     /// Why the pair ended early, for the close log.
@@ -325,6 +330,17 @@ pub struct Pair {
     backend_name: Option<Arc<Label>>,
     /// The armed timer and its deadline: at most one, at the earliest deadline.
     timer: Option<(TimerKey, Instant)>,
+    /// PROXY protocol state, for the few pairs that have any (one word otherwise).
+    proxied: Option<Box<Proxied>>,
+}
+
+/// What a pair keeps of the PROXY protocol.
+#[derive(Debug, Default)]
+struct Proxied {
+    /// The destination a client's own header named; without one, the accepted socket's address.
+    destination: Option<SocketAddr>,
+    /// The header for the backend, still to be written before any client byte.
+    header: Vec<u8>,
 }
 
 /// A client that could not be given a backend: why, and after how many failed connects.
@@ -343,7 +359,9 @@ struct Attempt {
 }
 
 /// Starts a connect to the next candidate of `plan` that accepts one; failed
-/// candidates are counted as backend errors (reference §3).
+/// candidates are counted as backend errors (reference §3). The plan hands
+/// out each candidate with a slot of its limit taken: the attempt keeps it,
+/// a failed start gives it back.
 fn connect_next(plan: &mut Plan, token: Token, failed: &mut u16, cx: &mut Cx<'_>) -> Result<Attempt, Fault> {
     while let Some(target) = cx.services.next_target(plan) {
         let Some(addr) = cx.services.backend(target).map(|b| b.addr) else { continue };
@@ -351,13 +369,11 @@ fn connect_next(plan: &mut Plan, token: Token, failed: &mut u16, cx: &mut Cx<'_>
             cx.registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
             Ok(stream)
         });
+        if started.is_err() {
+            cx.services.release_slot(target);
+        }
         match started {
-            Ok(stream) => {
-                if let Some(b) = cx.services.backend(target) {
-                    b.state.active.add(1);
-                }
-                return Ok(Attempt { stream, target });
-            }
+            Ok(stream) => return Ok(Attempt { stream, target }),
             // An fd or port shortage is ours, not the backend's (pitfall 15).
             Err(e) if net::is_local_shortage(&e) => return Err(Fault::Local(e)),
             Err(e) => {
@@ -392,22 +408,37 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
+/// An accepted client on its way to a pair (perhaps through the queue).
+#[derive(Debug)]
+pub struct Client {
+    /// Its socket.
+    pub stream: TcpStream,
+    /// Its address: the socket's peer, or the source its PROXY header named.
+    pub peer: SocketAddr,
+    /// The address it connected to, when a PROXY header named it.
+    pub destination: Option<SocketAddr>,
+    /// When it was accepted: earlier than now if it was queued.
+    pub accepted: Instant,
+}
+
 impl Pair {
-    /// Takes a freshly accepted client and starts connecting it along `plan`.
-    /// On failure the client is dropped (a normal close) and the fault returned.
+    /// Takes an accepted client and starts connecting it along `plan`. On
+    /// failure the client is dropped (a normal close) and the fault returned.
     pub fn open(
         key: Key,
-        mut client: TcpStream,
-        peer: SocketAddr,
+        Client { stream: mut client, peer, destination, accepted }: Client,
         service: Key,
         mut plan: Plan,
         cx: &mut Cx<'_>,
     ) -> Result<Pair, Refused> {
         let limits = cx.services.limits(service);
         let refused = |fault, failed_connects| Refused { fault, failed_connects };
-        cx.registry
-            .register(&mut client, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE)
-            .map_err(|e| refused(Fault::Local(e), 0))?;
+        if let Err(e) =
+            cx.registry.register(&mut client, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE)
+        {
+            cx.services.abandon(&mut plan);
+            return Err(refused(Fault::Local(e), 0));
+        }
         let mut failed_connects = 0;
         let attempt = connect_next(&mut plan, key.token(Side::Backend), &mut failed_connects, cx)
             .map_err(|f| refused(f, failed_connects))?;
@@ -426,15 +457,17 @@ impl Pair {
             service,
             limits,
             holds: Some(attempt.target),
-            accepted: now,
+            accepted,
             peer,
             connected_in: None,
+            queued_us: u32::try_from(now.saturating_duration_since(accepted).as_micros()).unwrap_or(u32::MAX),
             failed_connects,
             ended: None,
             first_eof: None,
             service_name: cx.access_log.is_on().then(|| cx.services.service(service).map(|s| s.name.clone())).flatten(),
             backend_name: None,
             timer: None,
+            proxied: destination.map(|d| Box::new(Proxied { destination: Some(d), header: Vec::new() })),
         };
         pair.rearm(key, cx);
         Ok(pair)
@@ -572,6 +605,7 @@ impl Pair {
         self.release_backend(cx);
         if let Some(s) = cx.services.service(self.service) {
             s.state.duration.observe(cx.now.saturating_duration_since(self.accepted));
+            s.state.gate.active.sub_one();
         }
         if cx.access_log.is_on() {
             self.log_access(cx);
@@ -598,6 +632,7 @@ impl Pair {
             client: self.peer,
             backend,
             connect: self.connected_in.map(|us| Duration::from_micros(u64::from(us))),
+            queued: Duration::from_micros(u64::from(self.queued_us)),
             duration: cx.now.saturating_duration_since(self.accepted),
             sent: self.up.total,
             received: self.down.total,
@@ -647,7 +682,12 @@ impl Pair {
         };
         let connected =
             self.connected_in.map_or_else(String::new, |us| format!("{failed}connected in {} ms, ", us / 1000));
-        let how = self.ended.as_ref().map_or_else(|| "both sides closed".to_string(), Fault::to_string);
+        let how = match (&self.ended, self.end()) {
+            (Some(fault), _) => fault.to_string(),
+            (None, End::Shutdown) => "cut at shutdown".into(),
+            (None, End::BackendClosed) => "both sides closed, the backend first".into(),
+            (None, _) => "both sides closed, the client first".into(),
+        };
         // With several worker loops, which one served it (their threads are named for them).
         let thread = std::thread::current();
         let worker = thread
@@ -710,6 +750,19 @@ impl Pair {
         if cx.access_log.is_on() {
             self.backend_name = cx.services.backend(target).map(|b| b.label.clone());
         }
+        let version = cx.services.backend(target).and_then(|b| match b.config.send_proxy {
+            SendProxy::Off => None,
+            SendProxy::V1 => Some(Version::V1),
+            SendProxy::V2 => Some(Version::V2),
+        });
+        if let Some(version) = version {
+            let proxied = self.proxied.get_or_insert_with(Box::default);
+            // getsockname of the accepted socket: the address the client connected to.
+            let destination = proxied.destination.map_or_else(|| self.client.stream.local_addr(), Ok);
+            let destination =
+                destination.unwrap_or_else(|_| cx.services.service(self.service).map_or(self.peer, |s| s.addr));
+            proxied.header = proxy_header::encode(version, self.peer, destination);
+        }
         self.set_phase(Phase::Relaying { target });
     }
 
@@ -744,6 +797,13 @@ impl Pair {
         let now = cx.now;
         let mut up_budget = BUDGET;
         let mut down_budget = BUDGET;
+        let header_sent = match &self.phase {
+            Phase::Relaying { .. } => match send_header(&mut self.proxied, &mut self.backend) {
+                Ok(sent) => sent,
+                Err(e) => return self.fail(Fault::Backend(e), cx),
+            },
+            Phase::Connecting { .. } => false,
+        };
         let backend = &mut self.backend;
         let (result, more) = match &mut self.phase {
             Phase::Connecting { .. } => {
@@ -752,9 +812,11 @@ impl Pair {
             }
             Phase::Relaying { .. } => {
                 let down_done = self.down.state == HalfState::Shut;
+                // Until the header is out, client bytes only queue up behind it.
+                let towards = header_sent.then_some(&mut *backend);
                 let r = self
                     .up
-                    .pump(&mut self.client, Some(backend), down_done, cx.pool, &mut up_budget, now)
+                    .pump(&mut self.client, towards, down_done, cx.pool, &mut up_budget, now)
                     .map_err(|e| half_fault(e, Side::Client))
                     .and_then(|()| {
                         let up_done = self.up.state == HalfState::Shut;
@@ -866,6 +928,23 @@ impl Pair {
         }
         self.timer = Some((cx.timers.insert(want, key), want));
     }
+}
+
+/// Writes what is left of the backend's PROXY header; `Ok(true)` once none is.
+fn send_header(proxied: &mut Option<Box<Proxied>>, backend: &mut Peer<TcpStream>) -> io::Result<bool> {
+    let Some(proxied) = proxied.as_mut().filter(|p| !p.header.is_empty()) else { return Ok(true) };
+    while !proxied.header.is_empty() && backend.ready.writable {
+        match backend.stream.write(&proxied.header) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                proxied.header.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => backend.ready.writable = false,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(proxied.header.is_empty())
 }
 
 /// Reads and drops what a cut pair's client still sends, within `budget`;

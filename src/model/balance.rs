@@ -2,7 +2,9 @@
 //! failover order after a failed connect. Pure: no sockets, no clock, no
 //! allocation.
 //!
-//! A backend is *eligible* when it is up and its weight is above 0. The
+//! A backend is *eligible* when it is up and its weight is above 0; it is
+//! *open* when eligible and below its `max_connections`. Picks and failover
+//! take open backends only: a full one is skipped as if drained, for now. The
 //! functions see a service's `n` backends through `at(i)`, in config order,
 //! and return positions; the caller maps them to backends. The first choice is
 //! all most connections need, so the failover order is computed only when a
@@ -21,12 +23,26 @@ pub struct Candidate {
     pub up: bool,
     /// Connections open (or being opened) to it now.
     pub active: u64,
+    /// Its `max_connections`; 0 means no limit.
+    pub limit: u64,
 }
 
 impl Candidate {
     fn eligible(&self) -> bool {
         self.up && self.weight > 0
     }
+
+    /// Eligible and below its limit: it may take one more connection now.
+    fn open(&self) -> bool {
+        self.eligible() && (self.limit == 0 || self.active < self.limit)
+    }
+}
+
+/// Whether any backend is eligible at all, full or not: when a pick found
+/// none, this tells "every backend is full" (queue the client) from "none
+/// is up" (close it).
+pub fn any_eligible(n: usize, at: impl Fn(usize) -> Candidate) -> bool {
+    (0..n).any(|i| at(i).eligible())
 }
 
 /// The candidate as the balancer sees it when its service is in fail-open
@@ -102,7 +118,7 @@ pub fn round_robin(cursor: &mut Cursor, n: usize, at: impl Fn(usize) -> Candidat
     // n + 1 steps: the current backend's remaining turn, then every backend once.
     for _ in 0..=n {
         let b = at(pos);
-        if b.eligible() && taken < b.weight {
+        if b.open() && taken < b.weight {
             taken += 1;
             *cursor =
                 if taken >= b.weight { Cursor { next: (pos + 1) % n, taken: 0 } } else { Cursor { next: pos, taken } };
@@ -134,12 +150,12 @@ pub fn failover(
     tried: impl Fn(usize) -> bool,
 ) -> Option<usize> {
     match balance {
-        Balance::RoundRobin => (1..=n).map(|i| (last + i) % n).find(|&i| !tried(i) && at(i).eligible()),
+        Balance::RoundRobin => (1..=n).map(|i| (last + i) % n).find(|&i| !tried(i) && at(i).open()),
         Balance::LeastConn => fewest_active(last + 1, n, &at, |i| !tried(i)),
     }
 }
 
-/// The eligible, allowed backend with the fewest active connections, scanning from `start`.
+/// The open, allowed backend with the fewest active connections, scanning from `start`.
 fn fewest_active(
     start: usize,
     n: usize,
@@ -149,7 +165,7 @@ fn fewest_active(
     let mut best: Option<(usize, u64)> = None;
     for i in (0..n).map(|i| (start + i) % n.max(1)) {
         let b = at(i);
-        if b.eligible() && allowed(i) && best.is_none_or(|(_, active)| b.active < active) {
+        if b.open() && allowed(i) && best.is_none_or(|(_, active)| b.active < active) {
             best = Some((i, b.active));
         }
     }
@@ -161,10 +177,14 @@ mod tests {
     use super::*;
 
     fn up(weight: u32) -> Candidate {
-        Candidate { weight, up: true, active: 0 }
+        Candidate { weight, up: true, active: 0, limit: 0 }
     }
 
-    const DOWN: Candidate = Candidate { weight: 1, up: false, active: 0 };
+    const DOWN: Candidate = Candidate { weight: 1, up: false, active: 0, limit: 0 };
+
+    fn full(active: u64) -> Candidate {
+        Candidate { active, limit: active, ..up(1) }
+    }
 
     #[track_caller]
     fn picks(balance: Balance, backends: &[Candidate], count: usize) -> Vec<usize> {
@@ -241,6 +261,36 @@ mod tests {
         assert_eq!(picks(Balance::LeastConn, &backends, 2), [0, 0]);
         let mut cursor = Cursor::default();
         assert_eq!(order(Balance::LeastConn, &mut cursor, &backends), [0]);
+    }
+
+    #[test]
+    fn rr_skips_full_backends_and_takes_them_back_once_below_their_limit() {
+        let backends = [up(1), full(2), Candidate { active: 1, limit: 2, ..up(1) }];
+        assert_eq!(picks(Balance::RoundRobin, &backends, 4), [0, 2, 0, 2]);
+        let mut cursor = Cursor::default();
+        assert_eq!(order(Balance::RoundRobin, &mut cursor, &backends), [0, 2], "failover skips the full one too");
+        let freed = [up(1), Candidate { active: 1, limit: 2, ..up(1) }];
+        assert_eq!(picks(Balance::RoundRobin, &freed, 2), [0, 1]);
+    }
+
+    #[test]
+    fn lc_skips_full_backends_even_with_fewer_connections() {
+        let backends = [Candidate { active: 9, ..up(1) }, full(1), Candidate { active: 5, limit: 6, ..up(1) }];
+        assert_eq!(picks(Balance::LeastConn, &backends, 2), [2, 2]);
+        let mut cursor = Cursor::default();
+        assert_eq!(order(Balance::LeastConn, &mut cursor, &backends), [2, 0]);
+    }
+
+    #[test]
+    fn all_full_is_told_apart_from_none_eligible() {
+        let mut cursor = Cursor::default();
+        let full_ones = [full(3), full(1)];
+        assert_eq!(pick(Balance::RoundRobin, &mut cursor, 2, |i| full_ones[i]), None);
+        assert_eq!(pick(Balance::LeastConn, &mut cursor, 2, |i| full_ones[i]), None);
+        assert!(any_eligible(2, |i| full_ones[i]), "full: the client may wait");
+        let none = [DOWN, up(0)];
+        assert!(!any_eligible(2, |i| none[i]), "none up: the client is closed");
+        assert!(!any_eligible(0, |_| up(1)));
     }
 
     #[test]

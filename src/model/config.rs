@@ -25,12 +25,19 @@ use serde_json::Value;
 use crate::model::address::{self, clip, overlaps, Address, Host};
 use crate::runtime::files::{self, FileError};
 
+mod file;
+mod patch;
+pub use file::{parse_file, ConfigFile, Form};
+pub use patch::{patch_backend, patch_service};
+
 /// Default seconds between health checks.
 pub const DEFAULT_CHECK_INTERVAL: f64 = 2.0;
 /// Default consecutive checks for `fall` and `rise`.
 pub const DEFAULT_FALL_RISE: u32 = 2;
 /// Default seconds allowed for a backend connect or a health check.
 pub const DEFAULT_CONNECT_TIMEOUT: f64 = 5.0;
+/// Default seconds a queued client waits for a backend slot.
+pub const DEFAULT_QUEUE_TIMEOUT: f64 = 5.0;
 /// Default backend weight.
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Longest service or backend name, in bytes.
@@ -81,6 +88,18 @@ pub struct ServiceConfig {
     /// Text a health check reply must contain; empty accepts any connect.
     #[serde(default)]
     pub check_expect: String,
+    /// Clients proxied or queued at once at most; 0 means no limit. At the limit the listener rests.
+    #[serde(default)]
+    pub max_connections: u32,
+    /// Clients that may wait for a backend slot when every backend is at its limit; 0 closes them instead.
+    #[serde(default)]
+    pub max_queue: u32,
+    /// Seconds a queued client waits at most; 0 means no deadline.
+    #[serde(default = "default_queue_timeout", serialize_with = "serialize_seconds")]
+    pub queue_timeout: f64,
+    /// Whether every client must start with a PROXY protocol header (v1 or v2).
+    #[serde(default)]
+    pub accept_proxy: bool,
     /// When every backend that could take traffic is down, balance over them all as if up.
     #[serde(default)]
     pub fail_open: bool,
@@ -106,6 +125,39 @@ pub struct BackendConfig {
     /// Round-robin weight; 0 drains the backend.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Connections open or being opened to it at once at most; 0 means no limit.
+    #[serde(default)]
+    pub max_connections: u32,
+    /// The PROXY protocol header this backend gets before a client's bytes.
+    #[serde(default)]
+    pub send_proxy: SendProxy,
+}
+
+/// Which PROXY protocol header a backend gets: `""` (none), `"v1"` or `"v2"` in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum SendProxy {
+    /// None: the backend sees shuttle's address.
+    #[default]
+    #[serde(rename = "")]
+    Off,
+    /// The text line of version 1.
+    #[serde(rename = "v1")]
+    V1,
+    /// The binary header of version 2.
+    #[serde(rename = "v2")]
+    V2,
+}
+
+impl FromStr for SendProxy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" => Ok(SendProxy::Off),
+            "v1" => Ok(SendProxy::V1),
+            "v2" => Ok(SendProxy::V2),
+            other => Err(format!(r#"must be "" (none), "v1" or "v2", got {:?}"#, clip(other))),
+        }
+    }
 }
 
 /// Balancing algorithm: `"RR"` or `"LC"` in JSON; the Go shuttle's `""` means RR.
@@ -166,6 +218,13 @@ pub enum ConfigError {
         /// What is wrong and what is expected.
         problem: String,
     },
+    /// A global option of an object file breaks its rule (reference §2.1).
+    Global {
+        /// Its key: `grace`, `admin.mode`.
+        key: &'static str,
+        /// What is wrong and what is expected.
+        problem: String,
+    },
     /// The file could not be read.
     Io {
         /// The file.
@@ -194,6 +253,7 @@ impl fmt::Display for ConfigError {
                 }
                 write!(f, "{field}: {problem}")
             }
+            ConfigError::Global { key, problem } => write!(f, "{key}: {problem}"),
             ConfigError::Io { path, source } => write!(f, "cannot read {}: {source}", path.display()),
         }
     }
@@ -235,6 +295,10 @@ impl ServiceConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             check_send: String::new(),
             check_expect: String::new(),
+            max_connections: 0,
+            max_queue: 0,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+            accept_proxy: false,
             fail_open: false,
             on_backend_down: OnBackendDown::Keep,
             max_connection_duration: 0.0,
@@ -257,7 +321,17 @@ impl BackendConfig {
             address: address.into(),
             check_address: String::new(),
             weight: DEFAULT_WEIGHT,
+            max_connections: 0,
+            send_proxy: SendProxy::Off,
         }
+    }
+
+    /// True when only `max_connections` differs: the backend keeps its state
+    /// (its `active` count must go on counting the connections it has).
+    pub fn same_but_limit(&self, other: &BackendConfig) -> bool {
+        // Struct update syntax, so that a field added later is compared too.
+        let strip = |b: &BackendConfig| BackendConfig { max_connections: 0, ..b.clone() };
+        strip(self) == strip(other)
     }
 }
 
@@ -269,6 +343,9 @@ fn default_fall_rise() -> u32 {
 }
 fn default_connect_timeout() -> f64 {
     DEFAULT_CONNECT_TIMEOUT
+}
+fn default_queue_timeout() -> f64 {
+    DEFAULT_QUEUE_TIMEOUT
 }
 fn default_weight() -> u32 {
     DEFAULT_WEIGHT
@@ -327,6 +404,10 @@ struct RawService {
     connect_timeout: Option<Value>,
     check_send: Option<Value>,
     check_expect: Option<Value>,
+    max_connections: Option<Value>,
+    max_queue: Option<Value>,
+    queue_timeout: Option<Value>,
+    accept_proxy: Option<Value>,
     fail_open: Option<Value>,
     on_backend_down: Option<Value>,
     max_connection_duration: Option<Value>,
@@ -339,6 +420,8 @@ struct RawBackend {
     address: Option<Value>,
     check_address: Option<Value>,
     weight: Option<Value>,
+    max_connections: Option<Value>,
+    send_proxy: Option<Value>,
 }
 
 /// Where a problem is: builds `ConfigError::Invalid`.
@@ -355,23 +438,24 @@ impl At<'_> {
     }
 }
 
-/// Parses a config or state file: a JSON list of services (Go's `null` is an empty list).
+/// Parses a list of services (Go's `null` is an empty list); `parse_file` reads either form.
 pub fn parse_services(text: &str) -> Result<Vec<ServiceConfig>, ConfigError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let raw: Option<Vec<Object<RawService>>> = serde_json::from_str(text).map_err(|e| match json_error(e) {
-        // The later Go shuttle's `{"services": [...]}`: say what this format is instead of "expected a sequence".
+        // `parse_file` reads the object form; this one is the list only.
         ConfigError::Json { line, column, .. } if text.trim_start().starts_with('{') => {
             let message = "expected a JSON list of services, got an object".to_string();
             ConfigError::Json { line, column, message }
         }
         other => other,
     })?;
-    let services = raw
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-        .map(|(i, raw)| build_service(raw.0, i, None))
-        .collect::<Result<Vec<_>, _>>()?;
+    build_all(raw.unwrap_or_default())
+}
+
+/// Builds and checks a whole list of services as read.
+fn build_all(raw: Vec<Object<RawService>>) -> Result<Vec<ServiceConfig>, ConfigError> {
+    let services =
+        raw.into_iter().enumerate().map(|(i, raw)| build_service(raw.0, i, None)).collect::<Result<Vec<_>, _>>()?;
     validate_all(&services)?;
     Ok(services)
 }
@@ -406,8 +490,8 @@ pub fn parse_backend(body: &[u8], service: &str, url_name: &str) -> Result<Backe
     Ok(backend)
 }
 
-/// Reads and parses a config or state file: a regular file of at most 64 MiB.
-pub fn load(path: &Path) -> Result<Vec<ServiceConfig>, ConfigError> {
+/// Reads and parses a config or state file, in either form: a regular file of at most 64 MiB.
+pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
     let io = |source| ConfigError::Io { path: path.to_path_buf(), source };
     let bytes = files::read_regular(path, files::MAX_FILE).map_err(|e| match e {
         FileError::Io(e) => io(e),
@@ -415,7 +499,7 @@ pub fn load(path: &Path) -> Result<Vec<ServiceConfig>, ConfigError> {
     })?;
     let text = String::from_utf8(bytes)
         .map_err(|e| io(io::Error::new(io::ErrorKind::InvalidData, format!("is not UTF-8 text ({e})"))))?;
-    parse_services(&text)
+    parse_file(&text)
 }
 
 fn json_error(e: serde_json::Error) -> ConfigError {
@@ -460,7 +544,11 @@ fn build_service(raw: RawService, index: usize, url_name: Option<&str>) -> Resul
         connect_timeout: number(raw.connect_timeout, &at, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)?,
         check_send: text(raw.check_send, &at, "check_send")?.unwrap_or_default(),
         check_expect: text(raw.check_expect, &at, "check_expect")?.unwrap_or_default(),
-        fail_open: boolean(raw.fail_open, &at, "fail_open")?,
+        max_connections: integer(raw.max_connections, &at, "max_connections", 0, 0)?,
+        max_queue: integer(raw.max_queue, &at, "max_queue", 0, 0)?,
+        queue_timeout: number(raw.queue_timeout, &at, "queue_timeout", DEFAULT_QUEUE_TIMEOUT)?,
+        accept_proxy: flag(raw.accept_proxy, &at, "accept_proxy")?,
+        fail_open: flag(raw.fail_open, &at, "fail_open")?,
         on_backend_down: match text(raw.on_backend_down, &at, "on_backend_down")? {
             Some(s) => s.parse().map_err(|problem: String| at.err("on_backend_down", problem))?,
             None => OnBackendDown::default(),
@@ -486,6 +574,11 @@ fn build_backend(
         address: required_address(raw.address, &at)?,
         check_address: text(raw.check_address, &at, "check_address")?.unwrap_or_default(),
         weight: integer(raw.weight, &at, "weight", 0, DEFAULT_WEIGHT)?,
+        max_connections: integer(raw.max_connections, &at, "max_connections", 0, 0)?,
+        send_proxy: match text(raw.send_proxy, &at, "send_proxy")? {
+            Some(s) => s.parse().map_err(|problem: String| at.err("send_proxy", problem))?,
+            None => SendProxy::Off,
+        },
     })
 }
 
@@ -514,7 +607,7 @@ fn text(value: Option<Value>, at: &At<'_>, field: &str) -> Result<Option<String>
 }
 
 /// A boolean field; `null` or absent is `false`.
-fn boolean(value: Option<Value>, at: &At<'_>, field: &str) -> Result<bool, ConfigError> {
+fn flag(value: Option<Value>, at: &At<'_>, field: &str) -> Result<bool, ConfigError> {
     match value {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(b),
@@ -589,6 +682,7 @@ pub fn validate_service(service: &ServiceConfig) -> Result<(), ConfigError> {
         ("client_timeout", service.client_timeout),
         ("server_timeout", service.server_timeout),
         ("connect_timeout", service.connect_timeout),
+        ("queue_timeout", service.queue_timeout),
         ("max_connection_duration", service.max_connection_duration),
     ] {
         if !(0.0..=MAX_SECONDS).contains(&value) {

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::model::health::{SharedHealth, Tally};
 use crate::model::histogram::{Histogram, CONNECT_BOUNDS, DURATION_BOUNDS};
+use crate::model::limits::Gate;
 
 /// Counters of one backend, as the stats API and the metrics show them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,6 +42,16 @@ impl Counter {
     /// Takes one away, never below zero.
     pub fn sub_one(&self) {
         let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+    }
+
+    /// Adds one unless that would pass `limit` (0: no limit); `false` when at
+    /// the limit. One compare-and-swap: two loops can't both take the last slot.
+    pub fn try_add_below(&self, limit: u64) -> bool {
+        if limit == 0 {
+            self.add(1);
+            return true;
+        }
+        self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| (v < limit).then_some(v + 1)).is_ok()
     }
 
     /// The value now.
@@ -97,21 +108,34 @@ pub struct ServiceState {
     pub errors: Counter,
     /// Clients closed without a backend: none was available, or every connect failed.
     pub no_backend: Counter,
+    /// Clients closed for a missing, malformed, slow or oversized PROXY header.
+    pub proxy_header_errors: Counter,
     /// How long established backend connects took.
     pub connect_time: Histogram,
     /// How long finished connections lasted, from accept to close.
     pub duration: Histogram,
+    /// Its connection limit and queue as every loop shares them.
+    pub gate: Gate,
     /// Its backends that count for fail-open, and how many of those are down.
     pub tally: Tally,
 }
 
 impl Default for ServiceState {
     fn default() -> Self {
+        ServiceState::for_loops(1)
+    }
+}
+
+impl ServiceState {
+    /// The state of a service that `loops` loops serve.
+    pub fn for_loops(loops: usize) -> ServiceState {
         ServiceState {
             errors: Counter::default(),
             no_backend: Counter::default(),
+            proxy_header_errors: Counter::default(),
             connect_time: Histogram::new(CONNECT_BOUNDS),
             duration: Histogram::new(DURATION_BOUNDS),
+            gate: Gate::new(loops),
             tally: Tally::default(),
         }
     }
@@ -155,6 +179,20 @@ mod tests {
         state.active.sub_one();
         state.active.sub_one();
         assert_eq!(state.counters().active, 0);
+    }
+
+    #[test]
+    fn a_limit_is_never_passed_by_concurrent_takers() {
+        let active = std::sync::Arc::new(Counter::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let active = active.clone();
+                std::thread::spawn(move || (0..10_000).filter(|_| active.try_add_below(7)).count())
+            })
+            .collect();
+        let taken: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!((taken, active.get()), (7, 7));
+        assert!(active.try_add_below(0), "0 is no limit");
     }
 
     #[test]

@@ -9,4 +9,8 @@ pub mod counters;
 pub mod diff;
 pub mod health;
 pub mod histogram;
+pub mod limits;
+pub mod options;
+pub mod proxy_header;
+pub mod queue;
 pub mod service;

@@ -217,9 +217,14 @@ fn candidate(backends: &Slots<Backend>, key: Key, open: bool) -> Candidate {
     match backends.get(key) {
         Some(b) => balance::as_if_up(
             open,
-            Candidate { weight: b.config.weight, up: b.state.health.is_up(), active: b.state.active.get() },
+            Candidate {
+                weight: b.config.weight,
+                up: b.state.health.is_up(),
+                active: b.state.active.get(),
+                limit: u64::from(b.config.max_connections),
+            },
         ),
-        None => Candidate { weight: 0, up: false, active: 0 },
+        None => Candidate { weight: 0, up: false, active: 0, limit: 0 },
     }
 }
 
@@ -238,21 +243,33 @@ impl Limits {
 /// The backends to try for one client, best first; each is tried at most once
 /// (reference §3). Only the first is chosen up front: the rest of the order is
 /// worked out when a connect fails, from the backends as they are then.
+///
+/// Every backend a plan hands out comes with a slot of its `max_connections`
+/// already taken (its `active` count raised by compare-and-swap), which the
+/// pair gives back when it is done with it; one handed out by `plan` and
+/// never used goes back through [`Services::abandon`].
 #[derive(Debug)]
 pub struct Plan {
     service: Key,
-    /// The balancer's pick, until it is handed out.
+    /// The balancer's pick, slot taken, until it is handed out.
     first: Option<Key>,
-    /// Backends handed out so far (empty, unallocated, until a first failover).
+    /// Backends handed out (or found full) so far (empty, unallocated, until a first failover).
     tried: Vec<Key>,
     /// The last backend handed out.
     last: Option<Key>,
+    /// Some eligible backend was passed over because it was at its limit.
+    full: bool,
 }
 
 impl Plan {
     /// Whether the balancer found no backend at all.
     pub fn is_empty(&self) -> bool {
         self.first.is_none() && self.last.is_none()
+    }
+
+    /// Whether the plan is empty only because every eligible backend is at its limit (the client may wait).
+    pub fn is_full(&self) -> bool {
+        self.is_empty() && self.full
     }
 }
 
@@ -282,11 +299,18 @@ pub struct Services {
     by_name: BTreeMap<String, Key>,
     services: Slots<Service>,
     backends: Slots<Backend>,
+    /// How many loops proxy for these services (0 is taken as 1): sizes each service's shared gate.
+    loops: usize,
     /// Rung when a backend of an `on_backend_down: close` service goes down, so every loop cuts its pairs.
     bell: Arc<Bell>,
 }
 
 impl Services {
+    /// Sizes the shared state of services added from now on for `loops` proxying loops.
+    pub fn set_loops(&mut self, loops: usize) {
+        self.loops = loops;
+    }
+
     /// The service called `name`.
     pub fn find(&self, name: &str) -> Option<Key> {
         self.by_name.get(name).copied()
@@ -344,7 +368,7 @@ impl Services {
             settings: config,
             addr,
             backends: Vec::new(),
-            state: Arc::default(),
+            state: Arc::new(ServiceState::for_loops(self.loops)),
             listener: None,
             cursor: Arc::default(),
             retired: false,
@@ -382,13 +406,17 @@ impl Services {
             old.iter().filter_map(|&k| self.backends.get(k).map(|b| (b.config.name.clone(), k))).collect();
         let mut new_keys = Vec::with_capacity(configs.len());
         for (config, (addr, check_addr)) in configs.into_iter().zip(addrs) {
+            // A new limit alone keeps the backend: its open connections must go on counting.
             let same = by_name
                 .get(&config.name)
                 .copied()
-                .filter(|&k| self.backends.get(k).is_some_and(|b| b.config == config));
+                .filter(|&k| self.backends.get(k).is_some_and(|b| b.config.same_but_limit(&config)));
             match same {
                 Some(k) => {
                     by_name.remove(&config.name);
+                    if let Some(b) = self.backends.get_mut(k) {
+                        b.config = config;
+                    }
                     new_keys.push(k);
                 }
                 None => {
@@ -475,19 +503,31 @@ impl Services {
         self.services.get(key).map_or_else(Limits::default, |s| s.limits)
     }
 
-    /// Chooses a backend for a new client; an empty plan means none is available.
+    /// Chooses a backend for a new client and takes a slot of it; an empty
+    /// plan means none is available ([`Plan::is_full`] says whether only for now).
     pub fn plan(&mut self, key: Key) -> Plan {
-        let mut plan = Plan { service: key, first: None, tried: Vec::new(), last: None };
+        let mut plan = Plan { service: key, first: None, tried: Vec::new(), last: None, full: false };
         let Some(service) = self.services.get(key) else { return plan };
         let (backends, slots) = (&service.backends, &self.backends);
         let open = service.fails_open();
         let at = |i: usize| candidate(slots, backends[i], open);
-        let chosen = service.cursor.pick(service.settings.balance, backends.len(), at);
-        plan.first = chosen.map(|i| backends[i]);
+        let chosen = service.cursor.pick(service.settings.balance, backends.len(), at).map(|i| backends[i]);
+        match chosen {
+            Some(b) if self.take_slot(b) => plan.first = Some(b),
+            // Another loop took its last slot since the pick looked: on to the next, as after a failure.
+            Some(b) => {
+                plan.last = Some(b);
+                plan.full = true;
+                plan.first = self.next_target(&mut plan);
+                plan.last = None;
+            }
+            None => plan.full = balance::any_eligible(backends.len(), at),
+        }
         plan
     }
 
-    /// The next backend of `plan` to try: its first choice, then failover candidates.
+    /// The next backend of `plan` to try, its slot taken: the first choice,
+    /// then failover candidates (skipping any found full meanwhile).
     pub fn next_target(&self, plan: &mut Plan) -> Option<Key> {
         if let Some(first) = plan.first.take() {
             plan.last = Some(first);
@@ -495,18 +535,43 @@ impl Services {
         }
         let service = self.services.get(plan.service)?;
         let backends = &service.backends;
-        if let Some(last) = plan.last {
-            plan.tried.push(last);
+        loop {
+            if let Some(last) = plan.last {
+                plan.tried.push(last);
+            }
+            // Where the failed backend stood; if an update removed it, go on from the start.
+            let last = (plan.last.and_then(|k| backends.iter().position(|&b| b == k)))
+                .unwrap_or(backends.len().saturating_sub(1));
+            let tried = |i: usize| plan.tried.contains(&backends[i]);
+            let open = service.fails_open();
+            let at = |i: usize| candidate(&self.backends, backends[i], open);
+            let next =
+                balance::failover(service.settings.balance, last, backends.len(), at, tried).map(|i| backends[i]);
+            plan.last = next;
+            match next {
+                Some(b) if !self.take_slot(b) => plan.full = true,
+                next => return next,
+            }
         }
-        // Where the failed backend stood; if an update removed it, go on from the start.
-        let last =
-            plan.last.and_then(|k| backends.iter().position(|&b| b == k)).unwrap_or(backends.len().saturating_sub(1));
-        let tried = |i: usize| plan.tried.contains(&backends[i]);
-        let open = service.fails_open();
-        let at = |i: usize| candidate(&self.backends, backends[i], open);
-        let next = balance::failover(service.settings.balance, last, backends.len(), at, tried).map(|i| backends[i]);
-        plan.last = next;
-        next
+    }
+
+    /// Takes one slot of `backend`'s `max_connections` (one compare-and-swap); `false` when it is full.
+    fn take_slot(&self, backend: Key) -> bool {
+        self.backends.get(backend).is_some_and(|b| b.state.active.try_add_below(u64::from(b.config.max_connections)))
+    }
+
+    /// Gives back a slot taken by [`Services::plan`] or [`Services::next_target`].
+    pub fn release_slot(&self, backend: Key) {
+        if let Some(b) = self.backends.get(backend) {
+            b.state.active.sub_one();
+        }
+    }
+
+    /// Gives back the slot of a plan's first choice that was never handed out.
+    pub fn abandon(&self, plan: &mut Plan) {
+        if let Some(first) = plan.first.take() {
+            self.release_slot(first);
+        }
     }
 
     /// Counts a failed backend connect and feeds passive health; returns a transition to log.
@@ -699,6 +764,9 @@ impl Services {
             ("errors", sum.errors),
             ("connections", sum.connections),
             ("active", sum.active),
+            ("queued", s.state.gate.queued.get()),
+            ("queue_timeouts", s.state.gate.queue_timeouts.get()),
+            ("proxy_header_errors", s.state.proxy_header_errors.get()),
         ]));
         fields.push(("fail_open_active".into(), Stats::Field(json!(s.fails_open()))));
         let backends = s.backends.iter().filter_map(|&k| self.backend_stats(k)).collect();
@@ -720,11 +788,15 @@ const SERVICE_FIELDS: &[&str] = &[
     "connect_timeout",
     "check_send",
     "check_expect",
+    "max_connections",
+    "max_queue",
+    "queue_timeout",
+    "accept_proxy",
     "fail_open",
     "on_backend_down",
     "max_connection_duration",
 ];
-const BACKEND_FIELDS: &[&str] = &["name", "address", "check_address", "weight"];
+const BACKEND_FIELDS: &[&str] = &["name", "address", "check_address", "weight", "max_connections", "send_proxy"];
 
 /// A stats document whose objects keep their keys in a reading order (serde_json's
 /// own objects are sorted), so config fields come first and counters after.
@@ -867,6 +939,57 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_takes_a_slot_skips_full_backends_and_tells_full_from_down() {
+        let mut services = Services::default();
+        let mut prepared = service(&[("a", 1), ("b", 2)]);
+        prepared.config.backends[0].max_connections = 1;
+        prepared.config.backends[1].max_connections = 1;
+        let (key, added) = services.insert(prepared);
+        let active = |s: &Services, i: usize| s.backend(added[i]).unwrap().state.active.get();
+        let mut first = services.plan(key);
+        assert_eq!(services.next_target(&mut first), Some(added[0]));
+        assert_eq!(active(&services, 0), 1, "the slot is taken with the pick");
+        let mut second = services.plan(key);
+        assert_eq!(services.next_target(&mut second), Some(added[1]));
+        let third = services.plan(key);
+        assert!(third.is_full(), "every backend is at its limit: the client may wait");
+        services.release_slot(added[0]);
+        // Taken behind the balancer's back (another loop): the pick moves on instead of passing the limit.
+        let mut raced = services.plan(key);
+        assert_eq!(services.next_target(&mut raced), Some(added[0]));
+        services.abandon(&mut raced);
+        assert_eq!(active(&services, 0), 1, "a handed-out slot is the caller's to give back");
+        services.release_slot(added[0]);
+        let mut unused = services.plan(key);
+        services.abandon(&mut unused);
+        assert_eq!((active(&services, 0), active(&services, 1)), (0, 1), "an unused pick gives its slot back");
+        let down = |s: &Services, i: usize| {
+            s.backend(added[i]).unwrap().state.health.update(|h| {
+                h.record_check(false, 2, 2);
+                h.record_check(false, 2, 2)
+            })
+        };
+        down(&services, 0);
+        assert!(services.plan(key).is_full(), "a is down, but b is up and full: wait for b");
+        down(&services, 1);
+        let none = services.plan(key);
+        assert!(none.is_empty() && !none.is_full(), "none up: nothing to wait for");
+    }
+
+    #[test]
+    fn a_new_limit_alone_keeps_the_backend_and_its_count() {
+        let mut services = Services::default();
+        let (key, added) = services.insert(service(&[("a", 1)]));
+        services.backend(added[0]).unwrap().state.active.add(3);
+        let mut lowered = service(&[("a", 1)]);
+        lowered.config.backends[0].max_connections = 1;
+        let changes = services.set_backends(key, lowered.config.backends, lowered.backend_addrs);
+        assert!(changes.added.is_empty() && changes.removed.is_empty());
+        let b = services.backend(added[0]).unwrap();
+        assert_eq!((b.config.max_connections, b.state.active.get()), (1, 3));
+    }
+
+    #[test]
     fn stats_sum_backend_counters_and_service_errors() {
         let mut services = Services::default();
         let (key, added) = services.insert(service(&[("a", 1), ("b", 2)]));
@@ -888,9 +1011,9 @@ mod tests {
         let (key, _) = services.insert(service(&[("a", 1)]));
         let text = serde_json::to_string(&services.service_stats(key).unwrap()).unwrap();
         assert!(text.starts_with(r#"{"name":"web","address":"127.0.0.1:0","balance":"RR""#), "{text}");
-        assert!(
-            text.contains(r#""backends":[{"name":"a","address":"127.0.0.1:1","check_address":"","weight":1,"up":true"#)
-        );
+        assert!(text.contains(
+            r#""backends":[{"name":"a","address":"127.0.0.1:1","check_address":"","weight":1,"max_connections":0,"send_proxy":"","up":true"#
+        ));
         let config = serde_json::to_value(services.config(key).unwrap()).unwrap();
         let known: Vec<&str> = SERVICE_FIELDS.iter().chain(["backends"].iter()).copied().collect();
         for field in config.as_object().unwrap().keys() {

@@ -322,6 +322,7 @@ mod tests {
             client: "127.0.0.1:1".parse().unwrap(),
             backend: None,
             connect: None,
+            queued: Duration::ZERO,
             duration: Duration::ZERO,
             sent: 0,
             received: 0,

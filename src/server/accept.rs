@@ -12,17 +12,30 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
 use super::{Entry, Server, ACCEPT_BATCH, ACCEPT_PAUSE, MAX_ADMIN_CONNS};
 use crate::context::Cx;
 use crate::control::admin::{AdminConn, EVICTION_GRACE};
-use crate::data::finished::{End, Finished};
-use crate::data::proxy::{Fault, Pair, Refused};
+use crate::data::finished::End;
+use crate::data::greeting::{GreetError, Greeted, Greeting};
+use crate::data::proxy::Client;
+use crate::model::proxy_header::Origin;
 use crate::runtime::key::Key;
 use crate::runtime::net::{self, AcceptError};
+use crate::runtime::throttle;
+
+/// How long a PROXY header may take when the service's `connect_timeout` is 0.
+const HEADER_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How long an `accept_proxy` client may take to send its header: the
+/// service's `connect_timeout` (the time it allows to set up a connection),
+/// or 5 s without one.
+fn header_deadline(connect_timeout: f64) -> Duration {
+    crate::model::config::seconds(connect_timeout).unwrap_or(HEADER_DEADLINE)
+}
 
 impl Server {
     pub(super) fn accept(&mut self, key: Key, now: Instant) {
@@ -50,7 +63,19 @@ impl Server {
         let Some(Entry::Listener(listener)) = self.entries.get_mut(key) else { return false };
         // A staged listener serves nobody until its change is committed (which queues it).
         let Some(service) = listener.service else { return false };
-        match listener.socket.accept() {
+        if !self.take_service_slot(key, service, now) {
+            return false;
+        }
+        let Some(Entry::Listener(listener)) = self.entries.get_mut(key) else { return false };
+        let accepted = listener.socket.accept();
+        if accepted.is_err() {
+            // The slot taken for a client that was not there goes back (and to whoever waits for it).
+            if let Some(s) = self.services.service(service) {
+                s.state.gate.active.sub_one();
+            }
+            self.service_slot_freed(service);
+        }
+        match accepted {
             Ok((stream, peer)) => {
                 if self.panic_on_accept {
                     panic!("{} asked this worker to fail", super::FAULT_ENV);
@@ -61,7 +86,13 @@ impl Server {
                         std::thread::sleep(std::time::Duration::from_secs(1));
                     }
                 }
-                if let Err(shortage) = self.start_pair(service, stream, peer, now) {
+                let accept_proxy = self.services.service(service).is_some_and(|s| s.settings.accept_proxy);
+                let started = if accept_proxy {
+                    self.start_greeting(service, stream, peer, now)
+                } else {
+                    self.start_pair(service, Client { stream, peer, destination: None, accepted: now }, now)
+                };
+                if let Err(shortage) = started {
                     self.pause(key, &shortage, now);
                     return false;
                 }
@@ -108,73 +139,137 @@ impl Server {
         }
     }
 
-    /// Starts proxying an accepted client; an error is a local shortage that should pause accepting.
-    fn start_pair(
+    /// Takes a slot of the service's `max_connections` for the next accept.
+    /// At the limit the listener is held: it is not read (the kernel's backlog
+    /// keeps the clients, as HAProxy's frontend `maxconn` does) until a
+    /// connection of the service ends in any loop, which wakes it, or its
+    /// retry timer fires. Edge-triggered, it then accepts without a new event.
+    fn take_service_slot(&mut self, key: Key, service: Key, now: Instant) -> bool {
+        let me = self.loop_index();
+        let Some(s) = self.services.service(service) else { return false };
+        let (gate, max) = (&s.state.gate, u64::from(s.settings.max_connections));
+        let held = matches!(self.entries.get(key), Some(Entry::Listener(l)) if l.held);
+        if gate.active.try_add_below(max) {
+            if held {
+                gate.hold(me, false);
+            }
+        } else {
+            // Say it waits before looking once more, so a slot freed meanwhile is not missed (model::limits).
+            gate.hold(me, true);
+            if !gate.active.try_add_below(max) {
+                if !held {
+                    debug!("{}: {max} connections open: not accepting until one ends", s.settings.name);
+                }
+                self.hold_listener(key, now);
+                return false;
+            }
+            gate.hold(me, false);
+        }
+        if let Some(Entry::Listener(listener)) = self.entries.get_mut(key) {
+            listener.held = false;
+        }
+        true
+    }
+
+    /// Rests a listener at its service's limit until a slot frees (with a retry timer for safety).
+    fn hold_listener(&mut self, key: Key, now: Instant) {
+        let Some(Entry::Listener(listener)) = self.entries.get_mut(key) else { return };
+        listener.held = true;
+        if listener.paused.is_none() {
+            listener.paused = Some(self.timers.insert(now + super::queue::QUEUE_RETRY, key));
+        }
+        if !self.paused.contains(&key) {
+            self.paused.push(key);
+        }
+    }
+
+    /// Waits for the PROXY header of a client of an `accept_proxy` service; an
+    /// error is a local shortage that should pause accepting.
+    fn start_greeting(
         &mut self,
         service: Key,
         stream: mio::net::TcpStream,
         peer: SocketAddr,
         now: Instant,
     ) -> Result<(), io::Error> {
-        let plan = self.services.plan(service);
-        if plan.is_empty() {
-            if let Some(s) = self.services.service(service) {
-                s.state.errors.add(1);
-                s.state.no_backend.add(1);
-                debug!("{}: {peer}: closed at once (no backend available)", s.settings.name);
-            }
-            net::close_gently(&stream);
-            self.log_refused(service, peer, End::NoBackend, 0);
-            return Ok(());
-        }
+        let wait =
+            self.services.service(service).map_or(HEADER_DEADLINE, |s| header_deadline(s.settings.connect_timeout));
         let Server { poll, entries, timers, services, pool, fds, access_log, .. } = self;
         let mut cx = Cx { now, registry: poll.registry(), timers, services, pool, fds, access_log };
-        let opened =
-            entries.try_insert_with(|key| Pair::open(key, stream, peer, service, plan, &mut cx).map(Entry::Pair));
-        let name = self.services.service(service).map_or("?", |s| s.settings.name.as_str());
-        match opened {
-            Ok(_) => {
-                self.fds.pair_opened();
-                Ok(())
+        entries.try_insert_with(|key| {
+            Greeting::new(key, stream, peer, service, now + wait, &mut cx).map(Entry::Greeting)
+        })?;
+        self.fds.pair_opened();
+        Ok(())
+    }
+
+    /// Runs `f` on a greeting; a complete header hands the client to a pair, a bad one closes it.
+    pub(super) fn greet(&mut self, key: Key, now: Instant, f: impl FnOnce(&mut Greeting, &mut Cx<'_>) -> Greeted) {
+        let Server { poll, entries, timers, services, pool, fds, access_log, .. } = self;
+        let Some(Entry::Greeting(greeting)) = entries.get_mut(key) else { return };
+        let mut cx = Cx { now, registry: poll.registry(), timers, services, pool, fds, access_log };
+        match f(greeting, &mut cx) {
+            Greeted::Wait => {}
+            Greeted::Failed(error) => {
+                let (service, peer) = (greeting.service(), greeting.peer());
+                self.remove_entry(key);
+                self.bad_header(service, peer, &error, now);
             }
-            Err(Refused { fault: Fault::Local(e), failed_connects }) => {
-                debug!("{name}: {peer}: closing: {e}");
-                if let Some(s) = self.services.service(service) {
-                    s.state.errors.add(1);
+            Greeted::Done(origin) => {
+                let Some(Entry::Greeting(greeting)) = self.entries.remove(key) else { return };
+                self.fds.pair_closed();
+                let (service, peer) = (greeting.service(), greeting.peer());
+                let Server { poll, timers, services, pool, fds, access_log, .. } = self;
+                let mut cx = Cx { now, registry: poll.registry(), timers, services, pool, fds, access_log };
+                let accepted = greeting.accepted();
+                let stream = greeting.finish(&mut cx);
+                // LOCAL and UNKNOWN keep the connection's own endpoints (spec 2.1, 2.2).
+                let (source, destination) = match origin {
+                    Origin::Proxied { source, destination } => (source, Some(destination)),
+                    Origin::Local => (peer, None),
+                };
+                let client = Client { stream, peer: source, destination, accepted };
+                if let Err(e) = self.start_pair(service, client, now) {
+                    // Already counted and logged as a local error; the listener pauses at its next accept.
+                    debug!("{source}: closed after its PROXY header: {e}");
                 }
-                self.log_refused(service, peer, End::LocalError, failed_connects);
-                Err(e)
-            }
-            Err(Refused { fault, failed_connects }) => {
-                debug!("{name}: {peer}: closed after 0 ms ({fault})");
-                if let Some(s) = self.services.service(service) {
-                    s.state.no_backend.add(1);
-                }
-                self.log_refused(service, peer, End::ConnectFailed, failed_connects);
-                Ok(())
             }
         }
     }
 
-    /// The access log's line for a client closed before it had a pair.
-    fn log_refused(&mut self, service: Key, client: SocketAddr, end: End, failed_connects: u16) {
-        if !self.access_log.is_on() {
-            return;
+    /// Counts and logs (throttled) a client closed for its PROXY header.
+    fn bad_header(&mut self, service: Key, peer: SocketAddr, error: &GreetError, now: Instant) {
+        let name = self.services.service(service).map_or("?", |s| s.settings.name.as_str());
+        if let Some(held) = self.bad_headers.ready(now) {
+            warn!("{name}: closing client {peer}: {error}{}", throttle::more(held));
         }
-        let finished = Finished {
-            at: SystemTime::now(),
-            service: self.services.service(service).map_or("?", |s| s.settings.name.as_str()),
-            client,
-            backend: None,
-            connect: None,
-            // Refused within the turn that accepted it.
-            duration: Duration::ZERO,
-            sent: 0,
-            received: 0,
-            failed_connects,
-            end,
-        };
-        self.access_log.record(&finished);
+        if let Some(s) = self.services.service(service) {
+            s.state.proxy_header_errors.add(1);
+        }
+        self.log_refused(service, peer, End::ProxyHeader, 0, Duration::ZERO);
+    }
+
+    /// Starts proxying an accepted client that holds a slot of its service
+    /// (its `peer` may be a PROXY header's source); an error is a local
+    /// shortage that should pause accepting.
+    fn start_pair(&mut self, service: Key, client: Client, now: Instant) -> Result<(), io::Error> {
+        let Some(s) = self.services.service(service) else { return Ok(()) };
+        // Newcomers never pass the clients already waiting.
+        if s.settings.max_queue > 0 && s.state.gate.queued.get() > 0 {
+            return self.enqueue_client(service, client, now);
+        }
+        let plan = self.services.plan(service);
+        if plan.is_full() {
+            return self.enqueue_client(service, client, now);
+        }
+        if plan.is_empty() {
+            self.refuse_no_backend(service, &client.stream, client.peer);
+            return Ok(());
+        }
+        if self.open_pair(service, client, plan, now)? {
+            self.fds.pair_opened();
+        }
+        Ok(())
     }
 
     pub(super) fn accept_admin(&mut self, key: Key, now: Instant) {

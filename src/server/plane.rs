@@ -108,6 +108,8 @@ impl Plane for Server {
                 self.remove_entry(probe);
             }
         }
+        // New limits may make room: held listeners and queue heads look again.
+        self.on_slots();
         let Some(prepared) = fan_out else {
             if let Some(staged) = listener {
                 self.adopt_listener(key, staged.listener, now);
@@ -133,6 +135,7 @@ impl Plane for Server {
         let Prepared { config, backend_addrs, .. } = prepared;
         let was = self.services.fail_open_active(key);
         let changes = self.services.set_backends(key, config.backends, backend_addrs);
+        self.on_slots();
         self.enroll(key, &changes, was);
         for removed in changes.removed {
             if let Some(probe) = removed.probe {

@@ -25,7 +25,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -59,6 +59,34 @@ pub enum Order {
     Stop,
     /// The watchdog asks: answer [`Answer::Alive`] with this number.
     Ping(u64),
+    /// Another worker freed connection slots this one's queued clients or held listeners may want.
+    Slots,
+}
+
+/// Every worker's inbox, so that a worker that frees a slot can wake the one
+/// whose queued client should get it (`server::queue`). At most one wake-up
+/// is in flight per worker: a burst of closes posts one order.
+#[derive(Debug)]
+pub struct Peers {
+    links: Vec<(Outbox<Order>, AtomicBool)>,
+}
+
+impl Peers {
+    /// Wakes worker `index` to look at its queues and held listeners.
+    pub fn poke(&self, index: usize) {
+        if let Some((orders, pending)) = self.links.get(index) {
+            if !pending.swap(true, Ordering::AcqRel) {
+                orders.post(Order::Slots);
+            }
+        }
+    }
+
+    /// Worker `index` took its wake-up: the next one posts again.
+    fn taken(&self, index: usize) {
+        if let Some((_, pending)) = self.links.get(index) {
+            pending.store(false, Ordering::Release);
+        }
+    }
 }
 
 /// A change as a worker applies it to its copy of the services. Services are
@@ -168,14 +196,27 @@ impl Workers {
     ) -> io::Result<Workers> {
         let cpus = if pin { cpus::allowed()? } else { Vec::new() };
         let mut links = Vec::with_capacity(n);
-        for index in 0..n {
+        let mut loops = Vec::with_capacity(n);
+        for _ in 0..n {
             let poll = Poll::new()?;
             let inbox: Inbox<Order> = Inbox::new(poll.registry(), WAKER)?;
+            loops.push((poll, inbox));
+        }
+        let peers = Arc::new(Peers {
+            links: loops.iter().map(|(_, inbox)| (inbox.outbox(), AtomicBool::new(false))).collect(),
+        });
+        for (index, (poll, inbox)) in loops.into_iter().enumerate() {
             let orders = inbox.outbox();
             let control = control.clone();
             let cpu = (!cpus.is_empty()).then(|| cpus[index % cpus.len()]);
             let budget =
-                Budget { fd_limit, pairs: pairs.clone(), access_log: access_log.for_loop(), bell: bell.clone() };
+                Budget {
+                    fd_limit,
+                    pairs: pairs.clone(),
+                    access_log: access_log.for_loop(),
+                    peers: peers.clone(),
+                    bell: bell.clone(),
+                };
             // `top -H` and `ps -L` show 15 bytes of a thread's name: keep the number in them.
             let thread = thread::Builder::new()
                 .name(format!("shuttle-w{index}"))
@@ -306,6 +347,8 @@ struct Budget {
     pairs: Arc<AtomicU64>,
     /// The worker's end of the access log.
     access_log: AccessLog,
+    /// Every worker's inbox, for wake-ups about freed slots.
+    peers: Arc<Peers>,
     /// The bell every loop rings and hears.
     bell: Arc<Bell>,
 }
@@ -331,6 +374,7 @@ fn run_worker(
         let mut server = Server::worker(index, poll, orders, control, budget.fd_limit, grace);
         server.fds.share_pairs(budget.pairs);
         server.access_log = budget.access_log;
+        server.peers = Some(budget.peers);
         server.services.set_bell(budget.bell);
         server.run()
     }));
@@ -414,6 +458,12 @@ impl Server {
                 Order::Stop => {
                     self.begin_drain(now);
                     self.stop_now(now);
+                }
+                Order::Slots => {
+                    if let Some(peers) = &self.peers {
+                        peers.taken(self.loop_index());
+                    }
+                    self.on_slots();
                 }
                 Order::Ping(seq) => {
                     if let Role::Worker { index, control, .. } = &self.role {

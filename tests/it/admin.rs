@@ -184,6 +184,13 @@ impl Http {
         self.response()
     }
 
+    /// Sends one request with `extra` header fields and reads its final response.
+    #[track_caller]
+    pub fn request_with(&mut self, method: &str, target: &str, extra: &[&str], body: Option<&[u8]>) -> Response {
+        self.send(&request_bytes(method, target, body, extra));
+        self.response()
+    }
+
     /// Reads more bytes into the buffer; panics on EOF, error or timeout.
     #[track_caller]
     fn fill(&mut self) {
@@ -321,14 +328,14 @@ fn backend_in(service: &Value, name: &str) -> Value {
 }
 
 /// The counters of a stats object, as a comparable tuple.
-fn counters(stats: &Value) -> [u64; 5] {
+pub(crate) fn counters(stats: &Value) -> [u64; 5] {
     ["connections", "sent", "received", "errors", "active"]
         .map(|k| stats[k].as_u64().unwrap_or_else(|| panic!("no counter {k:?} in {stats}")))
 }
 
 /// Waits until service `name` has no active connection.
 #[track_caller]
-fn wait_idle(admin: SocketAddr, name: &str) {
+pub(crate) fn wait_idle(admin: SocketAddr, name: &str) {
     let target = format!("/{name}");
     assert!(
         wait_until(DEADLINE, || stats(admin, &target)["active"] == 0),
@@ -339,7 +346,7 @@ fn wait_idle(admin: SocketAddr, name: &str) {
 
 /// A fresh connection to `addr`, one echo round trip, then a clean close; returns how long it took.
 #[track_caller]
-fn echo_once(addr: SocketAddr, message: &[u8]) -> Duration {
+pub(crate) fn echo_once(addr: SocketAddr, message: &[u8]) -> Duration {
     let started = Instant::now();
     let mut client = connect(addr);
     round_trip(&mut client, message);
@@ -351,7 +358,7 @@ fn echo_once(addr: SocketAddr, message: &[u8]) -> Duration {
 }
 
 /// A loopback port that was free a moment ago (bound to port 0, then released).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local addr").port()
 }
 
@@ -361,7 +368,7 @@ fn service_body(address: &str, backend_address: &str) -> Value {
 }
 
 /// A JSON body padded with spaces to exactly `len` bytes.
-fn padded(body: &Value, len: usize) -> Vec<u8> {
+pub(crate) fn padded(body: &Value, len: usize) -> Vec<u8> {
     let mut bytes = body.to_string().into_bytes();
     assert!(bytes.len() <= len);
     bytes.resize(len, b' ');
@@ -491,13 +498,17 @@ fn admin_get_config_shows_every_field_with_effective_values() {
     let expected = json!([
         { "name": "api", "address": "127.0.0.1:0", "backends": [], "balance": "LC", "check_interval": 2,
           "fall": 2, "rise": 2, "client_timeout": 0.25, "server_timeout": 0, "connect_timeout": 5,
-          "check_send": "", "check_expect": "" },
+          "check_send": "", "check_expect": "", "max_connections": 0, "max_queue": 0, "queue_timeout": 5,
+          "accept_proxy": false },
         { "name": "web", "address": "127.0.0.1:0",
           "backends": [
-            { "name": "zz", "address": echo.address(), "check_address": "", "weight": 1 },
-            { "name": "aa", "address": echo.address(), "check_address": "", "weight": 3 }],
+            { "name": "zz", "address": echo.address(), "check_address": "", "weight": 1, "max_connections": 0,
+              "send_proxy": "" },
+            { "name": "aa", "address": echo.address(), "check_address": "", "weight": 3, "max_connections": 0,
+              "send_proxy": "" }],
           "balance": "RR", "check_interval": 2, "fall": 2, "rise": 2, "client_timeout": 0,
-          "server_timeout": 0, "connect_timeout": 5, "check_send": "", "check_expect": "" },
+          "server_timeout": 0, "connect_timeout": 5, "check_send": "", "check_expect": "",
+          "max_connections": 0, "max_queue": 0, "queue_timeout": 5, "accept_proxy": false },
     ]);
     assert_eq!(response.json(), expected, "services sorted by name, backends in order, every field shown");
 }
@@ -684,7 +695,9 @@ fn admin_put_backend_adds_at_the_end_and_replaces_in_place() {
     let response = put(admin, "/web/b1", &json!({ "address": two.address(), "weight": 2 })).expect(200);
     assert_eq!(response.body, config_bytes(admin), "the PUT answer is GET /_config");
     let backends = &response.json()[0]["backends"];
-    assert_eq!(backends[1], json!({ "name": "b1", "address": two.address(), "check_address": "", "weight": 2 }));
+    let b1 = json!({ "name": "b1", "address": two.address(), "check_address": "", "weight": 2, "max_connections": 0,
+                     "send_proxy": "" });
+    assert_eq!(backends[1], b1);
     assert_eq!(backends[0]["name"], "b0");
 
     // Replace b0 in place (order kept), with a name in the body equal to the URL's.
@@ -965,9 +978,12 @@ fn admin_unknown_methods_get_405_with_allow() {
         ("DELETE", "/_config", &["GET"][..]),
         ("PUT", "/", &["GET"][..]),
         ("DELETE", "/", &["GET"][..]),
-        ("PATCH", "/web", &["GET", "PUT", "POST", "DELETE"][..]),
-        ("PATCH", "/web/b0", &["GET", "PUT", "POST", "DELETE"][..]),
-        ("BREW", "/web", &["GET", "PUT", "DELETE"][..]),
+        ("PATCH", "/", &["GET"][..]),
+        ("PATCH", "/_config", &["GET"][..]),
+        ("PATCH", "/_info", &["GET"][..]),
+        ("PATCH", "/_metrics", &["GET"][..]),
+        ("BREW", "/web", &["GET", "PUT", "POST", "PATCH", "DELETE"][..]),
+        ("OPTIONS", "/web/b0", &["GET", "PUT", "POST", "PATCH", "DELETE"][..]),
     ];
     for (method, target, allowed) in cases {
         let body = (method != "DELETE").then_some("{}");
@@ -1203,7 +1219,8 @@ fn admin_keep_alive_carries_several_requests() {
     let put = http.request("PUT", "/api", Some(body.as_bytes())).expect(200);
     assert_eq!(http.request("GET", "/_config", None).expect(200).body, put.body);
     http.request("GET", "/nope", None).expect(404);
-    http.request("PATCH", "/api", Some(b"{}")).expect(405);
+    http.request("PATCH", "/api", Some(b"{}")).expect(200);
+    http.request("BREW", "/api", Some(b"{}")).expect(405);
     http.request("PUT", "/api", Some(b"{nope")).expect(400);
     http.request("DELETE", "/api", None).expect(200);
 

@@ -11,7 +11,7 @@ use crate::admin::{delete, put};
 use crate::support::{echo, tempdir, wait_until, Shuttle, DEADLINE};
 
 /// The first log line after `seen` lines that contains every one of `words`.
-fn line_with(shuttle: &Shuttle, seen: usize, words: &[&str]) -> String {
+pub(crate) fn line_with(shuttle: &Shuttle, seen: usize, words: &[&str]) -> String {
     let mut found = None;
     let ok = wait_until(DEADLINE, || {
         found = shuttle.stderr_lines()[seen..].iter().find(|l| words.iter().all(|w| l.contains(w))).cloned();

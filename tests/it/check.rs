@@ -20,7 +20,7 @@ fn free_addr() -> SocketAddr {
 }
 
 /// `shuttle -check` with `args` and `-http 127.0.0.1:0`, as the start-up it is compared with gets.
-fn check(args: &[&str]) -> Output {
+pub(crate) fn check(args: &[&str]) -> Output {
     let mut all = vec!["-check", "-http", "127.0.0.1:0"];
     all.extend_from_slice(args);
     run_to_exit(&all)
@@ -28,7 +28,7 @@ fn check(args: &[&str]) -> Output {
 
 /// `-check` on `file` fails with exactly the line start-up fails with.
 #[track_caller]
-fn fails_as_start_up_does(file: &Path, words: &[&str]) {
+pub(crate) fn fails_as_start_up_does(file: &Path, words: &[&str]) {
     let out = check(&["-config", arg(file)]);
     assert_eq!(out.status.code(), Some(1), "-check of a bad file: {out:?}");
     assert_eq!(out.stdout, "", "-check printed on stdout for a bad file: {out:?}");

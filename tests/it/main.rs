@@ -10,18 +10,24 @@
 #[allow(dead_code, unused_imports)]
 mod support;
 
+mod access_log;
 mod admin;
 mod audit;
 mod balance;
 mod check;
+mod config_object;
 mod failover;
 mod hardening;
 mod health;
 mod info;
 mod limits;
+mod limits_queue;
 mod metrics;
 mod notify;
+mod patch;
 mod proxy;
+mod proxy_interop;
+mod proxy_protocol;
 mod readme;
 mod regressions;
 mod reload;

@@ -38,7 +38,7 @@ const BACKEND_FAMILIES: [&str; 9] = [
 
 /// One request with `Connection: close`: status, `Content-Type` and body (its length checked).
 #[track_caller]
-fn raw(admin: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
+pub(crate) fn raw(admin: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
     let mut stream = connect(admin);
     let request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).unwrap_or_else(|e| panic!("sending {method} {path}: {e}"));

@@ -14,20 +14,20 @@ use crate::admin::{call, config_bytes, config_json, delete, get, put, Http};
 use crate::support::round_trip;
 use crate::support::{backend, echo, one_backend, service, tempdir, write_config, write_file, Shuttle, DEADLINE};
 
-fn path_str(path: &Path) -> &str {
+pub(crate) fn path_str(path: &Path) -> &str {
     path.to_str().expect("UTF-8 temp path")
 }
 
 /// The state file parsed as JSON.
 #[track_caller]
-fn state_json(path: &Path) -> Value {
+pub(crate) fn state_json(path: &Path) -> Value {
     let text = std::fs::read(path).unwrap_or_else(|e| panic!("read the state file {}: {e}", path.display()));
     serde_json::from_slice(&text).unwrap_or_else(|e| panic!("the state file is not JSON ({e}): {text:?}"))
 }
 
 /// What identifies one version of a file: its bytes, mtime and inode (an atomic rewrite changes the inode).
 #[track_caller]
-fn snapshot(path: &Path) -> (Vec<u8>, SystemTime, u64) {
+pub(crate) fn snapshot(path: &Path) -> (Vec<u8>, SystemTime, u64) {
     let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
     let bytes = std::fs::read(path).expect("read");
     (bytes, meta.modified().expect("mtime"), meta.ino())
@@ -55,7 +55,7 @@ fn rich_config(backend_address: &str) -> Value {
 }
 
 /// Starts shuttle with `-config` (written from `config`) and `-state` in `dir`.
-fn start_with_state(dir: &Path, config: &Value) -> (Shuttle, PathBuf, PathBuf) {
+pub(crate) fn start_with_state(dir: &Path, config: &Value) -> (Shuttle, PathBuf, PathBuf) {
     let config = write_config(dir, config);
     let state = dir.join("state.json");
     let shuttle = Shuttle::start(&["-config", path_str(&config), "-state", path_str(&state)]);
@@ -129,7 +129,8 @@ fn state_failed_requests_leave_the_file_untouched() {
         ("DELETE", "/web/nope", String::new(), 404),
         ("PUT", "/web", format!(r#"{{"address": "{taken}", "balance": "LC"}}"#), 409),
         ("PUT", "/new", format!(r#"{{"address": "{taken}"}}"#), 409),
-        ("PATCH", "/web", "{}".into(), 405),
+        ("PATCH", "/_config", "{}".into(), 405),
+        ("PATCH", "/web", r#"{"fall": 0}"#.into(), 400),
         ("PUT", "/_config", "[]".into(), 405),
         ("GET", "/", String::new(), 200),
         ("GET", "/_config", String::new(), 200),

@@ -61,6 +61,8 @@ pub struct Launch {
     pub resolv_conf: Option<PathBuf>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// A file standard output goes to (created, or truncated); `/dev/null` when `None`.
+    pub stdout: Option<PathBuf>,
 }
 
 /// The binary under test: this crate's `shuttle`, or the one named by
@@ -242,12 +244,18 @@ impl Shuttle {
         if !sets_workers && test_workers() > 1 {
             command.args(["-workers".to_string(), test_workers().to_string()]);
         }
+        let stdout = match &launch.stdout {
+            Some(path) => {
+                Stdio::from(std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display())))
+            }
+            None => Stdio::null(),
+        };
         command
             .env("RUST_LOG", "info")
             .env("RUST_LOG_STYLE", "never")
             .envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::piped());
         // SAFETY: only prctl, setrlimit, umask, unshare and mount, which are
         // async-signal-safe, run between fork and exec (the path was made

@@ -266,7 +266,7 @@ fn load_reads_what_to_json_wrote() {
     let path = dir.path().join("state.json");
     let services = parse_services(fixture!("example.json")).unwrap();
     fs::write(&path, to_json(&services)).unwrap();
-    assert_eq!(load(&path).unwrap(), services);
+    assert_eq!(load(&path).unwrap(), ConfigFile { services, form: Form::List });
     let missing = load(&dir.path().join("nope.json"));
     assert!(matches!(missing, Err(ConfigError::Io { .. })));
     assert!(err(missing).starts_with("cannot read "));

@@ -43,7 +43,8 @@ fn names_with(dir: &Path, prefix: &str) -> Vec<String> {
         .collect()
 }
 
-const UMASK_0: Launch = Launch { fd_limit: None, mem_limit: None, umask: Some(0), resolv_conf: None, env: Vec::new() };
+const UMASK_0: Launch =
+    Launch { fd_limit: None, mem_limit: None, umask: Some(0), resolv_conf: None, env: Vec::new(), stdout: None };
 
 // ---------------------------------------------------------------------------
 // The state lock
@@ -291,7 +292,7 @@ fn mkfifo(path: &Path) {
 
 /// Limits for a shuttle that might read a huge file: 2 GiB of address space at most.
 const GUARDED: Launch =
-    Launch { fd_limit: None, mem_limit: Some(2 << 30), umask: None, resolv_conf: None, env: Vec::new() };
+    Launch { fd_limit: None, mem_limit: Some(2 << 30), umask: None, resolv_conf: None, env: Vec::new(), stdout: None };
 
 #[test]
 fn a_fifo_as_the_state_file_fails_start_up_at_once() {

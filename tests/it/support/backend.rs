@@ -188,6 +188,11 @@ impl Conn {
         self.stream.shutdown(Shutdown::Write)
     }
 
+    /// Closes the connection with a reset (`SO_LINGER` 0): the kernel sends RST, not FIN.
+    pub fn reset(self) -> io::Result<()> {
+        socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO))
+    }
+
     /// A second handle on the same socket, for a writer thread.
     pub fn try_clone(&self) -> io::Result<Conn> {
         Ok(Conn { stream: self.stream.try_clone()?, stop: self.stop.clone(), bytes: self.bytes.clone() })
