@@ -363,7 +363,11 @@ pub fn draft(plane: &impl Plane, request: &Request) -> Result<Draft, ApiError> {
             let mut backends = services.config(key).map(|c| c.backends).unwrap_or_default();
             backends.retain(|b| b.name != *backend);
             let remove = set_backends(services, key, backends)?;
-            Ok(if close { Draft::Cut { key, backend: Some(backend.to_string()), then: Box::new(remove) } } else { remove })
+            Ok(if close {
+                Draft::Cut { key, backend: Some(backend.to_string()), then: Box::new(remove) }
+            } else {
+                remove
+            })
         }
         (_, [_] | [_, _]) => Err(ApiError::MethodNotAllowed(READ_WRITE)),
         _ => Err(no_path(request)),
@@ -441,7 +445,8 @@ pub fn prepare(plane: &mut impl Plane, draft: Draft, lookups: &Lookups) -> Resul
         Draft::Cut { key, backend, then } => {
             let mut ready = prepare(plane, *then, lookups)?;
             // Cut first, while the pairs' backend (or service) still runs; the removal follows.
-            let what = if backend.is_some() { "its open connections closed" } else { "its open connections are closed" };
+            let what =
+                if backend.is_some() { "its open connections closed" } else { "its open connections are closed" };
             ready.summary = match ready.summary.strip_suffix("; its open connections run on") {
                 Some(rest) => format!("{rest}; {what}"),
                 None => format!("{}; {what}", ready.summary),

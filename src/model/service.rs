@@ -675,7 +675,8 @@ impl Services {
                 continue;
             }
             b.seen_downs = downs;
-            let close = self.services.get(b.service).is_some_and(|s| s.settings.on_backend_down == OnBackendDown::Close);
+            let close =
+                self.services.get(b.service).is_some_and(|s| s.settings.on_backend_down == OnBackendDown::Close);
             if close {
                 cut.push(key);
             }

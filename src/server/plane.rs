@@ -155,8 +155,7 @@ impl Plane for Server {
             // The pairs are the workers'; each cuts its own.
             let Some(service) = self.services.service(key).map(|s| s.settings.name.clone()) else { return };
             let backend = backend.map(str::to_string);
-            return self
-                .send((0..n).map(|_| Op::Cut { service: service.clone(), backend: backend.clone() }).collect());
+            return self.send((0..n).map(|_| Op::Cut { service: service.clone(), backend: backend.clone() }).collect());
         }
         match backend {
             Some(name) => {

@@ -209,14 +209,13 @@ impl Workers {
             let orders = inbox.outbox();
             let control = control.clone();
             let cpu = (!cpus.is_empty()).then(|| cpus[index % cpus.len()]);
-            let budget =
-                Budget {
-                    fd_limit,
-                    pairs: pairs.clone(),
-                    access_log: access_log.for_loop(),
-                    peers: peers.clone(),
-                    bell: bell.clone(),
-                };
+            let budget = Budget {
+                fd_limit,
+                pairs: pairs.clone(),
+                access_log: access_log.for_loop(),
+                peers: peers.clone(),
+                bell: bell.clone(),
+            };
             // `top -H` and `ps -L` show 15 bytes of a thread's name: keep the number in them.
             let thread = thread::Builder::new()
                 .name(format!("shuttle-w{index}"))
