@@ -283,6 +283,12 @@ fn cutting_fields_reject_bad_values_and_change_nothing() {
         assert_eq!(response.status, 400, "PUT with {body}: {response:?}");
     }
     assert_eq!(config_json(admin), before, "nothing changed");
+    let good = r#"{"on_backend_down": "close", "max_connection_duration": 2.5, "fail_open": true}"#;
+    call(admin, "PATCH", "/web", Some(good)).expect(200);
+    let after = &config_json(admin)[0];
+    assert_eq!((&after["on_backend_down"], &after["max_connection_duration"]), (&json!("close"), &json!(2.5)));
+    call(admin, "PATCH", "/web", Some(r#"{"on_backend_down": null}"#)).expect(200);
+    assert_eq!(config_json(admin)[0]["on_backend_down"], "keep", "null is the default");
 }
 
 #[test]
