@@ -3,6 +3,7 @@
 //! take blocking calls off the loop.
 
 pub mod accesslog;
+pub mod bell;
 pub mod cpus;
 pub mod fds;
 pub mod files;
