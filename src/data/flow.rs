@@ -40,6 +40,8 @@ pub struct Flow {
     pub idle: Duration,
     /// Replies it may still carry; `None` without `udp_max_responses`.
     pub replies_left: Option<u32>,
+    /// Replies it carried (the first one proves the backend is there).
+    pub replies_seen: u32,
     /// Its idle timer, once armed.
     pub timer: Option<TimerKey>,
 }
@@ -84,6 +86,7 @@ mod tests {
             last: Instant::now(),
             idle: Duration::from_secs(30),
             replies_left: replies_allowed(max_responses),
+            replies_seen: 0,
             timer: None,
         }
     }

@@ -693,6 +693,21 @@ impl Services {
     pub fn connect_succeeded(&mut self, backend: Key) {
         if let Some(b) = self.backends.get(backend) {
             b.state.connections.add(1);
+        }
+        self.answered(backend);
+    }
+
+    /// Counts a new UDP flow: a connection, but not yet proof the backend is
+    /// there (a UDP connect sends nothing; its first reply is the proof).
+    pub fn flow_opened(&self, backend: Key) {
+        if let Some(b) = self.backends.get(backend) {
+            b.state.connections.add(1);
+        }
+    }
+
+    /// The backend answered: ends a run of passive failures.
+    pub fn answered(&self, backend: Key) {
+        if let Some(b) = self.backends.get(backend) {
             // A plain load unless a run of failures is open: no store per connection.
             let health = b.state.health.get();
             if health != health.after_connect_success() {

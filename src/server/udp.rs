@@ -124,8 +124,18 @@ impl Server {
             let registry = self.poll.registry();
             self.entries.try_insert_with(|key| {
                 registry.register(&mut socket, key.token(Side::Backend), Interest::READABLE)?;
-                let flow =
-                    Flow { socket, client, listener, service, backend, last: now, idle, replies_left, timer: None };
+                let flow = Flow {
+                    socket,
+                    client,
+                    listener,
+                    service,
+                    backend,
+                    last: now,
+                    idle,
+                    replies_left,
+                    replies_seen: 0,
+                    timer: None,
+                };
                 Ok::<_, io::Error>(Entry::Flow(flow))
             })
         });
@@ -141,7 +151,7 @@ impl Server {
             }
         };
         self.fds.flows += 1;
-        self.services.connect_succeeded(backend);
+        self.services.flow_opened(backend);
         if let Some(Entry::Datagrams(socket)) = self.entries.get_mut(listener) {
             socket.flows.insert(client, key);
         }
@@ -195,12 +205,17 @@ impl Server {
                     continue;
                 }
             };
+            let first = f.replies_seen == 0;
+            f.replies_seen = f.replies_seen.saturating_add(1);
             let last = f.replied(now);
             let (client, listener, backend, service) = (f.client, f.listener, f.backend, f.service);
             let sent = match entries.get(listener) {
                 Some(Entry::Datagrams(socket)) => socket.socket.send_to(&datagram[..n], client).map(drop),
                 _ => Err(io::ErrorKind::NotConnected.into()),
             };
+            if first {
+                services.answered(backend);
+            }
             match sent {
                 Ok(()) => {
                     if let Some(b) = services.backend(backend) {

@@ -38,4 +38,5 @@ mod stalls;
 mod startup;
 mod state;
 mod timeouts;
+mod udp;
 mod workers;
