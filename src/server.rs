@@ -594,8 +594,8 @@ impl Server {
                 self.admin_listener = None;
             }
             Entry::Group(_) => {}
-            Entry::Flow(flow) => self.flow_closed(&flow),
-            Entry::Datagrams(socket) => self.datagrams_closed(&socket),
+            Entry::Flow(flow) => self.flow_closed(flow),
+            Entry::Datagrams(socket) => self.datagrams_closed(socket),
         }
     }
 
@@ -692,7 +692,7 @@ impl Server {
             Some(Entry::Queued(_)) => self.on_queued_ready(key, ready),
             Some(Entry::Greeting(_)) => self.greet(key, now, |greeting, _| greeting.on_ready()),
             Some(Entry::Datagrams(_)) => self.receive(key, now),
-            Some(Entry::Flow(_)) => self.from_backend(key, now),
+            Some(Entry::Flow(_)) => self.relay_from_backend(key, now),
             Some(Entry::Group(_)) | None => {} // a closed entry's leftover event (pitfall 7)
         }
     }
@@ -769,7 +769,7 @@ impl Server {
             }
             Some(Entry::AdminListener(_)) => self.accept_admin(key, now),
             Some(Entry::Datagrams(_)) => self.receive(key, now),
-            Some(Entry::Flow(_)) => self.from_backend(key, now),
+            Some(Entry::Flow(_)) => self.relay_from_backend(key, now),
             _ => {}
         }
     }

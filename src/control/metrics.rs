@@ -39,6 +39,9 @@ pub struct Process<'a> {
 
 type Labels<'a> = [(&'a str, &'a str)];
 
+/// One figure of a backend's shared state.
+type BackendFigure = fn(&BackendState) -> u64;
+
 /// A backend family: name, type, help, and which counter it shows.
 type BackendFamily = (&'static str, &'static str, &'static str, fn(&Counters) -> u64);
 
@@ -228,7 +231,7 @@ impl Out {
                 );
             }
         }
-        let per_backend: [(&str, &str, fn(&BackendState) -> u64); 2] = [
+        let per_backend: [(&str, &str, BackendFigure); 2] = [
             ("shuttle_backend_datagrams_sent_total", "UDP datagrams sent to the backend.", |b| b.datagrams_sent.get()),
             ("shuttle_backend_datagrams_received_total", "UDP datagrams received from the backend.", |b| {
                 b.datagrams_received.get()

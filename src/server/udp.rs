@@ -94,7 +94,7 @@ impl Server {
                 None => self.open_flow(key, service, client, now),
             };
             if let Some(flow) = flow {
-                self.to_backend(flow, n, now);
+                self.relay_to_backend(flow, n, now);
             }
         }
         // Batch spent with datagrams possibly waiting: come back after others had a turn.
@@ -166,7 +166,7 @@ impl Server {
     }
 
     /// Sends the loop's datagram buffer (`n` bytes) to a flow's backend.
-    fn to_backend(&mut self, key: Key, n: usize, now: Instant) {
+    fn relay_to_backend(&mut self, key: Key, n: usize, now: Instant) {
         let Server { entries, datagram, services, .. } = self;
         let Some(Entry::Flow(f)) = entries.get_mut(key) else { return };
         let sent = f.socket.send(&datagram[..n]);
@@ -191,7 +191,7 @@ impl Server {
     }
 
     /// A flow's socket is readable: relay its backend's replies to the client.
-    pub(super) fn from_backend(&mut self, key: Key, now: Instant) {
+    pub(super) fn relay_from_backend(&mut self, key: Key, now: Instant) {
         for _ in 0..DATAGRAM_BATCH {
             let Server { entries, datagram, services, .. } = self;
             let Some(Entry::Flow(f)) = entries.get_mut(key) else { return };
