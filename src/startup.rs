@@ -116,7 +116,9 @@ pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
     let identity = user::identity(&flags)?;
     // The state file is locked before it is read: a second shuttle on it stops here.
     let state = match &flags.state {
-        Some(path) => Some(StateFile::open_as(path, user::runs_as(identity.as_ref())).map_err(|e| Failed::at(path, e))?),
+        Some(path) => {
+            Some(StateFile::open_as(path, user::runs_as(identity.as_ref())).map_err(|e| Failed::at(path, e))?)
+        }
         None => None,
     };
     let Loaded { source, form, flags, prepared, admin, token } = load(&flags, identity.as_ref())?;

@@ -143,9 +143,8 @@ fn user_by_name(name: &str) -> io::Result<Option<User>> {
         let mut found = std::ptr::null_mut();
         // SAFETY: every pointer is valid for the call: the NUL-terminated name,
         // the entry, the buffer with its true length, and the result pointer.
-        let code = unsafe {
-            libc::getpwnam_r(name.as_ptr(), &mut pwd, buffer.as_mut_ptr().cast(), buffer.len(), &mut found)
-        };
+        let code =
+            unsafe { libc::getpwnam_r(name.as_ptr(), &mut pwd, buffer.as_mut_ptr().cast(), buffer.len(), &mut found) };
         (code, (!found.is_null()).then(|| owned_user(&pwd)))
     })
 }
@@ -170,9 +169,8 @@ fn group_by_name(name: &str) -> io::Result<Option<u32>> {
         let mut grp: libc::group = unsafe { std::mem::zeroed() };
         let mut found = std::ptr::null_mut();
         // SAFETY: every pointer is valid for the call, the buffer with its true length.
-        let code = unsafe {
-            libc::getgrnam_r(name.as_ptr(), &mut grp, buffer.as_mut_ptr().cast(), buffer.len(), &mut found)
-        };
+        let code =
+            unsafe { libc::getgrnam_r(name.as_ptr(), &mut grp, buffer.as_mut_ptr().cast(), buffer.len(), &mut found) };
         (code, (!found.is_null()).then_some(grp.gr_gid))
     })
 }
