@@ -14,9 +14,11 @@ use std::process::Command;
 use serde_json::{json, Value};
 
 use crate::admin::{config_bytes, get, put};
+use crate::startup::expect_startup_error;
 use crate::state::{path_str, snapshot};
 use crate::support::{
-    connect, echo, error_line, is_root, one_backend, round_trip, run_to_exit, tempdir, write_config, Launch, Shuttle,
+    connect, echo, error_line, is_root, one_backend, round_trip, run_to_exit, tempdir, wait_until, write_config,
+    Launch, Shuttle, DEADLINE,
 };
 
 /// `CAP_NET_BIND_SERVICE` as a capability mask.
@@ -224,25 +226,15 @@ fn without_the_capability_a_put_below_1024_is_409_and_changes_nothing() {
     refused_below_1024(&narrowed, &state, 899);
 }
 
-/// Runs shuttle with `args`, expecting exit status 1 and one `shuttle:` line holding every word.
-#[track_caller]
-fn fails_with(args: &[&str], words: &[&str]) -> String {
-    let (status, lines) = Shuttle::start_expect_failure(args);
-    assert_eq!(status.code(), Some(1), "{args:?}: expected exit status 1, got {status}: {lines:#?}");
-    let errors: Vec<&String> = lines.iter().filter(|l| l.starts_with("shuttle: ")).collect();
-    assert_eq!(errors.len(), 1, "{args:?}: expected one error line: {lines:#?}");
-    error_line(&lines, words).unwrap_or_else(|| panic!("{args:?}: no error line with {words:?}: {lines:#?}")).clone()
-}
-
 #[test]
 fn an_unknown_user_or_group_fails_start_up_with_one_line() {
-    fails_with(&["-user", "no-such-user-here"], &["-user no-such-user-here", "no user"]);
+    expect_startup_error(&["-user", "no-such-user-here"], &["-user no-such-user-here", "no user"]);
     if Command::new("id").arg("nobody").output().is_ok_and(|o| o.status.success()) {
-        fails_with(&["-user", "nobody", "-group", "no-such-group"], &["-group no-such-group", "no group"]);
+        expect_startup_error(&["-user", "nobody", "-group", "no-such-group"], &["-group no-such-group", "no group"]);
     }
-    fails_with(&["-user", "3999999999"], &["-user 3999999999", "give -group too"]);
-    fails_with(&["-user", "root"], &["-user root", "is root"]);
-    fails_with(&["-user", "0"], &["-user 0", "is root"]);
+    expect_startup_error(&["-user", "3999999999"], &["-user 3999999999", "give -group too"]);
+    expect_startup_error(&["-user", "root"], &["-user root", "is root"]);
+    expect_startup_error(&["-user", "0"], &["-user 0", "is root"]);
     // -group alone is a bad command line.
     let (status, lines) = Shuttle::start_expect_failure(&["-group", "nogroup"]);
     assert_eq!(status.code(), Some(2), "{lines:#?}");
@@ -255,8 +247,14 @@ fn a_root_admin_api_other_hosts_can_reach_needs_user() {
         return;
     }
     for public in ["0.0.0.0:0", "[::]:0"] {
-        fails_with(&["-http", public], &["admin API", public, "-user NAME"]);
+        expect_startup_error(&["-http", public], &["admin API", public, "-user NAME"]);
     }
+    // -check judges it the same way, and passes with -user.
+    let refused = run_to_exit(&["-check", "-http", "0.0.0.0:9090"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(refused.stderr.contains("-user NAME"), "{refused:?}");
+    let passed = run_to_exit(&["-check", "-http", "0.0.0.0:9090", "-user", "nobody"]);
+    assert_eq!(passed.status.code(), Some(0), "{passed:?}");
     // With -user it runs, and so does a loopback or unix socket admin API as root.
     let dropped = Shuttle::launch(&["-http", "0.0.0.0:0", "-user", "nobody"], Launch::default());
     dropped.admin_addr();
@@ -281,18 +279,20 @@ fn files_the_new_user_cannot_reach_fail_start_up_before_anything_is_served() {
     std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
 
     let state = private.join("state.json");
-    let line =
-        fails_with(&["-user", "nobody", "-state", path_str(&state)], &[path_str(&state), "cannot create files in"]);
+    let line = expect_startup_error(
+        &["-user", "nobody", "-state", path_str(&state)],
+        &[path_str(&state), "cannot create files in"],
+    );
     assert!(line.contains(path_str(&private)), "the line names the directory: {line}");
 
     let config = write_config(&private, &one_backend("127.0.0.1:1"));
-    fails_with(&["-user", "nobody", "-config", path_str(&config)], &[path_str(&config), "SIGHUP"]);
+    expect_startup_error(&["-user", "nobody", "-config", path_str(&config)], &[path_str(&config), "SIGHUP"]);
 
     // An access log that exists and is root's: SIGUSR1 could not open it again.
     let log = home.join("root.log");
     std::fs::write(&log, b"").expect("write the log");
     std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-    fails_with(&["-user", "nobody", "-access-log", path_str(&log)], &[path_str(&log), "SIGUSR1"]);
+    expect_startup_error(&["-user", "nobody", "-access-log", path_str(&log)], &[path_str(&log), "SIGUSR1"]);
 }
 
 #[test]
@@ -312,4 +312,20 @@ fn check_judges_the_state_directory_as_the_user_shuttle_will_run_as() {
     let passed = run_to_exit(&with_user);
     assert_eq!(passed.status.code(), Some(0), "{passed:?}");
     assert!(passed.stdout.contains(": ok (1 service, 1 backend)"), "{passed:?}");
+}
+
+#[test]
+fn switching_user_without_root_fails_with_one_line() {
+    if !root_or_skip("switching_user_without_root_fails_with_one_line") {
+        return;
+    }
+    let (uid, gid) = nobody();
+    let ids = [format!("--reuid={uid}"), format!("--regid={gid}")];
+    let wrapper = ["setpriv", &ids[0], &ids[1], "--clear-groups", "--inh-caps=-all"];
+    let mut shuttle = Shuttle::launch_under(&wrapper, &["-user", "nobody"]);
+    let words = ["-user nobody: cannot switch", "needs shuttle to start as root"];
+    let said = wait_until(DEADLINE, || error_line(&shuttle.stderr_lines(), &words).is_some());
+    assert!(said, "no line with {words:?}: {:#?}", shuttle.stderr_lines());
+    let status = shuttle.wait_exit(DEADLINE).expect("shuttle exits");
+    assert_eq!(status.code(), Some(1), "{:#?}", shuttle.stderr_lines());
 }
