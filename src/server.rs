@@ -41,7 +41,7 @@ use crate::control::probe::Probe;
 use crate::control::state::StateFile;
 use crate::data::buffer::BufferPool;
 use crate::data::greeting::Greeting;
-use crate::data::proxy::Pair;
+use crate::data::proxy::{Cut, Pair};
 use crate::model::counters::StatusCounts;
 use crate::model::service::{self, Services};
 use crate::runtime::accesslog::AccessLog;
@@ -263,6 +263,8 @@ pub struct Server {
     pub(crate) panic_on_accept: bool,
     /// Fault injection for the tests of a stuck worker (see [`HANG_ENV`]).
     pub(crate) hang_on_accept: bool,
+    /// The epoch of the services' bell this loop last heard (see [`Server::hear_bell`]).
+    heard: u64,
 }
 
 /// `SHUTTLE_TEST_WORKER_HANG=I` makes worker loop I stop turning at its first
@@ -298,6 +300,8 @@ impl Server {
         let changes = Changes::new(inbox.outbox(), state, options.source, options.form);
         // Every loop counts its pairs into one gauge, for `/_info` and the second signal.
         let pairs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // Every loop rings it when a backend goes down, and hears it (the worker loops get it as they start).
+        let bell = std::sync::Arc::new(crate::runtime::bell::Bell::default());
         // Workers get the pairs' part of the fd limit between them; the control
         // loop keeps the whole limit for its probes' share and admin clients.
         let workers = match options.workers {
@@ -306,11 +310,22 @@ impl Server {
                 let share = crate::runtime::fds::worker_share(options.fd_limit, n);
                 let outbox = inbox.outbox();
                 Some(
-                    workers::Workers::spawn(n, options.pin, share, options.grace, &outbox, &pairs, &options.access_log)
-                        .map_err(StartupError::Io)?,
+                    workers::Workers::spawn(
+                        n,
+                        options.pin,
+                        share,
+                        options.grace,
+                        &outbox,
+                        &pairs,
+                        &options.access_log,
+                        &bell,
+                    )
+                    .map_err(StartupError::Io)?,
                 )
             }
         };
+        let wakers = std::iter::once(inbox.outbox().waker()).chain(workers.iter().flat_map(workers::Workers::wakers));
+        bell.connect(wakers.collect());
         let role = Role::Control { inbox, workers };
         let mut server = Server::bare(poll, role, options.fd_limit, options.grace, options.access);
         // Every service's shared gate has a slot per proxying loop.
@@ -321,6 +336,7 @@ impl Server {
         server.access_log = options.access_log;
         server.signals = Some(signals);
         server.changes = Some(changes);
+        server.services.set_bell(bell);
         let now = Instant::now();
         let admin_text = match &options.admin {
             AdminAddr::Tcp(addr) => addr.to_string(),
@@ -389,6 +405,7 @@ impl Server {
             failed: None,
             panic_on_accept: false,
             hang_on_accept: false,
+            heard: 0,
         }
     }
 
@@ -433,6 +450,10 @@ impl Server {
     /// Starts a new service on a staged listener; cannot fail.
     pub(crate) fn commit_service(&mut self, prepared: service::Prepared, listener: Key, now: Instant) -> Key {
         let (key, backends) = self.services.insert(prepared);
+        // A worker's copy gets the control loop's counts when it adopts the shared state.
+        if self.hosts_probes() {
+            self.services.enroll(key, &backends, &[]);
+        }
         self.adopt_listener(key, listener, now);
         for backend in backends {
             self.start_probe(backend, now);
@@ -587,6 +608,7 @@ impl Server {
             while let Some(key) = self.timers.poll(now) {
                 self.on_timer(key, now);
             }
+            self.hear_bell(now);
             self.on_change_deadline(now);
             if let Some(stuck) = self.workers_mut().and_then(|w| w.watch(now)) {
                 let why = format!(
@@ -724,6 +746,42 @@ impl Server {
             }
             Some(Entry::AdminListener(_)) => self.accept_admin(key, now),
             _ => {}
+        }
+    }
+
+    /// Cuts this loop's pairs of backends marked down since it last looked,
+    /// when their service says `on_backend_down: close`. One atomic load a
+    /// turn; the backends and pairs are scanned only after the bell rang.
+    fn hear_bell(&mut self, now: Instant) {
+        let epoch = self.services.bell().epoch();
+        if epoch == self.heard {
+            return;
+        }
+        self.heard = epoch;
+        let down = self.services.cuts();
+        if !down.is_empty() {
+            self.cut_pairs(|pair| down.contains(&pair.target()), Cut::BackendDown, now);
+        }
+    }
+
+    /// Cuts every pair of this loop that `which` picks.
+    pub(crate) fn cut_pairs(&mut self, which: impl Fn(&Pair) -> bool, why: Cut, now: Instant) {
+        let keys: Vec<Key> = self
+            .entries
+            .iter()
+            .filter_map(|(key, entry)| match entry {
+                Entry::Pair(pair) if which(pair) => Some(key),
+                _ => None,
+            })
+            .collect();
+        if !keys.is_empty() {
+            log::debug!("cutting {} connection{} ({why})", keys.len(), if keys.len() == 1 { "" } else { "s" });
+        }
+        for key in keys {
+            self.drive(key, now, |entry, cx| match entry {
+                Entry::Pair(pair) => pair.cut(key, why, cx),
+                _ => Step::Wait,
+            });
         }
     }
 

@@ -162,6 +162,9 @@ pub trait Plane {
     fn set_backends(&mut self, key: Key, prepared: Prepared, now: Instant);
     /// Removes a service; its open connections run on.
     fn remove_service(&mut self, key: Key, now: Instant);
+    /// Cuts the open connections of a service's backend, or of the whole
+    /// service (`DELETE ...?close`): they close gently, on every loop.
+    fn cut(&mut self, key: Key, backend: Option<&str>, now: Instant);
     /// Whether every loop has applied every change so far (the answer to a
     /// change waits until they have).
     fn settled(&self) -> bool;
@@ -279,6 +282,16 @@ pub enum Draft {
         /// Every service, as the file lists them.
         configs: Vec<ServiceConfig>,
     },
+    /// `DELETE ...?close`: cut the open connections of one backend (or of the
+    /// whole service), then make the removal `then`.
+    Cut {
+        /// The service.
+        key: Key,
+        /// The backend; `None` for the whole service.
+        backend: Option<String>,
+        /// The removal.
+        then: Box<Draft>,
+    },
 }
 
 impl Draft {
@@ -287,6 +300,7 @@ impl Draft {
         match self {
             Draft::PutService { config, .. } | Draft::SetBackends { config, .. } => config::host_names(config),
             Draft::Delete { .. } => Vec::new(),
+            Draft::Cut { then, .. } => then.host_names(),
             Draft::Reload { configs } => {
                 let mut names: Vec<String> = configs.iter().flat_map(config::host_names).collect();
                 names.sort();
@@ -302,6 +316,7 @@ pub fn draft(plane: &impl Plane, request: &Request) -> Result<Draft, ApiError> {
     let services = plane.services();
     let segments = segments(request);
     let backends_only = has_param(request.query.as_deref(), "backends_only");
+    let close = has_param(request.query.as_deref(), "close");
     match (request.method.as_str(), segments.as_slice()) {
         (_, [""] | ["_config"] | ["_info"] | ["_metrics"]) => Err(ApiError::MethodNotAllowed(READ_ONLY)),
         ("PUT" | "POST", [name]) => put_service(services, name, &request.body, backends_only),
@@ -315,7 +330,8 @@ pub fn draft(plane: &impl Plane, request: &Request) -> Result<Draft, ApiError> {
         ("DELETE", [name]) => {
             writable_name("service", name)?;
             let key = find_service(services, name)?;
-            Ok(Draft::Delete { key, name: name.to_string() })
+            let delete = Draft::Delete { key, name: name.to_string() };
+            Ok(if close { Draft::Cut { key, backend: None, then: Box::new(delete) } } else { delete })
         }
         ("PUT" | "POST", [name, backend]) => {
             writable_name("service", name)?;
@@ -347,7 +363,12 @@ pub fn draft(plane: &impl Plane, request: &Request) -> Result<Draft, ApiError> {
             find_backend(services, key, name, backend)?;
             let mut backends = services.config(key).map(|c| c.backends).unwrap_or_default();
             backends.retain(|b| b.name != *backend);
-            set_backends(services, key, backends)
+            let remove = set_backends(services, key, backends)?;
+            Ok(if close {
+                Draft::Cut { key, backend: Some(backend.to_string()), then: Box::new(remove) }
+            } else {
+                remove
+            })
         }
         (_, [_] | [_, _]) => Err(ApiError::MethodNotAllowed(READ_WRITE)),
         _ => Err(no_path(request)),
@@ -400,6 +421,7 @@ enum Apply {
     Replace { key: Key, prepared: Prepared, listener: Option<Staged> },
     Backends { key: Key, prepared: Prepared },
     Delete { key: Key },
+    Cut { key: Key, backend: Option<String> },
 }
 
 impl Ready {
@@ -421,6 +443,18 @@ pub fn prepare(plane: &mut impl Plane, draft: Draft, lookups: &Lookups) -> Resul
     let services = plane.services();
     let (step, configs, summary) = match draft {
         Draft::Reload { configs } => return prepare_list(plane, configs, lookups),
+        Draft::Cut { key, backend, then } => {
+            let mut ready = prepare(plane, *then, lookups)?;
+            // Cut first, while the pairs' backend (or service) still runs; the removal follows.
+            let what =
+                if backend.is_some() { "its open connections closed" } else { "its open connections are closed" };
+            ready.summary = match ready.summary.strip_suffix("; its open connections run on") {
+                Some(rest) => format!("{rest}; {what}"),
+                None => format!("{}; {what}", ready.summary),
+            };
+            ready.steps.insert(0, Apply::Cut { key, backend });
+            return Ok(ready);
+        }
         Draft::Delete { key, name } => {
             let configs = others(services, &name);
             (Apply::Delete { key }, configs, format!("service {name} removed; its open connections run on"))
@@ -479,6 +513,7 @@ pub fn commit(plane: &mut impl Plane, ready: Ready, now: Instant) -> (Response, 
             Apply::Replace { key, prepared, listener } => plane.replace_service(key, prepared, listener, now),
             Apply::Backends { key, prepared } => plane.set_backends(key, prepared, now),
             Apply::Delete { key } => plane.remove_service(key, now),
+            Apply::Cut { key, backend } => plane.cut(key, backend.as_deref(), now),
         }
     }
     (Response::ok(body), ready.summary)

@@ -502,6 +502,7 @@ mod tests {
             self.unacknowledged = true;
         }
         fn remove_service(&mut self, _: Key, _: Instant) {}
+        fn cut(&mut self, _: Key, _: Option<&str>, _: Instant) {}
         fn settled(&self) -> bool {
             !self.unacknowledged
         }

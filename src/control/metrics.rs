@@ -189,6 +189,11 @@ impl Out {
                 &s.state.connect_time.snapshot(),
             );
         }
+        let help = "1 while the service is in fail-open: every backend is down, and new connections go to all of them as if up.";
+        self.family("shuttle_service_fail_open_active", "gauge", help);
+        for s in &running {
+            self.sample("shuttle_service_fail_open_active", &[("service", &s.settings.name)], u8::from(s.fails_open()));
+        }
         let help = "How long client connections lasted, from accept to close (not counting clients closed at accept for want of a backend).";
         self.family("shuttle_service_connection_duration_seconds", "histogram", help);
         for s in &running {

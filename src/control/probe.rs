@@ -277,8 +277,7 @@ impl Probe {
             Ok(()) => backend.state.check_success.add(1),
             Err(_) => backend.state.check_fail.add(1),
         }
-        let passed = result.is_ok();
-        let transition = backend.state.health.update(|h| h.record_check(passed, rise, fall));
+        let transition = cx.services.record_check(self.backend, result.is_ok());
         let last = LastCheck { at: std::time::SystemTime::now(), error: result.as_ref().err().cloned() };
         if let Some(b) = cx.services.backend_mut(self.backend) {
             b.last_check = Some(last);

@@ -39,6 +39,14 @@ pub enum End {
     QueueTimeout,
     /// An `accept_proxy` client's PROXY header was missing, malformed, slow or too long.
     ProxyHeader,
+    /// Cut because its backend was marked down (`on_backend_down: close`).
+    BackendDown,
+    /// Cut because its backend was removed with `?close`.
+    BackendRemoved,
+    /// Cut because its service was removed with `?close`.
+    ServiceRemoved,
+    /// Cut at the service's `max_connection_duration`.
+    MaxDuration,
 }
 
 impl End {
@@ -59,6 +67,10 @@ impl End {
             End::Shutdown => "shutdown",
             End::QueueTimeout => "queue_timeout",
             End::ProxyHeader => "proxy_header_error",
+            End::BackendDown => "backend_down",
+            End::BackendRemoved => "backend_removed",
+            End::ServiceRemoved => "service_removed",
+            End::MaxDuration => "max_duration",
         }
     }
 }

@@ -9,6 +9,13 @@
 //! the buffer is flushed. Both halves shut: the pair is done. Any socket
 //! error or idle timeout closes both sides.
 //!
+//! A pair may be *cut* (its backend marked down or removed, or it reached
+//! `max_connection_duration`): it reads nothing more from either side, the
+//! backend gets a FIN at once, the client gets what was already buffered for
+//! it and then a FIN, and what the client still sends is read and dropped
+//! until its EOF, so that the close sends no RST. All this within
+//! [`CUT_FLUSH`]; then the pair closes whatever remains.
+//!
 //! Readiness is cached per socket (edge-triggered epoll): a flag is cleared
 //! only when a syscall says `WouldBlock`, so a pair that stops early (full
 //! buffer, spent budget) resumes without waiting for an edge that won't come.
@@ -38,6 +45,44 @@ use crate::runtime::timer::TimerKey;
 
 /// Bytes one direction may read per wakeup before the pair yields to others (fairness).
 const BUDGET: usize = 4 * BUF_SIZE;
+
+/// How long a cut pair may take to flush what it buffered for the client and
+/// see the client's EOF before it closes anyway (a client that reads nothing
+/// must not hold a cut connection open).
+pub const CUT_FLUSH: Duration = Duration::from_secs(2);
+
+/// Why shuttle cut a pair that both peers would have kept open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// Its backend was marked down, and the service says `on_backend_down: close`.
+    BackendDown,
+    /// Its backend was removed with `DELETE /{service}/{backend}?close`.
+    BackendRemoved,
+    /// Its service was removed with `DELETE /{service}?close`.
+    ServiceRemoved,
+    /// It reached the service's `max_connection_duration`.
+    MaxDuration,
+}
+
+impl fmt::Display for Cut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Cut::BackendDown => "cut: backend marked down",
+            Cut::BackendRemoved => "cut: backend removed",
+            Cut::ServiceRemoved => "cut: service removed",
+            Cut::MaxDuration => "cut: max_connection_duration reached",
+        })
+    }
+}
+
+/// A cut in progress: rare, so boxed to keep the pair's slab slot small.
+#[derive(Debug)]
+pub struct Cutting {
+    /// Why.
+    pub why: Cut,
+    /// When the pair closes even if the flush is not done.
+    pub until: Instant,
+}
 
 /// A byte stream a half can relay through; mio's `TcpStream` in the loop, a script in tests.
 pub trait Stream: Read + Write {
@@ -210,6 +255,8 @@ pub enum Fault {
     NoBackend,
     /// Connecting failed for lack of local resources (fds, ports, memory).
     Local(io::Error),
+    /// Shuttle cut it (a gentle close, not a failure).
+    Cut(Box<Cutting>),
 }
 
 impl fmt::Display for Fault {
@@ -221,6 +268,7 @@ impl fmt::Display for Fault {
             Fault::Timeout(Side::Backend) => f.write_str("server idle timeout"),
             Fault::NoBackend => f.write_str("no backend could be reached"),
             Fault::Local(e) => write!(f, "cannot connect: {e}"),
+            Fault::Cut(cutting) => cutting.why.fmt(f),
         }
     }
 }
@@ -441,11 +489,95 @@ impl Pair {
         self.finish_wakeup(key, step, cx)
     }
 
-    /// Handles the pair's timer: a connect deadline or an idle timeout may have passed.
+    /// The cut under way, if the pair is being cut.
+    fn cutting(&self) -> Option<&Cutting> {
+        match &self.ended {
+            Some(Fault::Cut(cutting)) => Some(cutting),
+            _ => None,
+        }
+    }
+
+    /// The backend it connects or relays to.
+    pub fn target(&self) -> Key {
+        match &self.phase {
+            Phase::Connecting { target, .. } | Phase::Relaying { target } => *target,
+        }
+    }
+
+    /// The service whose client it serves.
+    pub fn service(&self) -> Key {
+        self.service
+    }
+
+    /// Cuts the pair (see the module's doc): a FIN to both sides once what
+    /// was buffered for the client is flushed. A second cut changes nothing.
+    pub fn cut(&mut self, key: Key, why: Cut, cx: &mut Cx<'_>) -> Step {
+        let step = self.begin_cut(why, cx);
+        self.finish_wakeup(key, step, cx)
+    }
+
+    fn begin_cut(&mut self, why: Cut, cx: &mut Cx<'_>) -> Step {
+        if self.cutting().is_some() {
+            return Step::Wait;
+        }
+        // Whatever else it would have ended with, the cut is why it ends.
+        self.ended = Some(Fault::Cut(Box::new(Cutting { why, until: cx.now + CUT_FLUSH })));
+        self.release_backend(cx);
+        if let Phase::Connecting { .. } = self.phase {
+            // Nothing was sent to the client yet: a plain FIN, without the reset unread bytes would cause.
+            net::close_gently(&self.client.stream);
+            return Step::Close;
+        }
+        // The backend gets its FIN now and is read no more; bytes the client
+        // sent that it has not taken yet are dropped.
+        let _ = self.backend.stream.shutdown(Shutdown::Both);
+        self.up.release(cx.pool);
+        if self.down.state == HalfState::Open {
+            self.down.state = HalfState::Draining;
+        }
+        self.relay_cut(cx)
+    }
+
+    /// A cut pair's wakeup: flush towards the client and FIN it, and drop what it still sends until its EOF.
+    fn relay_cut(&mut self, cx: &mut Cx<'_>) -> Step {
+        let mut budget = BUDGET;
+        // Draining: the pump only writes what is buffered, then shuts the client's side.
+        if self.down.pump(&mut self.backend, Some(&mut self.client), false, cx.pool, &mut budget, cx.now).is_err() {
+            return Step::Close;
+        }
+        if self.up.state == HalfState::Open {
+            match discard(&mut self.client, &mut budget) {
+                Ok(true) => self.up.state = HalfState::Shut,
+                Ok(false) => {}
+                Err(_) => return Step::Close,
+            }
+        }
+        if self.down.state == HalfState::Shut && self.up.state != HalfState::Open {
+            return Step::Close;
+        }
+        let more = self.down.has_work(&self.backend, &self.client)
+            || (self.up.state == HalfState::Open && self.client.ready.readable);
+        if more {
+            Step::Again
+        } else {
+            Step::Wait
+        }
+    }
+
+    /// Handles the pair's timer: a connect deadline, an idle timeout, the
+    /// connection's lifetime or a cut's flush deadline may have passed.
     pub fn on_timer(&mut self, key: Key, cx: &mut Cx<'_>) -> Step {
         self.timer = None;
         let now = cx.now;
-        let step = if self.limits.client.is_some_and(|d| now >= self.client.last_progress + d) {
+        let step = if let Some(cutting) = self.cutting() {
+            if now >= cutting.until {
+                Step::Close
+            } else {
+                Step::Wait
+            }
+        } else if self.limits.lifetime.is_some_and(|d| now >= self.accepted + d) {
+            self.begin_cut(Cut::MaxDuration, cx)
+        } else if self.limits.client.is_some_and(|d| now >= self.client.last_progress + d) {
             self.fail(Fault::Timeout(Side::Client), cx)
         } else {
             match &mut self.phase {
@@ -514,6 +646,12 @@ impl Pair {
     fn end(&self) -> End {
         let reset = |e: &io::Error| matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe);
         match &self.ended {
+            Some(Fault::Cut(cutting)) => match cutting.why {
+                Cut::BackendDown => End::BackendDown,
+                Cut::BackendRemoved => End::BackendRemoved,
+                Cut::ServiceRemoved => End::ServiceRemoved,
+                Cut::MaxDuration => End::MaxDuration,
+            },
             Some(Fault::Client(e)) if reset(e) => End::ClientReset,
             Some(Fault::Client(_)) => End::ClientError,
             Some(Fault::Backend(e)) if reset(e) => End::BackendReset,
@@ -559,11 +697,6 @@ impl Pair {
         format!("{service}: {}{to}: {connected}closed after {lasted} ms ({how}), {sent} bytes sent, {received} bytes received{worker}", self.peer)
     }
 
-    /// The service it proxies for.
-    pub fn service(&self) -> Key {
-        self.service
-    }
-
     /// Takes this pair off its backend's `active` count.
     fn release_backend(&mut self, cx: &mut Cx<'_>) {
         if let Some(b) = self.holds.take().and_then(|k| cx.services.backend(k)) {
@@ -572,6 +705,13 @@ impl Pair {
     }
 
     fn advance(&mut self, key: Key, backend_event: bool, cx: &mut Cx<'_>) -> Step {
+        if self.cutting().is_some() {
+            // The cut is why it ends, whatever the client does meanwhile.
+            if pending_error(&mut self.client).is_some() {
+                return Step::Close;
+            }
+            return self.relay_cut(cx);
+        }
         // A reset must close the pair even when nothing would read or write the
         // socket now (a full buffer towards a stalled peer): reference §3.
         if let Some(e) = pending_error(&mut self.client) {
@@ -764,12 +904,16 @@ impl Pair {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
+        if let Some(cutting) = self.cutting() {
+            return Some(cutting.until);
+        }
         let client = self.limits.client.map(|d| self.client.last_progress + d);
         let other = match &self.phase {
             Phase::Connecting { deadline, .. } => *deadline,
             Phase::Relaying { .. } => self.limits.server.map(|d| self.backend.last_progress + d),
         };
-        earliest(client, other)
+        let lifetime = self.limits.lifetime.map(|d| self.accepted + d);
+        earliest(earliest(client, other), lifetime)
     }
 
     /// Keeps one timer armed at or before the earliest deadline. Progress moves
@@ -801,6 +945,22 @@ fn send_header(proxied: &mut Option<Box<Proxied>>, backend: &mut Peer<TcpStream>
         }
     }
     Ok(proxied.header.is_empty())
+}
+
+/// Reads and drops what a cut pair's client still sends, within `budget`;
+/// `Ok(true)` at its EOF.
+fn discard<S: Read>(peer: &mut Peer<S>, budget: &mut usize) -> io::Result<bool> {
+    let mut sink = [0u8; 4096];
+    while peer.ready.readable && *budget > 0 {
+        match peer.stream.read(&mut sink) {
+            Ok(0) => return Ok(true),
+            Ok(n) => *budget = budget.saturating_sub(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => peer.ready.readable = false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
 }
 
 /// The socket's pending error (`SO_ERROR`), once an event flagged one. Read

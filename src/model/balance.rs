@@ -45,6 +45,14 @@ pub fn any_eligible(n: usize, at: impl Fn(usize) -> Candidate) -> bool {
     (0..n).any(|i| at(i).eligible())
 }
 
+/// The candidate as the balancer sees it when its service is in fail-open
+/// (`open`): up whatever its health says, so round robin, least connected and
+/// failover go over every backend. Weight still counts: a drained backend
+/// takes nothing even then.
+pub fn as_if_up(open: bool, candidate: Candidate) -> Candidate {
+    Candidate { up: candidate.up || open, ..candidate }
+}
+
 /// A service's balancing position, kept between picks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cursor {
@@ -283,6 +291,20 @@ mod tests {
         let none = [DOWN, up(0)];
         assert!(!any_eligible(2, |i| none[i]), "none up: the client is closed");
         assert!(!any_eligible(0, |_| up(1)));
+    }
+
+    #[test]
+    fn fail_open_balances_over_down_backends_but_not_drained_ones() {
+        let backends = [DOWN, Candidate { weight: 0, ..DOWN }, DOWN, Candidate { weight: 2, ..DOWN }];
+        let open: Vec<Candidate> = backends.iter().map(|&c| as_if_up(true, c)).collect();
+        assert_eq!(picks(Balance::RoundRobin, &open, 8), [0, 2, 3, 3, 0, 2, 3, 3]);
+        let mut cursor = Cursor::default();
+        assert_eq!(order(Balance::RoundRobin, &mut cursor, &open), [0, 2, 3], "failover tries each once");
+        let busy: Vec<Candidate> =
+            open.iter().enumerate().map(|(i, &c)| Candidate { active: 4 - i as u64, ..c }).collect();
+        assert_eq!(order(Balance::LeastConn, &mut Cursor::default(), &busy), [3, 2, 0]);
+        let closed: Vec<Candidate> = backends.iter().map(|&c| as_if_up(false, c)).collect();
+        assert_eq!(pick(Balance::RoundRobin, &mut Cursor::default(), 4, |i| closed[i]), None);
     }
 
     #[test]

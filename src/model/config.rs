@@ -100,6 +100,15 @@ pub struct ServiceConfig {
     /// Whether every client must start with a PROXY protocol header (v1 or v2).
     #[serde(default)]
     pub accept_proxy: bool,
+    /// When every backend that could take traffic is down, balance over them all as if up.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// What happens to a backend's open connections when it is marked down.
+    #[serde(default)]
+    pub on_backend_down: OnBackendDown,
+    /// Seconds a connection may last before it is closed; 0 means no limit.
+    #[serde(default, serialize_with = "serialize_seconds")]
+    pub max_connection_duration: f64,
 }
 
 /// One backend of a service.
@@ -161,6 +170,29 @@ pub enum Balance {
     /// Least connected.
     #[serde(rename = "LC")]
     LeastConn,
+}
+
+/// What a backend marked down does to its open connections: `"keep"` or `"close"` in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum OnBackendDown {
+    /// They run on until they close (as before the field existed).
+    #[default]
+    #[serde(rename = "keep")]
+    Keep,
+    /// They are closed: the client gets what was buffered for it, then a FIN.
+    #[serde(rename = "close")]
+    Close,
+}
+
+impl FromStr for OnBackendDown {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "keep" => Ok(OnBackendDown::Keep),
+            "close" => Ok(OnBackendDown::Close),
+            other => Err(format!(r#"must be "keep" or "close", got {:?}"#, clip(other))),
+        }
+    }
 }
 
 /// Why a config was rejected; `Display` gives one lower-case line.
@@ -267,6 +299,9 @@ impl ServiceConfig {
             max_queue: 0,
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
             accept_proxy: false,
+            fail_open: false,
+            on_backend_down: OnBackendDown::Keep,
+            max_connection_duration: 0.0,
         }
     }
 
@@ -373,6 +408,9 @@ struct RawService {
     max_queue: Option<Value>,
     queue_timeout: Option<Value>,
     accept_proxy: Option<Value>,
+    fail_open: Option<Value>,
+    on_backend_down: Option<Value>,
+    max_connection_duration: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -510,6 +548,12 @@ fn build_service(raw: RawService, index: usize, url_name: Option<&str>) -> Resul
         max_queue: integer(raw.max_queue, &at, "max_queue", 0, 0)?,
         queue_timeout: number(raw.queue_timeout, &at, "queue_timeout", DEFAULT_QUEUE_TIMEOUT)?,
         accept_proxy: flag(raw.accept_proxy, &at, "accept_proxy")?,
+        fail_open: flag(raw.fail_open, &at, "fail_open")?,
+        on_backend_down: match text(raw.on_backend_down, &at, "on_backend_down")? {
+            Some(s) => s.parse().map_err(|problem: String| at.err("on_backend_down", problem))?,
+            None => OnBackendDown::default(),
+        },
+        max_connection_duration: number(raw.max_connection_duration, &at, "max_connection_duration", 0.0)?,
     };
     validate_service(&service)?;
     Ok(service)
@@ -639,6 +683,7 @@ pub fn validate_service(service: &ServiceConfig) -> Result<(), ConfigError> {
         ("server_timeout", service.server_timeout),
         ("connect_timeout", service.connect_timeout),
         ("queue_timeout", service.queue_timeout),
+        ("max_connection_duration", service.max_connection_duration),
     ] {
         if !(0.0..=MAX_SECONDS).contains(&value) {
             return Err(at.err(field, seconds_problem(show_seconds(value))));

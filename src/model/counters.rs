@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::model::health::SharedHealth;
+use crate::model::health::{SharedHealth, Tally};
 use crate::model::histogram::{Histogram, CONNECT_BOUNDS, DURATION_BOUNDS};
 use crate::model::limits::Gate;
 
@@ -81,6 +81,8 @@ pub struct BackendState {
     pub check_fail: Counter,
     /// Up or down, and the current run of results.
     pub health: SharedHealth,
+    /// Times it was marked down: a loop whose count differs has pairs to cut.
+    pub downs: Counter,
 }
 
 impl BackendState {
@@ -114,6 +116,8 @@ pub struct ServiceState {
     pub duration: Histogram,
     /// Its connection limit and queue as every loop shares them.
     pub gate: Gate,
+    /// Its backends that count for fail-open, and how many of those are down.
+    pub tally: Tally,
 }
 
 impl Default for ServiceState {
@@ -132,6 +136,7 @@ impl ServiceState {
             connect_time: Histogram::new(CONNECT_BOUNDS),
             duration: Histogram::new(DURATION_BOUNDS),
             gate: Gate::new(loops),
+            tally: Tally::default(),
         }
     }
 }

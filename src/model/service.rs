@@ -14,10 +14,11 @@ use serde_json::{json, Map, Value};
 
 use crate::model::address::{self, Lookups};
 use crate::model::balance::{self, Candidate, SharedCursor};
-use crate::model::config::{self, BackendConfig, ServiceConfig};
+use crate::model::config::{self, BackendConfig, OnBackendDown, ServiceConfig};
 pub use crate::model::counters::Counters;
 use crate::model::counters::{BackendState, ServiceState};
-use crate::model::health::Transition;
+use crate::model::health::{Health, Transition};
+use crate::runtime::bell::Bell;
 use crate::runtime::key::{Key, Slots};
 
 /// One running backend.
@@ -39,6 +40,8 @@ pub struct Backend {
     pub last_check: Option<LastCheck>,
     /// The event-loop entry that probes it, if any.
     pub probe: Option<Key>,
+    /// `state.downs` when this loop last cut its pairs (see [`Services::cuts`]).
+    seen_downs: u64,
 }
 
 /// What the access log calls a backend.
@@ -81,6 +84,32 @@ pub struct Service {
     cursor: Arc<SharedCursor>,
     /// Deleted: hidden from the API, kept while its listener hands over queued clients.
     retired: bool,
+}
+
+impl Service {
+    /// Whether it balances over down backends now: `fail_open` is on and every
+    /// backend that counts is down. One load of the tally: cheap on every pick.
+    pub fn fails_open(&self) -> bool {
+        self.settings.fail_open && self.state.tally.all_down()
+    }
+
+    /// Logs that fail-open began (`true`) or ended.
+    pub fn log_fail_open(&self, active: bool) {
+        let name = &self.settings.name;
+        if active {
+            log::warn!("{name}: every backend is down: fail-open, new connections go to all of them as if up");
+        } else {
+            log::info!("{name}: fail-open ends");
+        }
+    }
+
+    /// Logs a flip of "every counted backend is down" when it means fail-open
+    /// begins or ends; the one loop whose tally change made the flip calls it.
+    fn tally_changed(&self, flip: Option<bool>) {
+        if let Some(active) = flip.filter(|_| self.settings.fail_open) {
+            self.log_fail_open(active);
+        }
+    }
 }
 
 /// A config checked and resolved, ready to be applied without failing.
@@ -178,17 +207,23 @@ pub struct Limits {
     pub client: Option<Duration>,
     /// Idle limit of the backend socket.
     pub server: Option<Duration>,
+    /// How long the connection may last in all (`max_connection_duration`).
+    pub lifetime: Option<Duration>,
 }
 
 /// What the balancer sees of a backend; a vanished one is never chosen.
-fn candidate(backends: &Slots<Backend>, key: Key) -> Candidate {
+/// In fail-open (`open`), every backend is taken as up.
+fn candidate(backends: &Slots<Backend>, key: Key, open: bool) -> Candidate {
     match backends.get(key) {
-        Some(b) => Candidate {
-            weight: b.config.weight,
-            up: b.state.health.is_up(),
-            active: b.state.active.get(),
-            limit: u64::from(b.config.max_connections),
-        },
+        Some(b) => balance::as_if_up(
+            open,
+            Candidate {
+                weight: b.config.weight,
+                up: b.state.health.is_up(),
+                active: b.state.active.get(),
+                limit: u64::from(b.config.max_connections),
+            },
+        ),
         None => Candidate { weight: 0, up: false, active: 0, limit: 0 },
     }
 }
@@ -200,6 +235,7 @@ impl Limits {
             connect: config::seconds(settings.connect_timeout),
             client: config::seconds(settings.client_timeout),
             server: config::seconds(settings.server_timeout),
+            lifetime: config::seconds(settings.max_connection_duration),
         }
     }
 }
@@ -265,6 +301,8 @@ pub struct Services {
     backends: Slots<Backend>,
     /// How many loops proxy for these services (0 is taken as 1): sizes each service's shared gate.
     loops: usize,
+    /// Rung when a backend of an `on_backend_down: close` service goes down, so every loop cuts its pairs.
+    bell: Arc<Bell>,
 }
 
 impl Services {
@@ -391,6 +429,7 @@ impl Services {
                         state: Arc::default(),
                         last_check: None,
                         probe: None,
+                        seen_downs: 0,
                     };
                     let k = self.backends.insert(b);
                     changes.added.push(k);
@@ -450,7 +489,11 @@ impl Services {
         s.cursor = shared.cursor.clone();
         for (&k, state) in s.backends.iter().zip(&shared.backends) {
             if let Some(b) = self.backends.get_mut(k) {
-                b.state = state.clone();
+                if !Arc::ptr_eq(&b.state, state) {
+                    // A backend new to this loop has no pairs: downs before now are not its to cut.
+                    b.seen_downs = state.downs.get();
+                    b.state = state.clone();
+                }
             }
         }
     }
@@ -466,7 +509,8 @@ impl Services {
         let mut plan = Plan { service: key, first: None, tried: Vec::new(), last: None, full: false };
         let Some(service) = self.services.get(key) else { return plan };
         let (backends, slots) = (&service.backends, &self.backends);
-        let at = |i: usize| candidate(slots, backends[i]);
+        let open = service.fails_open();
+        let at = |i: usize| candidate(slots, backends[i], open);
         let chosen = service.cursor.pick(service.settings.balance, backends.len(), at).map(|i| backends[i]);
         match chosen {
             Some(b) if self.take_slot(b) => plan.first = Some(b),
@@ -499,7 +543,8 @@ impl Services {
             let last = (plan.last.and_then(|k| backends.iter().position(|&b| b == k)))
                 .unwrap_or(backends.len().saturating_sub(1));
             let tried = |i: usize| plan.tried.contains(&backends[i]);
-            let at = |i: usize| candidate(&self.backends, backends[i]);
+            let open = service.fails_open();
+            let at = |i: usize| candidate(&self.backends, backends[i], open);
             let next =
                 balance::failover(service.settings.balance, last, backends.len(), at, tried).map(|i| backends[i]);
             plan.last = next;
@@ -539,10 +584,104 @@ impl Services {
         let checked = settings.is_some_and(|s| config::seconds(s.check_interval).is_some());
         // Only backends that checks can bring back are marked down by traffic (reference §4 passive health).
         if checked && b.check_addr.is_some() {
-            b.state.health.update(|h| h.record_connect_failure(fall))
+            self.feed(backend, |h| h.record_connect_failure(fall))
         } else {
             None
         }
+    }
+
+    /// Feeds one health check's result to a backend; returns a transition to log.
+    pub fn record_check(&self, backend: Key, passed: bool) -> Option<Transition> {
+        let b = self.backends.get(backend)?;
+        let s = self.services.get(b.service)?;
+        let (rise, fall) = (s.settings.rise, s.settings.fall);
+        self.feed(backend, |h| h.record_check(passed, rise, fall))
+    }
+
+    /// Marks a backend up because its checks were turned off; whether it was down.
+    pub fn checks_off(&self, backend: Key) -> bool {
+        let Some(b) = self.backends.get(backend) else { return false };
+        let (transition, counted) = b.state.health.reset();
+        self.moved(b, transition, counted);
+        transition.is_some()
+    }
+
+    /// Applies `f` to a backend's health, keeping its service's tally and cuts in step.
+    fn feed(&self, backend: Key, f: impl Fn(&mut Health) -> Option<Transition>) -> Option<Transition> {
+        let b = self.backends.get(backend)?;
+        let (transition, counted) = b.state.health.update_counting(f);
+        self.moved(b, transition, counted);
+        transition
+    }
+
+    /// What a health transition of `b` does beyond the backend: moves the
+    /// tally (when it counts), and a backend gone down rings every loop to
+    /// cut its pairs (when its service says so).
+    fn moved(&self, b: &Backend, transition: Option<Transition>, counted: bool) {
+        let Some(transition) = transition else { return };
+        let Some(s) = self.services.get(b.service) else { return };
+        if transition == Transition::WentDown {
+            b.state.downs.add(1);
+            if s.settings.on_backend_down == OnBackendDown::Close {
+                self.bell.ring();
+            }
+        }
+        if counted {
+            let down = if transition == Transition::WentDown { 1 } else { -1 };
+            s.tally_changed(s.state.tally.change(0, down));
+        }
+    }
+
+    /// Makes the control loop's new backends count for fail-open and its
+    /// removed ones stop counting. Only the loop that owns the health (the
+    /// control loop) calls it, so each backend is counted once. Logs nothing:
+    /// a config change says once whether it started or ended fail-open.
+    pub fn enroll(&self, service: Key, added: &[Key], removed: &[Backend]) {
+        let Some(s) = self.services.get(service) else { return };
+        let added = added.iter().filter_map(|&k| self.backends.get(k));
+        // Drained backends take no traffic, healthy or not: they count neither way.
+        for (b, counted) in added.map(|b| (b, b.config.weight > 0)).chain(removed.iter().map(|b| (b, false))) {
+            if let Some(down) = b.state.health.set_counted(counted) {
+                let by = if counted { 1 } else { -1 };
+                // The caller compares fail-open before and after the whole change, and logs that.
+                let _ = s.state.tally.change(by, if down { by } else { 0 });
+            }
+        }
+    }
+
+    /// Whether the service balances over down backends now (fail-open).
+    pub fn fail_open_active(&self, key: Key) -> bool {
+        self.services.get(key).is_some_and(Service::fails_open)
+    }
+
+    /// The bell this loop's cuts ring; every loop of a process shares one.
+    pub fn bell(&self) -> &Arc<Bell> {
+        &self.bell
+    }
+
+    /// Makes this loop ring and hear `bell`.
+    pub fn set_bell(&mut self, bell: Arc<Bell>) {
+        self.bell = bell;
+    }
+
+    /// The backends of `on_backend_down: close` services marked down since
+    /// this loop last looked, whose open pairs it must cut. A scan of this
+    /// loop's backends, done only when the bell rang.
+    pub fn cuts(&mut self) -> Vec<Key> {
+        let mut cut = Vec::new();
+        for (key, b) in self.backends.iter_mut() {
+            let downs = b.state.downs.get();
+            if downs == b.seen_downs {
+                continue;
+            }
+            b.seen_downs = downs;
+            let close =
+                self.services.get(b.service).is_some_and(|s| s.settings.on_backend_down == OnBackendDown::Close);
+            if close {
+                cut.push(key);
+            }
+        }
+        cut
     }
 
     /// Counts an established backend connection.
@@ -630,6 +769,7 @@ impl Services {
             ("queue_timeouts", s.state.gate.queue_timeouts.get()),
             ("proxy_header_errors", s.state.proxy_header_errors.get()),
         ]));
+        fields.push(("fail_open_active".into(), Stats::Field(json!(s.fails_open()))));
         let backends = s.backends.iter().filter_map(|&k| self.backend_stats(k)).collect();
         fields.push(("backends".into(), Stats::List(backends)));
         Some(Stats::Object(fields))
@@ -653,6 +793,9 @@ const SERVICE_FIELDS: &[&str] = &[
     "max_queue",
     "queue_timeout",
     "accept_proxy",
+    "fail_open",
+    "on_backend_down",
+    "max_connection_duration",
 ];
 const BACKEND_FIELDS: &[&str] = &["name", "address", "check_address", "weight", "max_connections", "send_proxy"];
 

@@ -87,6 +87,11 @@ impl<T> Clone for Outbox<T> {
 }
 
 impl<T> Outbox<T> {
+    /// The loop's waker, for a [`crate::runtime::bell::Bell`] that wakes it with no message.
+    pub fn waker(&self) -> Arc<Waker> {
+        self.waker.clone()
+    }
+
     /// Posts `answer` and wakes the loop; `false` if the loop is gone.
     pub fn post(&self, answer: T) -> bool {
         // The loop may be gone (shutting down): nobody is left to tell.

@@ -169,6 +169,13 @@ impl<T> Slots<T> {
             .iter()
             .map(|(index, (generation, value))| (Key { index: index as u32, generation: *generation }, value))
     }
+
+    /// Every stored value, mutably, with its key, in slot order.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (Key, &mut T)> + '_ {
+        self.slab
+            .iter_mut()
+            .map(|(index, (generation, value))| (Key { index: index as u32, generation: *generation }, value))
+    }
 }
 
 #[cfg(test)]

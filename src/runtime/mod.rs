@@ -4,6 +4,7 @@
 
 pub mod accesslog;
 pub mod accounts;
+pub mod bell;
 pub mod cpus;
 pub mod fds;
 pub mod files;

@@ -18,8 +18,9 @@ use super::{Entry, Server};
 use crate::control::api::{Plane, Staged};
 use crate::control::info::Info;
 use crate::control::metrics::Process;
+use crate::data::proxy::Cut;
 use crate::model::config;
-use crate::model::service::{Prepared, Services};
+use crate::model::service::{BackendChanges, Prepared, Services};
 use crate::runtime::key::Key;
 use crate::runtime::net;
 
@@ -83,6 +84,7 @@ impl Plane for Server {
             return;
         }
         let (key, backends) = self.services.insert(prepared.clone());
+        self.services.enroll(key, &backends, &[]);
         let sockets = self.adopt_group(key, listener);
         for backend in backends {
             self.start_probe(backend, now);
@@ -98,7 +100,9 @@ impl Plane for Server {
 
     fn replace_service(&mut self, key: Key, prepared: Prepared, listener: Option<Staged>, now: Instant) {
         let fan_out = self.workers().map(|_| prepared.clone());
+        let was = self.services.fail_open_active(key);
         let changes = self.services.replace(key, prepared);
+        self.enroll(key, &changes, was);
         for removed in changes.removed {
             if let Some(probe) = removed.probe {
                 self.remove_entry(probe);
@@ -129,8 +133,10 @@ impl Plane for Server {
     fn set_backends(&mut self, key: Key, prepared: Prepared, now: Instant) {
         let fan_out = self.workers().map(|_| prepared.clone());
         let Prepared { config, backend_addrs, .. } = prepared;
+        let was = self.services.fail_open_active(key);
         let changes = self.services.set_backends(key, config.backends, backend_addrs);
         self.on_slots();
+        self.enroll(key, &changes, was);
         for removed in changes.removed {
             if let Some(probe) = removed.probe {
                 self.remove_entry(probe);
@@ -141,6 +147,22 @@ impl Plane for Server {
             let shared = self.services.shared(key);
             let n = self.workers().map_or(0, |w| w.len());
             self.send((0..n).map(|_| Op::Backends { prepared: prepared.clone(), shared: shared.clone() }).collect());
+        }
+    }
+
+    fn cut(&mut self, key: Key, backend: Option<&str>, now: Instant) {
+        if let Some(n) = self.workers().map(|w| w.len()) {
+            // The pairs are the workers'; each cuts its own.
+            let Some(service) = self.services.service(key).map(|s| s.settings.name.clone()) else { return };
+            let backend = backend.map(str::to_string);
+            return self.send((0..n).map(|_| Op::Cut { service: service.clone(), backend: backend.clone() }).collect());
+        }
+        match backend {
+            Some(name) => {
+                let Some(target) = self.services.find_backend(key, name) else { return };
+                self.cut_pairs(|pair| pair.target() == target, Cut::BackendRemoved, now);
+            }
+            None => self.cut_pairs(|pair| pair.service() == key, Cut::ServiceRemoved, now),
         }
     }
 
@@ -169,6 +191,20 @@ impl Plane for Server {
 }
 
 impl Server {
+    /// On the loop that owns health (the control loop): counts a change's new
+    /// backends for fail-open and stops counting its removed ones, then logs
+    /// whether the change started or ended fail-open (`was` is before it).
+    fn enroll(&self, key: Key, changes: &BackendChanges, was: bool) {
+        if !self.hosts_probes() {
+            return;
+        }
+        self.services.enroll(key, &changes.added, &changes.removed);
+        let is = self.services.fail_open_active(key);
+        if let Some(s) = self.services.service(key).filter(|_| is != was) {
+            s.log_fail_open(is);
+        }
+    }
+
     fn send(&mut self, ops: Vec<Op>) {
         if let Some(workers) = self.workers_mut() {
             workers.send(ops);
@@ -197,9 +233,9 @@ impl Server {
             }
             if let Some(b) = self.services.backend_mut(backend).filter(|_| !want) {
                 b.probe = None;
-                if !b.state.health.is_up() {
-                    b.state.health.reset();
-                    info!("{name}/{} is up: health checks are off", b.config.name);
+                if self.services.checks_off(backend) {
+                    let backend = self.services.names(backend).1;
+                    info!("{name}/{backend} is up: health checks are off");
                 }
             }
         }

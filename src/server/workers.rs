@@ -38,6 +38,7 @@ use super::{Entry, Role, Server, WAKER};
 use crate::control::api::{Plane, Staged};
 use crate::model::service::{Prepared, Shared};
 use crate::runtime::accesslog::AccessLog;
+use crate::runtime::bell::Bell;
 use crate::runtime::cpus;
 use crate::runtime::helpers::{Answer, Inbox, Outbox};
 use crate::runtime::key::Key;
@@ -122,6 +123,14 @@ pub enum Op {
         /// Its name.
         name: String,
     },
+    /// Cut the open pairs of one backend of a service, or of the whole service
+    /// (`DELETE ...?close`), before the removal that follows it.
+    Cut {
+        /// The service's name.
+        service: String,
+        /// The backend's name; `None` for every pair of the service.
+        backend: Option<String>,
+    },
 }
 
 /// One worker loop as the control loop sees it.
@@ -172,7 +181,9 @@ impl Workers {
     /// Starts `n` worker loops whose fd budget is `fd_limit` each; they
     /// report to `control`. With `pin`, worker i runs on the i-th allowed CPU.
     /// Every worker counts its pairs into `pairs`, which the control loop
-    /// reads, and logs finished connections to its own end of `access_log`.
+    /// reads, logs finished connections to its own end of `access_log`, and
+    /// rings and hears `bell` (backends gone down).
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         n: usize,
         pin: bool,
@@ -181,6 +192,7 @@ impl Workers {
         control: &Outbox,
         pairs: &Arc<AtomicU64>,
         access_log: &AccessLog,
+        bell: &Arc<Bell>,
     ) -> io::Result<Workers> {
         let cpus = if pin { cpus::allowed()? } else { Vec::new() };
         let mut links = Vec::with_capacity(n);
@@ -197,8 +209,13 @@ impl Workers {
             let orders = inbox.outbox();
             let control = control.clone();
             let cpu = (!cpus.is_empty()).then(|| cpus[index % cpus.len()]);
-            let budget =
-                Budget { fd_limit, pairs: pairs.clone(), access_log: access_log.for_loop(), peers: peers.clone() };
+            let budget = Budget {
+                fd_limit,
+                pairs: pairs.clone(),
+                access_log: access_log.for_loop(),
+                peers: peers.clone(),
+                bell: bell.clone(),
+            };
             // `top -H` and `ps -L` show 15 bytes of a thread's name: keep the number in them.
             let thread = thread::Builder::new()
                 .name(format!("shuttle-w{index}"))
@@ -216,6 +233,11 @@ impl Workers {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.links.is_empty()
+    }
+
+    /// Every worker loop's waker, for the bell.
+    pub fn wakers(&self) -> impl Iterator<Item = Arc<mio::Waker>> + '_ {
+        self.links.iter().map(|l| l.orders.waker())
     }
 
     /// Sends worker i the change `ops[i]`; a worker without one has nothing to apply.
@@ -326,6 +348,8 @@ struct Budget {
     access_log: AccessLog,
     /// Every worker's inbox, for wake-ups about freed slots.
     peers: Arc<Peers>,
+    /// The bell every loop rings and hears.
+    bell: Arc<Bell>,
 }
 
 /// A worker thread's whole life: build its loop, run it, report how it ended.
@@ -350,6 +374,7 @@ fn run_worker(
         server.fds.share_pairs(budget.pairs);
         server.access_log = budget.access_log;
         server.peers = Some(budget.peers);
+        server.services.set_bell(budget.bell);
         server.run()
     }));
     let failed = match ran {
@@ -478,6 +503,10 @@ impl Server {
             Op::Remove { name } => match self.services.find(&name) {
                 Some(key) => self.remove_service(key, now),
                 None => error!("worker: no service {name:?} to remove"),
+            },
+            Op::Cut { service, backend } => match self.services.find(&service) {
+                Some(key) => self.cut(key, backend.as_deref(), now),
+                None => error!("worker: no service {service:?} to cut"),
             },
         }
     }

@@ -16,6 +16,8 @@ mod audit;
 mod balance;
 mod check;
 mod config_object;
+mod cutting;
+mod fail_open;
 mod failover;
 mod hardening;
 mod health;
