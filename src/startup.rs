@@ -72,10 +72,18 @@ fn load(flags: &Flags, identity: Option<&Identity>) -> Result<Loaded, Failed> {
         (Some(state), _) if state.exists() => Some(state.clone()),
         (_, config) => config.clone(),
     };
-    let file = match &source {
+    let mut file = match &source {
         None => ConfigFile { services: Vec::new(), form: Form::List },
-        Some(path) => config::load(path).map_err(|e| Failed::at(path, e))?,
+        Some(path) => {
+            if identity.is_some() && source == flags.state {
+                user::check_state_file(path)?;
+            }
+            config::load(path).map_err(|e| Failed::at(path, e))?
+        }
     };
+    if let (Some(_), Some(state)) = (identity, source.as_ref().filter(|s| Some(*s) == flags.state.as_ref())) {
+        file.form = user::trusted_form(file.form, state, flags.config.as_deref())?;
+    }
     let flags = match (file.form.globals(), &source) {
         (Some(globals), Some(path)) => {
             let (flags, overridden) = flags.clone().with_file(globals);

@@ -10,6 +10,8 @@ use crate::cli::Flags;
 use crate::control::access;
 use crate::control::admin::AdminAddr;
 use crate::control::state::StateFile;
+use crate::model::config::{self, Form};
+use crate::model::options::Globals;
 use crate::runtime::accesslog::Target;
 use crate::runtime::accounts::{self, Identity};
 use crate::runtime::files;
@@ -43,6 +45,40 @@ pub(super) fn check_admin(admin: &AdminAddr, identity: Option<&Identity>) -> Res
                 "admin API: {addr} can be reached from other hosts, and shuttle would serve it as root: add -user NAME (e.g. -user nobody) to drop root once everything is bound, or listen on a loopback address or a unix socket"
             )))
         }
+        _ => Ok(()),
+    }
+}
+
+/// With `-user`, the state file is that user's to write, so root takes no
+/// global option from it at start-up (they name files root opens and
+/// addresses it binds): they come from `-config`, which stays root's, and
+/// the state file is written with those. Returns the form to use.
+pub(super) fn trusted_form(form: Form, state: &Path, config: Option<&Path>) -> Result<Form, Failed> {
+    let Form::Object(written) = &form else { return Ok(form) };
+    let trusted = match config {
+        Some(path) => match config::load(path).map_err(|e| Failed::at(path, e))?.form {
+            Form::Object(globals) => globals,
+            Form::List => Globals::default(),
+        },
+        None => Globals::default(),
+    };
+    if *written != trusted {
+        log::warn!(
+            "{}: its global options differ from -config's, and are not used: with -user the state file is written by that user, so they come from -config and flags",
+            state.display()
+        );
+    }
+    Ok(Form::Object(trusted))
+}
+
+/// With `-user`, a state file that is a symbolic link is refused: the user
+/// who may write its directory could point it at a file only root may read.
+pub(super) fn check_state_file(path: &Path) -> Result<(), Failed> {
+    match path.symlink_metadata() {
+        Ok(meta) if meta.file_type().is_symlink() => Err(Failed::at(
+            path,
+            "is a symbolic link; with -user the state file's directory is that user's, and root reads no link there",
+        )),
         _ => Ok(()),
     }
 }

@@ -329,3 +329,31 @@ fn switching_user_without_root_fails_with_one_line() {
     let status = shuttle.wait_exit(DEADLINE).expect("shuttle exits");
     assert_eq!(status.code(), Some(1), "{:#?}", shuttle.stderr_lines());
 }
+
+#[test]
+fn a_state_file_the_new_user_writes_chooses_nothing_root_opens() {
+    if !root_or_skip("a_state_file_the_new_user_writes_chooses_nothing_root_opens") {
+        return;
+    }
+    let (uid, gid) = nobody();
+    let dir = tempdir();
+    let home = nobodys_dir(dir.path());
+    // What a compromised shuttle, running as nobody, could write for root's next start.
+    let planted = dir.path().join("planted.log");
+    let state = home.join("state.json");
+    let text = json!({ "access_log": { "path": path_str(&planted) }, "services": [] }).to_string();
+    std::fs::write(&state, text).expect("write the state file");
+    chown(&state, Some(uid), Some(gid)).expect("chown");
+    let shuttle = Shuttle::launch(&["-user", "nobody", "-state", path_str(&state)], Launch::default());
+    shuttle.wait_for_line("are not used");
+    shuttle.wait_for_line("running as user nobody");
+    assert!(!planted.exists(), "root opened an access log the state file named");
+    drop(shuttle);
+
+    // Nor may the state file be a link to a file only root may read.
+    let secret = dir.path().join("secret.json");
+    std::fs::write(&secret, "[]").expect("write");
+    let link = home.join("link.json");
+    std::os::unix::fs::symlink(&secret, &link).expect("symlink");
+    expect_startup_error(&["-user", "nobody", "-state", path_str(&link)], &[path_str(&link), "symbolic link"]);
+}
