@@ -8,10 +8,11 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{json, Value};
+use tempfile::TempDir;
 
 use crate::admin::{config_bytes, get, put};
 use crate::startup::expect_startup_error;
@@ -49,8 +50,19 @@ fn nobody() -> (u32, u32) {
     (id_of_nobody("-u")[0], id_of_nobody("-g")[0])
 }
 
+/// A fresh temporary directory and, inside it, one nobody owns; `None`
+/// (saying why) when the tests cannot switch user.
+fn nobody_home(test: &str) -> Option<(TempDir, PathBuf)> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    let dir = tempdir();
+    let home = nobodys_dir(dir.path());
+    Some((dir, home))
+}
+
 /// A directory nobody owns (and so may write), inside a fresh temporary one.
-fn nobodys_dir(dir: &Path) -> std::path::PathBuf {
+fn nobodys_dir(dir: &Path) -> PathBuf {
     let (uid, gid) = nobody();
     // The temporary directory is root's, mode 0700: nobody must be able to pass through it.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod the temporary directory");
@@ -100,13 +112,9 @@ fn service_at(address: &str, backend: &str) -> Value {
 
 #[test]
 fn every_thread_runs_as_the_new_user_and_only_the_control_thread_keeps_a_capability() {
-    if !root_or_skip("every_thread_runs_as_the_new_user") {
-        return;
-    }
+    let Some((_dir, home)) = nobody_home("every_thread_runs_as_the_new_user") else { return };
     let (uid, gid) = nobody();
     let groups: Vec<String> = id_of_nobody("-G").iter().map(u32::to_string).collect();
-    let dir = tempdir();
-    let home = nobodys_dir(dir.path());
     let state = home.join("state.json");
     let log = home.join("access.log");
     let shuttle = Shuttle::launch(
@@ -148,13 +156,9 @@ fn every_thread_runs_as_the_new_user_and_only_the_control_thread_keeps_a_capabil
 
 #[test]
 fn after_the_switch_a_put_below_1024_listens_proxies_and_is_saved() {
-    if !root_or_skip("after_the_switch_a_put_below_1024_listens") {
-        return;
-    }
+    let Some((_dir, home)) = nobody_home("after_the_switch_a_put_below_1024_listens") else { return };
     let (uid, _) = nobody();
     let echo = echo();
-    let dir = tempdir();
-    let home = nobodys_dir(dir.path());
     let state = home.join("state.json");
     let shuttle = Shuttle::launch(&["-user", "nobody", "-state", path_str(&state)], Launch::default());
     shuttle.wait_for_line("kept CAP_NET_BIND_SERVICE");
@@ -204,12 +208,8 @@ fn refused_below_1024(shuttle: &Shuttle, state: &Path, from: u16) {
 
 #[test]
 fn without_the_capability_a_put_below_1024_is_409_and_changes_nothing() {
-    if !root_or_skip("without_the_capability_a_put_below_1024_is_409") {
-        return;
-    }
+    let Some((_dir, home)) = nobody_home("without_the_capability_a_put_below_1024_is_409") else { return };
     let (uid, gid) = nobody();
-    let dir = tempdir();
-    let home = nobodys_dir(dir.path());
 
     // Started as nobody with no capability at all.
     let state = home.join("plain.json");
@@ -268,11 +268,7 @@ fn a_root_admin_api_other_hosts_can_reach_needs_user() {
 
 #[test]
 fn files_the_new_user_cannot_reach_fail_start_up_before_anything_is_served() {
-    if !root_or_skip("files_the_new_user_cannot_reach_fail_start_up") {
-        return;
-    }
-    let dir = tempdir();
-    let home = nobodys_dir(dir.path());
+    let Some((dir, home)) = nobody_home("files_the_new_user_cannot_reach_fail_start_up") else { return };
     // Root's own directory, which nobody cannot enter.
     let private = dir.path().join("root-only");
     std::fs::create_dir(&private).expect("mkdir");
@@ -297,11 +293,7 @@ fn files_the_new_user_cannot_reach_fail_start_up_before_anything_is_served() {
 
 #[test]
 fn check_judges_the_state_directory_as_the_user_shuttle_will_run_as() {
-    if !root_or_skip("check_judges_the_state_directory_as_the_user") {
-        return;
-    }
-    let dir = tempdir();
-    let home = nobodys_dir(dir.path());
+    let Some((dir, home)) = nobody_home("check_judges_the_state_directory_as_the_user") else { return };
     let state = home.join("state.json");
     let config = write_config(dir.path(), &one_backend("127.0.0.1:1"));
     let args = ["-check", "-config", path_str(&config), "-state", path_str(&state)];
@@ -332,12 +324,8 @@ fn switching_user_without_root_fails_with_one_line() {
 
 #[test]
 fn a_state_file_the_new_user_writes_chooses_nothing_root_opens() {
-    if !root_or_skip("a_state_file_the_new_user_writes_chooses_nothing_root_opens") {
-        return;
-    }
+    let Some((dir, home)) = nobody_home("a_state_file_the_new_user_writes_chooses_nothing_root_opens") else { return };
     let (uid, gid) = nobody();
-    let dir = tempdir();
-    let home = nobodys_dir(dir.path());
     // What a compromised shuttle, running as nobody, could write for root's next start.
     let planted = dir.path().join("planted.log");
     let state = home.join("state.json");
