@@ -19,8 +19,9 @@ shuttle: a TCP proxy and load balancer, reconfigured live over HTTP/JSON
 usage: shuttle [-config FILE] [-state FILE] [-http ADDR] [-http-mode MODE]
                [-admin-host NAME] [-admin-token-file FILE] [-grace SECONDS]
                [-workers N|auto] [-pin] [-access-log PATH|-] [-access-log-format text|json]
-               [-debug]
+               [-user NAME [-group NAME]] [-debug]
        shuttle -check [-config FILE] [-state FILE] [-http ADDR] [-admin-token-file FILE]
+                      [-user NAME [-group NAME]]
 
   -config FILE            default config (a JSON list of services, or an object with
                           services and global options, which flags override); never written
@@ -37,6 +38,11 @@ usage: shuttle [-config FILE] [-state FILE] [-http ADDR] [-http-mode MODE]
   -access-log PATH|-      write one line per finished connection to PATH (appended; SIGUSR1
                           reopens it), or to standard output with -; off by default
   -access-log-format F    text (key=value fields, the default) or json (one object a line)
+  -user NAME              once the admin API and the listeners are bound, run as this user
+                          (a name or a uid), keeping only CAP_NET_BIND_SERVICE; needed to
+                          serve the admin API on a non-loopback TCP address as root
+  -group NAME             the group to run as with -user (a name or a gid; default the
+                          user's primary group); supplementary groups are the user's
   -check                  check the file start-up would load (the state file if it exists,
                           else -config) as start-up does, names resolved, and exit; binds
                           nothing and takes no lock
@@ -78,6 +84,10 @@ pub struct Flags {
     pub access_log: Option<Target>,
     /// `-access-log-format`.
     pub access_log_format: Format,
+    /// `-user`: who to run as once everything is bound.
+    pub user: Option<String>,
+    /// `-group`: the group to run as with `-user`.
+    pub group: Option<String>,
     /// The flags given on the command line, by name without dashes
     /// (`grace`): they win over a config file's global options.
     pub given: Vec<String>,
@@ -207,8 +217,13 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
         check: args.contains("--check"),
         access_log: value(&mut args, "--access-log", non_empty)?.map(|v| Target::parse(&v)),
         access_log_format: value(&mut args, "--access-log-format", parse_format)?.unwrap_or_default(),
+        user: value(&mut args, "--user", non_empty)?,
+        group: value(&mut args, "--group", non_empty)?,
         given,
     };
+    if flags.group.is_some() && flags.user.is_none() {
+        return Err("-group: needs -user".into());
+    }
     let rest = args.finish();
     if let Some(first) = rest.first() {
         let shown = typed
@@ -453,6 +468,18 @@ mod tests {
             overridden,
             ["-http (admin.address)", "-grace (grace)", "-pin (pin)", "-access-log-format (access_log.format)"]
         );
+    }
+
+    #[test]
+    fn user_and_group() {
+        let flags = run(&[]).unwrap();
+        assert_eq!((flags.user, flags.group), (None, None));
+        let flags = run(&["-user", "nobody", "--group=nogroup"]).unwrap();
+        assert_eq!((flags.user.as_deref(), flags.group.as_deref()), (Some("nobody"), Some("nogroup")));
+        assert_eq!(run(&["-user=65534"]).unwrap().user.as_deref(), Some("65534"));
+        assert_eq!(run(&["-group", "nogroup"]).unwrap_err(), "-group: needs -user");
+        assert_eq!(run(&["-user"]).unwrap_err(), "-user: needs a value");
+        assert!(run(&["-user", ""]).unwrap_err().starts_with("-user: "));
     }
 
     #[test]

@@ -15,9 +15,12 @@ use crate::model::address;
 use crate::model::config::{self, one_line, ConfigFile, Form, ServiceConfig};
 use crate::model::service;
 use crate::runtime::accesslog::{AccessLog, Target};
+use crate::runtime::accounts::Identity;
 use crate::runtime::notify::Notifier;
 use crate::runtime::{files, helpers};
 use crate::server::{Options, Server, StartupError};
+
+mod user;
 
 /// Why start-up failed: one line, naming the file or address at fault.
 #[derive(Debug)]
@@ -32,10 +35,11 @@ impl Failed {
 /// `-check`: everything start-up reads and checks, with nothing bound and no
 /// lock taken (a running shuttle holds it, and its state file must be checkable).
 pub fn check(flags: &Flags) -> Result<String, Failed> {
+    let identity = user::identity(flags)?;
     if let Some(path) = &flags.state {
-        StateFile::check(path).map_err(|e| Failed::at(path, e))?;
+        StateFile::check(path, user::runs_as(identity.as_ref())).map_err(|e| Failed::at(path, e))?;
     }
-    let loaded = load(flags)?;
+    let loaded = load(flags, identity.as_ref())?;
     let services = loaded.prepared.len();
     let backends: usize = loaded.prepared.iter().map(|p| p.config.backends.len()).sum();
     let what = loaded.source.as_ref().map_or_else(|| "no config".to_string(), |p| p.display().to_string());
@@ -62,16 +66,24 @@ struct Loaded {
 
 /// Reads the config (or state) file, resolves its names within the 5 s
 /// deadline, runs the cross-service checks and reads the token file.
-fn load(flags: &Flags) -> Result<Loaded, Failed> {
+fn load(flags: &Flags, identity: Option<&Identity>) -> Result<Loaded, Failed> {
     // The state file wins when it exists (reference §1); a corrupt one stops start-up and is never overwritten.
     let source = match (&flags.state, &flags.config) {
         (Some(state), _) if state.exists() => Some(state.clone()),
         (_, config) => config.clone(),
     };
-    let file = match &source {
+    let mut file = match &source {
         None => ConfigFile { services: Vec::new(), form: Form::List },
-        Some(path) => config::load(path).map_err(|e| Failed::at(path, e))?,
+        Some(path) => {
+            if identity.is_some() && source == flags.state {
+                user::check_state_file(path)?;
+            }
+            config::load(path).map_err(|e| Failed::at(path, e))?
+        }
     };
+    if let (Some(_), Some(state)) = (identity, source.as_ref().filter(|s| Some(*s) == flags.state.as_ref())) {
+        file.form = user::trusted_form(file.form, state, flags.config.as_deref())?;
+    }
     let flags = match (file.form.globals(), &source) {
         (Some(globals), Some(path)) => {
             let (flags, overridden) = flags.clone().with_file(globals);
@@ -83,6 +95,7 @@ fn load(flags: &Flags) -> Result<Loaded, Failed> {
         _ => flags.clone(),
     };
     let admin = admin_address(&flags)?;
+    user::check_admin(&admin, identity)?;
     let prepared = prepare(file.services, &source)?;
     // A TCP admin address with a fixed port is known already; `Server::new`
     // checks again once it is bound, when port 0 has become a real port.
@@ -108,12 +121,15 @@ fn at_source(source: &Option<PathBuf>, e: String) -> Failed {
 
 /// Everything before the loop runs: each failure is one line and exit 1.
 pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
+    let identity = user::identity(&flags)?;
     // The state file is locked before it is read: a second shuttle on it stops here.
     let state = match &flags.state {
-        Some(path) => Some(StateFile::open(path).map_err(|e| Failed::at(path, e))?),
+        Some(path) => {
+            Some(StateFile::open_as(path, user::runs_as(identity.as_ref())).map_err(|e| Failed::at(path, e))?)
+        }
         None => None,
     };
-    let Loaded { source, form, flags, prepared, admin, token } = load(&flags)?;
+    let Loaded { source, form, flags, prepared, admin, token } = load(&flags, identity.as_ref())?;
     if let AdminAddr::Tcp(addr) = &admin {
         if token.is_none() && !access::is_local_only(addr) {
             log::warn!(
@@ -143,6 +159,7 @@ pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
         log::info!("{workers} worker loops proxy; one control loop runs the admin API and the health checks");
     }
     let notify = Notifier::from_env();
+    let new_access_log = user::new_access_log(&flags);
     let access_log = match &flags.access_log {
         None => AccessLog::default(),
         Some(target) => AccessLog::start(target.clone(), flags.access_log_format).map_err(|e| match target {
@@ -164,11 +181,22 @@ pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
         notify,
         access_log,
     };
-    Server::new(options, prepared).map_err(|e| match (&source, &e) {
+    let server = Server::new(options, prepared).map_err(|e| match (&source, &e) {
         // A service that cannot start is named with the file it came from.
         (Some(path), StartupError::Listen { .. } | StartupError::Service(_)) => Failed::at(path, e),
         _ => Failed(e.to_string()),
-    })
+    })?;
+    // Everything is bound and opened: root is needed no more.
+    if let Some(id) = &identity {
+        let access_log = match &flags.access_log {
+            Some(Target::File(path)) => Some(path.as_path()),
+            _ => None,
+        };
+        let reach =
+            user::Reach { state: flags.state.as_deref(), source: source.as_deref(), access_log, new_access_log };
+        user::switch(id, &reach)?;
+    }
+    Ok(server)
 }
 
 /// Resolves every host name of the config (off this thread, with a deadline)

@@ -29,6 +29,7 @@ use crate::model::config::{self, BackendConfig, Protocol, ServiceConfig};
 use crate::model::diff::{self, Fate};
 use crate::model::service::{self, Prepared, Services};
 use crate::runtime::key::Key;
+use crate::runtime::privileges;
 
 /// The media type of every admin body but the metrics'.
 pub const JSON: &str = "application/json";
@@ -536,7 +537,8 @@ fn unstage_all(plane: &mut impl Plane, steps: Vec<Apply>) {
 /// Binds and registers the listener of a service that needs a new one (409 if it can't).
 fn stage(plane: &mut impl Plane, prepared: &Prepared) -> Result<Staged, ApiError> {
     plane.stage_listener(prepared.addr, prepared.config.protocol).map_err(|e| {
-        ApiError::Conflict(format!("cannot listen on {} ({}): {e}", prepared.config.address, prepared.addr))
+        let hint = privileges::bind_hint(prepared.addr.port(), &e).map(|h| format!(": {h}")).unwrap_or_default();
+        ApiError::Conflict(format!("cannot listen on {} ({}): {e}{hint}", prepared.config.address, prepared.addr))
     })
 }
 

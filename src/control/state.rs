@@ -70,8 +70,14 @@ pub struct StateFile {
 impl StateFile {
     /// Checks the directory, takes the lock and clears stale temporary files.
     pub fn open(path: &Path) -> Result<StateFile, StateError> {
+        StateFile::open_as(path, files::effective_uid())
+    }
+
+    /// [`StateFile::open`] for a process that will run as uid `me` (`-user`):
+    /// the directory may be that user's, and so may stale temporary files.
+    pub fn open_as(path: &Path, me: u32) -> Result<StateFile, StateError> {
         let dir = files::parent_dir(path);
-        files::check_private_dir(dir).map_err(StateError::Directory)?;
+        files::check_private_dir_for(dir, me).map_err(StateError::Directory)?;
         let lock_path = lock_path(path);
         let lock_err = |source| StateError::Lock { lock: lock_path.clone(), source };
         let mut lock = OpenOptions::new()
@@ -99,14 +105,22 @@ impl StateFile {
             Err(fs::TryLockError::Error(e)) => return Err(lock_err(e)),
         }
         lock.set_len(0).and_then(|()| writeln!(lock, "{}", std::process::id())).map_err(lock_err)?;
-        remove_stale_temps(path);
+        remove_stale_temps(path, me);
         Ok(StateFile { path: path.to_path_buf(), _lock: lock })
     }
 
     /// What [`StateFile::open`] checks short of the lock, for `-check`: a
     /// running shuttle holds the lock, and its state file must still be checkable.
-    pub fn check(path: &Path) -> Result<(), StateError> {
-        files::check_private_dir(files::parent_dir(path)).map_err(StateError::Directory)
+    pub fn check(path: &Path, me: u32) -> Result<(), StateError> {
+        files::check_private_dir_for(files::parent_dir(path), me).map_err(StateError::Directory)
+    }
+
+    /// Whether this process can save `path`: creates and removes a temporary
+    /// file beside it as a save would (after `-user`, the new user must be
+    /// able to create files in the directory).
+    pub fn check_saveable(path: &Path) -> io::Result<()> {
+        let (_, tmp) = files::create_exclusive(files::parent_dir(path), &temp_prefix(path))?;
+        fs::remove_file(tmp)
     }
 
     /// The state file's path.
@@ -134,12 +148,11 @@ fn temp_prefix(path: &Path) -> String {
 }
 
 /// Removes temporary files a killed shuttle left beside the state file. Only
-/// regular files of ours are touched; we hold the lock, so none is in use.
-fn remove_stale_temps(path: &Path) {
+/// regular files of ours (uid `me`) are touched; we hold the lock, so none is in use.
+fn remove_stale_temps(path: &Path, me: u32) {
     let dir = files::parent_dir(path);
     let prefix = temp_prefix(path);
     let Ok(entries) = fs::read_dir(dir) else { return };
-    let me = files::effective_uid();
     for entry in entries.flatten() {
         let name = entry.file_name();
         if !name.to_string_lossy().starts_with(&prefix) {

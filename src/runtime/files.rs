@@ -148,6 +148,11 @@ pub fn parent_dir(path: &Path) -> &Path {
 /// Otherwise another user could plant the file we are about to load, or swap
 /// it after we wrote it.
 pub fn check_private_dir(dir: &Path) -> Result<(), String> {
+    check_private_dir_for(dir, effective_uid())
+}
+
+/// [`check_private_dir`] for a process that will run as `me` (`-user`).
+pub fn check_private_dir_for(dir: &Path, me: u32) -> Result<(), String> {
     let meta = fs::metadata(dir).map_err(|e| format!("cannot inspect directory {}: {e}", dir.display()))?;
     if !meta.is_dir() {
         return Err(format!("{} is not a directory", dir.display()));
@@ -160,7 +165,6 @@ pub fn check_private_dir(dir: &Path) -> Result<(), String> {
             mode & 0o7777
         ));
     }
-    let me = effective_uid();
     if meta.uid() != 0 && meta.uid() != me {
         return Err(format!(
             "directory {} belongs to user {}, not to root or to the user shuttle runs as ({me}); its owner could replace the state file",

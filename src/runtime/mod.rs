@@ -3,6 +3,7 @@
 //! take blocking calls off the loop.
 
 pub mod accesslog;
+pub mod accounts;
 pub mod bell;
 pub mod cpus;
 pub mod fds;
@@ -12,6 +13,7 @@ pub mod key;
 pub mod logsink;
 pub mod net;
 pub mod notify;
+pub mod privileges;
 pub mod procfs;
 pub mod ready;
 pub mod throttle;

@@ -27,6 +27,7 @@ mod limits_queue;
 mod metrics;
 mod notify;
 mod patch;
+mod privileges;
 mod proxy;
 mod proxy_interop;
 mod proxy_protocol;

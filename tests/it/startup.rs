@@ -11,7 +11,7 @@ use crate::support::{backend, error_line, service, tempdir, write_config, write_
 /// Runs shuttle with `args`, asserts exit status 1 and exactly one `shuttle: `
 /// line holding every word in `words`; returns that line.
 #[track_caller]
-fn expect_startup_error(args: &[&str], words: &[&str]) -> String {
+pub(crate) fn expect_startup_error(args: &[&str], words: &[&str]) -> String {
     let (status, lines) = Shuttle::start_expect_failure(args);
     assert_eq!(status.code(), Some(1), "exit status of shuttle {args:?}; stderr: {lines:#?}");
     let error_lines: Vec<&String> = lines.iter().filter(|l| l.starts_with("shuttle: ")).collect();

@@ -74,6 +74,12 @@ pub fn shuttle_bin() -> PathBuf {
     }
 }
 
+/// Whether the tests run as root (tests of what needs root skip otherwise, saying so).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// How many worker loops every shuttle the tests start runs, from
 /// `SHUTTLE_TEST_WORKERS` (default 1), unless a test passes `-workers` itself.
 /// CI runs the whole suite with 1 and with 2.
@@ -222,16 +228,33 @@ impl Shuttle {
         (status, shuttle.stderr_lines())
     }
 
+    /// Spawns shuttle under `wrapper`, a command and its options (`setpriv
+    /// --reuid=...`) that shuttle's path and `args` follow, without waiting.
+    pub fn launch_under(wrapper: &[&str], args: &[&str]) -> Shuttle {
+        Shuttle::spawn_under(wrapper, args, Launch::default())
+    }
+
     fn spawn(args: &[&str]) -> Shuttle {
         Shuttle::spawn_with(args, Launch::default())
     }
 
     fn spawn_with(args: &[&str], launch: Launch) -> Shuttle {
+        Shuttle::spawn_under(&[], args, launch)
+    }
+
+    fn spawn_under(wrapper: &[&str], args: &[&str], launch: Launch) -> Shuttle {
         let resolv_conf = launch
             .resolv_conf
             .as_ref()
             .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path"));
-        let mut command = Command::new(shuttle_bin());
+        let mut command = match wrapper.split_first() {
+            Some((program, options)) => {
+                let mut command = Command::new(program);
+                command.args(options).arg(shuttle_bin());
+                command
+            }
+            None => Command::new(shuttle_bin()),
+        };
         command.args(args);
         let sets_http = args.iter().any(|a| {
             let flag = a.split('=').next().unwrap_or(a);

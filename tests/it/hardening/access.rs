@@ -7,7 +7,9 @@ use serde_json::json;
 
 use super::{one_error_line, raw_request, request_with};
 use crate::admin::{config_bytes, curl, get, Http};
-use crate::support::{connect, echo, one_backend, round_trip, tempdir, wait_until, write_file, Shuttle, DEADLINE};
+use crate::support::{
+    connect, echo, is_root, one_backend, round_trip, tempdir, wait_until, write_file, Shuttle, DEADLINE,
+};
 
 /// A valid service body for `POST /api`.
 fn api_body(backend: &str) -> Vec<u8> {
@@ -156,7 +158,12 @@ fn empty_admin_token_file_fails_start_up() {
 
 #[test]
 fn public_admin_address_without_a_token_logs_a_warning() {
-    let public = Shuttle::start(&["-http", "0.0.0.0:0"]);
+    // As root, a public admin API needs -user (reference §1).
+    let public = if is_root() {
+        Shuttle::start(&["-http", "0.0.0.0:0", "-user", "nobody"])
+    } else {
+        Shuttle::start(&["-http", "0.0.0.0:0"])
+    };
     public.admin_addr();
     assert!(
         public.stderr_lines().iter().any(|l| l.contains("-admin-token-file")),
