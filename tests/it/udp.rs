@@ -483,3 +483,30 @@ fn a_flood_of_new_flows_at_the_limit_is_dropped_without_harm() {
     assert!(wait_until(DEADLINE, || counter(admin, "/dns", "flows") == 0), "{}", stats(admin, "/dns"));
     assert_eq!(new_flow_tag(addr, b"after the flood"), "a");
 }
+
+#[test]
+fn udp_metrics_agree_with_the_stats_and_keep_the_exposition_format() {
+    let a = UdpServer::start("a", Answer::Tagged);
+    let mut service = udp_service("dns", &[("a", &a)]);
+    service["max_flows"] = json!(1);
+    let shuttle = Shuttle::start_with_config(&json!([service]), &[]);
+    let (admin, addr) = (shuttle.admin_addr(), shuttle.service_addr("dns"));
+    let client = client_for(addr);
+    for _ in 0..3 {
+        exchange(&client, addr, b"m", REPLY).expect("reply");
+    }
+    assert!(exchange(&client_for(addr), addr, b"over", SILENCE).is_none(), "past max_flows");
+    let (status, _, body) = crate::metrics::raw(admin, "GET", "/metrics");
+    assert_eq!(status, 200);
+    let metrics = crate::metrics::exposition::check(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    let service = [("service", "dns")];
+    assert_eq!(metrics.value("shuttle_service_udp_flows", &service), 1.0);
+    let dropped = |reason: &str| {
+        metrics.value("shuttle_service_udp_dropped_datagrams_total", &[("service", "dns"), ("reason", reason)])
+    };
+    assert_eq!((dropped("flow_limit"), dropped("no_backend"), dropped("send_error")), (1.0, 0.0, 0.0));
+    let backend = [("service", "dns"), ("backend", "a")];
+    assert_eq!(metrics.value("shuttle_backend_datagrams_sent_total", &backend), 3.0);
+    assert_eq!(metrics.value("shuttle_backend_datagrams_received_total", &backend), 3.0);
+    assert_eq!(metrics.value("shuttle_backend_received_bytes_total", &backend), 9.0, "a:m three times");
+}
