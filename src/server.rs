@@ -29,6 +29,7 @@ mod admin;
 mod plane;
 mod queue;
 mod retire;
+pub mod udp;
 pub mod workers;
 
 use crate::context::Cx;
@@ -108,6 +109,10 @@ pub enum Entry {
     Group(workers::Group),
     /// A client waiting for a backend slot.
     Queued(queue::Queued),
+    /// A UDP service's socket and its flows.
+    Datagrams(udp::Datagrams),
+    /// One UDP client's flow to its backend.
+    Flow(crate::data::flow::Flow),
 }
 
 /// What a loop hosts besides pairs and listeners.
@@ -265,6 +270,8 @@ pub struct Server {
     pub(crate) hang_on_accept: bool,
     /// The epoch of the services' bell this loop last heard (see [`Server::hear_bell`]).
     heard: u64,
+    /// Every datagram this loop relays passes through it (64 KiB once a UDP service exists).
+    datagram: Vec<u8>,
 }
 
 /// `SHUTTLE_TEST_WORKER_HANG=I` makes worker loop I stop turning at its first
@@ -351,11 +358,9 @@ impl Server {
         for prepared in services {
             let name = prepared.config.name.clone();
             let addr = prepared.addr;
-            let staged = api::Plane::stage_listener(&mut server, addr).map_err(|source| StartupError::Listen {
-                service: name,
-                addr,
-                source,
-            })?;
+            let protocol = prepared.config.protocol;
+            let staged = api::Plane::stage_listener(&mut server, addr, protocol)
+                .map_err(|source| StartupError::Listen { service: name, addr, source })?;
             api::Plane::add_service(&mut server, prepared, staged, now);
         }
         let registry = server.poll.registry();
@@ -406,6 +411,7 @@ impl Server {
             panic_on_accept: false,
             hang_on_accept: false,
             heard: 0,
+            datagram: Vec::new(),
         }
     }
 
@@ -429,6 +435,14 @@ impl Server {
     /// Registers a bound listener as an entry that serves no service yet: the
     /// fallible half of starting one, done before the state file changes.
     /// Nothing is accepted until a service adopts it (or it is removed).
+    /// Registers a bound socket of either kind for a change not yet committed.
+    pub(crate) fn stage_bound(&mut self, socket: crate::runtime::net::Bound) -> io::Result<Key> {
+        match socket {
+            crate::runtime::net::Bound::Stream(s) => self.stage(s),
+            crate::runtime::net::Bound::Datagram(s) => self.stage_datagrams(s),
+        }
+    }
+
     pub(crate) fn stage(&mut self, mut socket: TcpListener) -> io::Result<Key> {
         socket.local_addr()?;
         let registry = self.poll.registry();
@@ -468,6 +482,10 @@ impl Server {
             Some(Entry::Listener(l)) => {
                 l.service = Some(service);
                 l.socket.local_addr().ok()
+            }
+            Some(Entry::Datagrams(d)) => {
+                d.service = Some(service);
+                d.socket.local_addr().ok()
             }
             _ => None,
         };
@@ -576,6 +594,8 @@ impl Server {
                 self.admin_listener = None;
             }
             Entry::Group(_) => {}
+            Entry::Flow(flow) => self.flow_closed(flow),
+            Entry::Datagrams(socket) => self.datagrams_closed(socket),
         }
     }
 
@@ -671,6 +691,8 @@ impl Server {
             }),
             Some(Entry::Queued(_)) => self.on_queued_ready(key, ready),
             Some(Entry::Greeting(_)) => self.greet(key, now, |greeting, _| greeting.on_ready()),
+            Some(Entry::Datagrams(_)) => self.receive(key, now),
+            Some(Entry::Flow(_)) => self.relay_from_backend(key, now),
             Some(Entry::Group(_)) | None => {} // a closed entry's leftover event (pitfall 7)
         }
     }
@@ -721,7 +743,8 @@ impl Server {
             }
             Some(Entry::Queued(_)) => self.on_queued_timer(key, now),
             Some(Entry::Greeting(_)) => self.greet(key, now, |greeting, cx| greeting.on_timer(key, cx)),
-            Some(Entry::Group(_)) | None => {}
+            Some(Entry::Flow(_)) => self.flow_timer(key, now),
+            Some(Entry::Group(_) | Entry::Datagrams(_)) | None => {}
         }
     }
 
@@ -745,6 +768,8 @@ impl Server {
                 self.run_admin(key, step, now);
             }
             Some(Entry::AdminListener(_)) => self.accept_admin(key, now),
+            Some(Entry::Datagrams(_)) => self.receive(key, now),
+            Some(Entry::Flow(_)) => self.relay_from_backend(key, now),
             _ => {}
         }
     }
@@ -761,6 +786,7 @@ impl Server {
         let down = self.services.cuts();
         if !down.is_empty() {
             self.cut_pairs(|pair| down.contains(&pair.target()), Cut::BackendDown, now);
+            self.close_flows(|flow| down.contains(&flow.backend));
         }
     }
 

@@ -25,7 +25,7 @@ use crate::control::http::Request;
 use crate::control::info::Info;
 use crate::control::metrics::{self, Process};
 use crate::model::address::{self, Lookups};
-use crate::model::config::{self, BackendConfig, ServiceConfig};
+use crate::model::config::{self, BackendConfig, Protocol, ServiceConfig};
 use crate::model::diff::{self, Fate};
 use crate::model::service::{self, Prepared, Services};
 use crate::runtime::key::Key;
@@ -150,8 +150,9 @@ pub trait Plane {
     fn bound(&self) -> Vec<(Option<Key>, SocketAddr)>;
     /// The admin API's own TCP address, if it listens on one.
     fn admin_addr(&self) -> Option<SocketAddr>;
-    /// Binds and registers a listener for `addr`; it serves nothing until committed.
-    fn stage_listener(&mut self, addr: SocketAddr) -> io::Result<Staged>;
+    /// Binds and registers a listener (a UDP socket for `Protocol::Udp`) for
+    /// `addr`; it serves nothing until committed.
+    fn stage_listener(&mut self, addr: SocketAddr, protocol: Protocol) -> io::Result<Staged>;
     /// Closes a staged listener of a change that did not happen.
     fn unstage(&mut self, staged: Staged);
     /// Starts a new service on its staged listener.
@@ -471,11 +472,12 @@ pub fn prepare(plane: &mut impl Plane, draft: Draft, lookups: &Lookups) -> Resul
         Draft::PutService { existing, config } => {
             let prepared = service::prepare(config, lookups).map_err(ApiError::BadRequest)?;
             check_against_running(plane, existing, &prepared, None)?;
-            let running_addr = existing.and_then(|k| plane.services().service(k)).map(|s| s.addr);
+            let keeps_socket =
+                existing.and_then(|k| plane.services().service(k)).is_some_and(|s| s.listens_as(&prepared));
             // A new address is bound and registered before anything changes: a
             // failure leaves the old service running (409), and nothing after the
             // state file can fail. The same address keeps its socket (reference §5).
-            let listener = if running_addr == Some(prepared.addr) {
+            let listener = if keeps_socket {
                 None
             } else {
                 let staged = stage(plane, &prepared)?;
@@ -534,7 +536,7 @@ fn unstage_all(plane: &mut impl Plane, steps: Vec<Apply>) {
 
 /// Binds and registers the listener of a service that needs a new one (409 if it can't).
 fn stage(plane: &mut impl Plane, prepared: &Prepared) -> Result<Staged, ApiError> {
-    plane.stage_listener(prepared.addr).map_err(|e| {
+    plane.stage_listener(prepared.addr, prepared.config.protocol).map_err(|e| {
         let hint = privileges::bind_hint(prepared.addr.port(), &e).map(|h| format!(": {h}")).unwrap_or_default();
         ApiError::Conflict(format!("cannot listen on {} ({}): {e}{hint}", prepared.config.address, prepared.addr))
     })
@@ -613,7 +615,7 @@ fn reload_step(
         (Fate::Settings, Some(key), Some(prepared)) => {
             let line = replace_summary(services, key, &prepared.config);
             // The same address keeps its socket, so no client is refused (reference §5).
-            let moving = services.service(key).is_some_and(|s| s.addr != prepared.addr);
+            let moving = services.service(key).is_some_and(|s| !s.listens_as(prepared));
             let listener = if moving { Some(stage(plane, prepared)?) } else { None };
             (Apply::Replace { key, prepared: prepared.clone(), listener }, line)
         }
@@ -650,12 +652,12 @@ fn check_handover(services: &Services, all: &[Prepared]) -> Result<(), ApiError>
 /// bound through the reload, by their real ports (port 0 included).
 fn check_still_bound(plane: &impl Plane, all: &[Prepared]) -> Result<(), ApiError> {
     let services = plane.services();
-    let addr_of: HashMap<&str, SocketAddr> = all.iter().map(|p| (p.config.name.as_str(), p.addr)).collect();
+    let by_name: HashMap<&str, &Prepared> = all.iter().map(|p| (p.config.name.as_str(), p)).collect();
     for (owner, local) in plane.bound() {
         let Some((key, s)) = owner.and_then(|k| Some((k, services.service(k)?))) else { continue };
         // A service removed, or moving to another address, is leaving this
         // listener; one deleted earlier still serves its queue.
-        let stays = services.is_retired(key) || addr_of.get(s.settings.name.as_str()) == Some(&s.addr);
+        let stays = services.is_retired(key) || by_name.get(s.settings.name.as_str()).is_some_and(|p| s.listens_as(p));
         if stays {
             loops_to_listener(all, local, &s.settings.name)?;
         }
@@ -770,7 +772,7 @@ fn check_against_running(
     }
     // Ports actually bound: a listener on port 0 got its real port only then. A
     // service moving to a new address is leaving its current listener.
-    let moving = key.and_then(|k| services.service(k)).is_some_and(|s| s.addr != prepared.addr);
+    let moving = key.and_then(|k| services.service(k)).is_some_and(|s| !s.listens_as(prepared));
     for (owner_key, local) in plane.bound() {
         if owner_key.is_none() || (moving && owner_key == key) {
             continue;

@@ -491,7 +491,7 @@ mod tests {
         fn admin_addr(&self) -> Option<SocketAddr> {
             None
         }
-        fn stage_listener(&mut self, _: SocketAddr) -> io::Result<Staged> {
+        fn stage_listener(&mut self, _: SocketAddr, _: crate::model::config::Protocol) -> io::Result<Staged> {
             Err(io::Error::other("not in this test"))
         }
         fn unstage(&mut self, _: Staged) {}

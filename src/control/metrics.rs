@@ -10,9 +10,10 @@ use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::control::info::COMMIT;
-use crate::model::counters::{Counters, StatusCounts};
+use crate::model::config::Protocol;
+use crate::model::counters::{BackendState, Counters, StatusCounts};
 use crate::model::histogram::Snapshot;
-use crate::model::service::Services;
+use crate::model::service::{Service, Services};
 use crate::runtime::key::Key;
 use crate::runtime::procfs;
 
@@ -37,6 +38,9 @@ pub struct Process<'a> {
 }
 
 type Labels<'a> = [(&'a str, &'a str)];
+
+/// One figure of a backend's shared state.
+type BackendFigure = fn(&BackendState) -> u64;
 
 /// A backend family: name, type, help, and which counter it shows.
 type BackendFamily = (&'static str, &'static str, &'static str, fn(&Counters) -> u64);
@@ -194,11 +198,52 @@ impl Out {
         for s in &running {
             self.sample("shuttle_service_fail_open_active", &[("service", &s.settings.name)], u8::from(s.fails_open()));
         }
+        self.udp(services, &running);
         let help = "How long client connections lasted, from accept to close (not counting clients closed at accept for want of a backend).";
         self.family("shuttle_service_connection_duration_seconds", "histogram", help);
         for s in &running {
             let snapshot = s.state.duration.snapshot();
             self.histogram("shuttle_service_connection_duration_seconds", &[("service", &s.settings.name)], &snapshot);
+        }
+    }
+
+    /// UDP services' flows, dropped datagrams and datagrams per backend (only UDP services have samples).
+    fn udp(&mut self, services: &Services, running: &[&Service]) {
+        let udp: Vec<_> = running.iter().filter(|s| s.settings.protocol == Protocol::Udp).collect();
+        self.family("shuttle_service_udp_flows", "gauge", "UDP flows open now, over every worker.");
+        for s in &udp {
+            self.sample("shuttle_service_udp_flows", &[("service", &s.settings.name)], s.state.udp.flows.get());
+        }
+        let help = "UDP datagrams dropped: no_backend (none could take a new flow), flow_limit (the service was at \
+                    max_flows or out of descriptors), send_error (a send failed or the backend refused).";
+        self.family("shuttle_service_udp_dropped_datagrams_total", "counter", help);
+        for s in &udp {
+            let d = &s.state.udp;
+            for (reason, n) in [
+                ("no_backend", d.dropped_no_backend.get()),
+                ("flow_limit", d.dropped_flow_limit.get()),
+                ("send_error", d.dropped_send_error.get()),
+            ] {
+                self.sample(
+                    "shuttle_service_udp_dropped_datagrams_total",
+                    &[("service", &s.settings.name), ("reason", reason)],
+                    n,
+                );
+            }
+        }
+        let per_backend: [(&str, &str, BackendFigure); 2] = [
+            ("shuttle_backend_datagrams_sent_total", "UDP datagrams sent to the backend.", |b| b.datagrams_sent.get()),
+            ("shuttle_backend_datagrams_received_total", "UDP datagrams received from the backend.", |b| {
+                b.datagrams_received.get()
+            }),
+        ];
+        for (name, help, value) in per_backend {
+            self.family(name, "counter", help);
+            for s in &udp {
+                for b in s.backends.iter().filter_map(|&k| services.backend(k)) {
+                    self.sample(name, &[("service", &s.settings.name), ("backend", &b.config.name)], value(&b.state));
+                }
+            }
         }
     }
 

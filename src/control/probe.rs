@@ -9,16 +9,22 @@
 //! that is still running when the next interval comes is never started twice.
 //! Settings are read from the service when each check starts, so a changed
 //! interval, rise, fall or expectation applies from the next check on.
+//!
+//! A UDP service's backend with a `check_send` is checked over UDP instead:
+//! one datagram of `check_send` to `check_address`, and a reply (containing
+//! `check_expect`, if set) within `connect_timeout`. An ICMP port unreachable
+//! fails it at once. Without `check_send` a UDP backend's check is the TCP
+//! connect to its `check_address`, as for any backend.
 
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use mio::net::TcpStream;
+use mio::net::{TcpStream, UdpSocket};
 use mio::Interest;
 
 use crate::context::Cx;
-use crate::model::config::SendProxy;
+use crate::model::config::{Protocol, SendProxy};
 use crate::model::health::Transition;
 use crate::model::proxy_header;
 use crate::model::service::LastCheck;
@@ -42,6 +48,8 @@ enum ProbeState {
     Sending { stream: TcpStream, sent: usize },
     /// Waiting for `check_expect` in the reply.
     Expecting { stream: TcpStream, seen: Vec<u8> },
+    /// A UDP check's datagram is sent; waiting for the reply.
+    Datagram { socket: UdpSocket },
 }
 
 /// One backend's health checker.
@@ -69,6 +77,7 @@ impl std::fmt::Debug for Probe {
             ProbeState::Announcing { .. } => "announcing",
             ProbeState::Sending { .. } => "sending",
             ProbeState::Expecting { .. } => "expecting",
+            ProbeState::Datagram { .. } => "awaiting a datagram",
         };
         f.debug_struct("Probe").field("backend", &self.backend).field("state", &state).finish()
     }
@@ -174,6 +183,25 @@ impl Probe {
         let check_interval = crate::model::config::seconds(service.settings.check_interval);
         let deadline = crate::model::config::seconds(service.settings.connect_timeout).or(check_interval);
         let started = cx.now;
+        if service.settings.protocol == Protocol::Udp && !service.settings.check_send.is_empty() {
+            let send = service.settings.check_send.as_bytes();
+            let sending = net::udp_flow(addr).and_then(|mut socket| {
+                cx.registry.register(&mut socket, key.token(Side::Client), Interest::READABLE)?;
+                socket.send(send)?;
+                Ok(socket)
+            });
+            return match sending {
+                Ok(socket) => {
+                    self.state = ProbeState::Datagram { socket };
+                    self.ready = Ready::default();
+                    self.deadline = deadline.map(|d| started + d);
+                    self.limit = deadline.unwrap_or_default();
+                    self.arm(key, self.deadline, cx);
+                    Step::Wait
+                }
+                Err(e) => self.finish(key, Err(reason(&e)), cx),
+            };
+        }
         let connecting = net::connect(addr).and_then(|mut stream| {
             cx.registry.register(&mut stream, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE)?;
             Ok(stream)
@@ -251,6 +279,10 @@ impl Probe {
                 ProbeState::Expecting { mut stream, mut seen } => {
                     let progress = read_expect(&mut stream, &mut seen, expect, &mut self.ready);
                     (ProbeState::Expecting { stream, seen }, progress)
+                }
+                ProbeState::Datagram { socket } => {
+                    let progress = read_datagram(&socket, expect);
+                    (ProbeState::Datagram { socket }, progress)
                 }
             };
             self.state = next;
@@ -409,6 +441,20 @@ fn read_expect(stream: &mut TcpStream, seen: &mut Vec<u8>, expect: &[u8], ready:
         }
     }
     Progress::Wait
+}
+
+/// A UDP check's reply: one datagram, in which `expect` must be (if set).
+fn read_datagram(socket: &UdpSocket, expect: &[u8]) -> Progress {
+    let mut reply = [0u8; EXPECT_LIMIT];
+    loop {
+        return match socket.recv(&mut reply) {
+            Ok(n) if contains(&reply[..n], expect) => Progress::Done(Ok(())),
+            Ok(n) => Progress::Done(Err(format!("reply did not contain {:?} ({n} bytes)", lossy(expect)))),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Progress::Wait,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Progress::Done(Err(reason(&e))),
+        };
+    }
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -38,6 +38,10 @@ pub const DEFAULT_FALL_RISE: u32 = 2;
 pub const DEFAULT_CONNECT_TIMEOUT: f64 = 5.0;
 /// Default seconds a queued client waits for a backend slot.
 pub const DEFAULT_QUEUE_TIMEOUT: f64 = 5.0;
+/// Seconds a UDP flow lives without traffic, unless set.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: f64 = 30.0;
+/// UDP flows a service holds at once, unless set: each costs a socket and a descriptor.
+pub const DEFAULT_MAX_FLOWS: u32 = 10_000;
 /// Default backend weight.
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Longest service or backend name, in bytes.
@@ -109,6 +113,18 @@ pub struct ServiceConfig {
     /// Seconds a connection may last before it is closed; 0 means no limit.
     #[serde(default, serialize_with = "serialize_seconds")]
     pub max_connection_duration: f64,
+    /// `"tcp"` streams or `"udp"` datagrams balanced by flow.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Seconds a UDP flow lives without traffic either way.
+    #[serde(default = "default_udp_idle_timeout", serialize_with = "serialize_seconds")]
+    pub udp_idle_timeout: f64,
+    /// Replies after which a UDP flow ends (DNS-style exchanges); 0 means no limit.
+    #[serde(default)]
+    pub udp_max_responses: u32,
+    /// UDP flows open at once at most, over every worker; new flows past it are dropped.
+    #[serde(default = "default_max_flows")]
+    pub max_flows: u32,
 }
 
 /// One backend of a service.
@@ -191,6 +207,29 @@ impl FromStr for OnBackendDown {
             "keep" => Ok(OnBackendDown::Keep),
             "close" => Ok(OnBackendDown::Close),
             other => Err(format!(r#"must be "keep" or "close", got {:?}"#, clip(other))),
+        }
+    }
+}
+
+/// A service's transport: `"tcp"` or `"udp"` in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Protocol {
+    /// Byte streams, one backend connection per client connection.
+    #[default]
+    #[serde(rename = "tcp")]
+    Tcp,
+    /// Datagrams, one backend socket per client address and port (a flow).
+    #[serde(rename = "udp")]
+    Udp,
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            other => Err(format!(r#"must be "tcp" or "udp", got {:?}"#, clip(other))),
         }
     }
 }
@@ -302,6 +341,10 @@ impl ServiceConfig {
             fail_open: false,
             on_backend_down: OnBackendDown::Keep,
             max_connection_duration: 0.0,
+            protocol: Protocol::Tcp,
+            udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
+            udp_max_responses: 0,
+            max_flows: DEFAULT_MAX_FLOWS,
         }
     }
 
@@ -346,6 +389,12 @@ fn default_connect_timeout() -> f64 {
 }
 fn default_queue_timeout() -> f64 {
     DEFAULT_QUEUE_TIMEOUT
+}
+fn default_udp_idle_timeout() -> f64 {
+    DEFAULT_UDP_IDLE_TIMEOUT
+}
+fn default_max_flows() -> u32 {
+    DEFAULT_MAX_FLOWS
 }
 fn default_weight() -> u32 {
     DEFAULT_WEIGHT
@@ -411,6 +460,10 @@ struct RawService {
     fail_open: Option<Value>,
     on_backend_down: Option<Value>,
     max_connection_duration: Option<Value>,
+    protocol: Option<Value>,
+    udp_idle_timeout: Option<Value>,
+    udp_max_responses: Option<Value>,
+    max_flows: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -554,6 +607,13 @@ fn build_service(raw: RawService, index: usize, url_name: Option<&str>) -> Resul
             None => OnBackendDown::default(),
         },
         max_connection_duration: number(raw.max_connection_duration, &at, "max_connection_duration", 0.0)?,
+        protocol: match text(raw.protocol, &at, "protocol")? {
+            Some(s) => s.parse().map_err(|problem: String| at.err("protocol", problem))?,
+            None => Protocol::default(),
+        },
+        udp_idle_timeout: number(raw.udp_idle_timeout, &at, "udp_idle_timeout", DEFAULT_UDP_IDLE_TIMEOUT)?,
+        udp_max_responses: integer(raw.udp_max_responses, &at, "udp_max_responses", 0, 0)?,
+        max_flows: integer(raw.max_flows, &at, "max_flows", 1, DEFAULT_MAX_FLOWS)?,
     };
     validate_service(&service)?;
     Ok(service)
@@ -684,6 +744,7 @@ pub fn validate_service(service: &ServiceConfig) -> Result<(), ConfigError> {
         ("connect_timeout", service.connect_timeout),
         ("queue_timeout", service.queue_timeout),
         ("max_connection_duration", service.max_connection_duration),
+        ("udp_idle_timeout", service.udp_idle_timeout),
     ] {
         if !(0.0..=MAX_SECONDS).contains(&value) {
             return Err(at.err(field, seconds_problem(show_seconds(value))));
@@ -706,6 +767,9 @@ pub fn validate_service(service: &ServiceConfig) -> Result<(), ConfigError> {
             format!("must be at most {MAX_CHECK_EXPECT} bytes (checks read 4 KiB of reply), got {expect} bytes");
         return Err(at.err("check_expect", problem));
     }
+    if service.protocol == Protocol::Udp {
+        validate_udp(service)?;
+    }
     let mut names = HashSet::new();
     for backend in &service.backends {
         validate_backend(&service.name, backend)?;
@@ -713,6 +777,29 @@ pub fn validate_service(service: &ServiceConfig) -> Result<(), ConfigError> {
             let problem = "is used by more than one backend of the service";
             return Err(At(&service.name, Some(&backend.name)).err("name", problem));
         }
+    }
+    Ok(())
+}
+
+/// What a UDP service cannot have: the stream-only features, and a flow that
+/// never ends.
+fn validate_udp(service: &ServiceConfig) -> Result<(), ConfigError> {
+    let at = At(&service.name, None);
+    let stream_only = [
+        ("accept_proxy", service.accept_proxy, "a PROXY header cannot start a datagram flow"),
+        ("max_connections", service.max_connections > 0, "a UDP service is bounded by max_flows"),
+        ("max_queue", service.max_queue > 0, "datagrams are not queued: a flow past max_flows is dropped"),
+        ("max_connection_duration", service.max_connection_duration > 0.0, "a UDP flow ends at its udp_idle_timeout"),
+    ];
+    if let Some((field, _, why)) = stream_only.iter().find(|(_, set, _)| *set) {
+        return Err(at.err(field, format!("must not be set on a UDP service: {why}")));
+    }
+    if service.udp_idle_timeout == 0.0 {
+        return Err(at.err("udp_idle_timeout", "must be above 0 on a UDP service: a flow must end some time"));
+    }
+    if let Some(b) = service.backends.iter().find(|b| b.send_proxy != SendProxy::Off) {
+        let problem = "must be \"\" on a UDP service: shuttle sends PROXY headers on TCP only";
+        return Err(At(&service.name, Some(&b.name)).err("send_proxy", problem));
     }
     Ok(())
 }

@@ -83,6 +83,10 @@ pub struct BackendState {
     pub health: SharedHealth,
     /// Times it was marked down: a loop whose count differs has pairs to cut.
     pub downs: Counter,
+    /// UDP datagrams client → backend.
+    pub datagrams_sent: Counter,
+    /// UDP datagrams backend → client.
+    pub datagrams_received: Counter,
 }
 
 impl BackendState {
@@ -118,6 +122,21 @@ pub struct ServiceState {
     pub gate: Gate,
     /// Its backends that count for fail-open, and how many of those are down.
     pub tally: Tally,
+    /// A UDP service's flows and dropped datagrams.
+    pub udp: UdpState,
+}
+
+/// What every loop shares of a UDP service's flows.
+#[derive(Debug, Default)]
+pub struct UdpState {
+    /// Flows open now, over every worker (bounded by `max_flows`).
+    pub flows: Counter,
+    /// Datagrams dropped because no backend could take a new flow.
+    pub dropped_no_backend: Counter,
+    /// Datagrams dropped because the service was at `max_flows`.
+    pub dropped_flow_limit: Counter,
+    /// Datagrams dropped because a send failed (a full socket buffer, an unreachable backend).
+    pub dropped_send_error: Counter,
 }
 
 impl Default for ServiceState {
@@ -137,6 +156,7 @@ impl ServiceState {
             duration: Histogram::new(DURATION_BOUNDS),
             gate: Gate::new(loops),
             tally: Tally::default(),
+            udp: UdpState::default(),
         }
     }
 }

@@ -87,6 +87,11 @@ pub struct Service {
 }
 
 impl Service {
+    /// Whether `prepared` can keep this service's socket: the same address and protocol.
+    pub fn listens_as(&self, prepared: &Prepared) -> bool {
+        self.addr == prepared.addr && self.settings.protocol == prepared.config.protocol
+    }
+
     /// Whether it balances over down backends now: `fail_open` is on and every
     /// backend that counts is down. One load of the tally: cheap on every pick.
     pub fn fails_open(&self) -> bool {
@@ -688,6 +693,21 @@ impl Services {
     pub fn connect_succeeded(&mut self, backend: Key) {
         if let Some(b) = self.backends.get(backend) {
             b.state.connections.add(1);
+        }
+        self.answered(backend);
+    }
+
+    /// Counts a new UDP flow: a connection, but not yet proof the backend is
+    /// there (a UDP connect sends nothing; its first reply is the proof).
+    pub fn flow_opened(&self, backend: Key) {
+        if let Some(b) = self.backends.get(backend) {
+            b.state.connections.add(1);
+        }
+    }
+
+    /// The backend answered: ends a run of passive failures.
+    pub fn answered(&self, backend: Key) {
+        if let Some(b) = self.backends.get(backend) {
             // A plain load unless a run of failures is open: no store per connection.
             let health = b.state.health.get();
             if health != health.after_connect_success() {
@@ -735,6 +755,12 @@ impl Services {
             ("check_success", c.check_success),
             ("check_fail", c.check_fail),
         ]));
+        if self.services.get(b.service).is_some_and(|s| s.settings.protocol == config::Protocol::Udp) {
+            fields.extend(counter_fields(&[
+                ("datagrams_sent", b.state.datagrams_sent.get()),
+                ("datagrams_received", b.state.datagrams_received.get()),
+            ]));
+        }
         // null until a first check has ended (and for a backend never checked).
         let last = b.last_check.as_ref();
         let at = last.map_or(Value::Null, |l| json!(crate::runtime::utc::rfc3339(l.at)));
@@ -770,6 +796,19 @@ impl Services {
             ("proxy_header_errors", s.state.proxy_header_errors.get()),
         ]));
         fields.push(("fail_open_active".into(), Stats::Field(json!(s.fails_open()))));
+        if s.settings.protocol == config::Protocol::Udp {
+            let udp = &s.state.udp;
+            let datagrams =
+                |f: fn(&Backend) -> u64| s.backends.iter().filter_map(|&k| self.backends.get(k)).map(f).sum();
+            fields.extend(counter_fields(&[
+                ("flows", udp.flows.get()),
+                ("datagrams_sent", datagrams(|b| b.state.datagrams_sent.get())),
+                ("datagrams_received", datagrams(|b| b.state.datagrams_received.get())),
+                ("dropped_no_backend", udp.dropped_no_backend.get()),
+                ("dropped_flow_limit", udp.dropped_flow_limit.get()),
+                ("dropped_send_error", udp.dropped_send_error.get()),
+            ]));
+        }
         let backends = s.backends.iter().filter_map(|&k| self.backend_stats(k)).collect();
         fields.push(("backends".into(), Stats::List(backends)));
         Some(Stats::Object(fields))
@@ -796,6 +835,10 @@ const SERVICE_FIELDS: &[&str] = &[
     "fail_open",
     "on_backend_down",
     "max_connection_duration",
+    "protocol",
+    "udp_idle_timeout",
+    "udp_max_responses",
+    "max_flows",
 ];
 const BACKEND_FIELDS: &[&str] = &["name", "address", "check_address", "weight", "max_connections", "send_proxy"];
 

@@ -57,6 +57,8 @@ pub struct FdBudget {
     pub listeners: usize,
     /// Probe entries, checking or not.
     pub probes: usize,
+    /// UDP flows open in this loop (one fd each).
+    pub flows: usize,
     /// Probe checks in flight, each holding one fd.
     checking: usize,
     /// Probes due but waiting for a slot, oldest first.
@@ -87,6 +89,7 @@ impl FdBudget {
             admin_conns: 0,
             listeners: 0,
             probes: 0,
+            flows: 0,
             checking: 0,
             waiting: VecDeque::new(),
             short: None,
@@ -135,7 +138,7 @@ impl FdBudget {
     /// keeping the probes' share free for them.
     pub fn has_room_for_pair(&self) -> bool {
         let reserved = self.probe_share().min(self.probes).max(self.checking);
-        let in_use = (2 * self.pairs + self.admin_conns + self.listeners + reserved) as u64 + self.fixed;
+        let in_use = (2 * self.pairs + self.flows + self.admin_conns + self.listeners + reserved) as u64 + self.fixed;
         in_use + 2 <= self.limit
     }
 

@@ -7,7 +7,7 @@
 use std::io::{self, Read};
 use std::net::SocketAddr;
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::{TcpListener, TcpStream, UdpSocket};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Listen backlog; mio ≥ 1.2 would use std's 128, which drops SYNs under bursts (pitfall 14).
@@ -64,6 +64,93 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(TcpListener::from_std(socket.into()))
+}
+
+/// A service's bound socket: a TCP listener, or a UDP socket.
+#[derive(Debug)]
+pub enum Bound {
+    /// A listening TCP socket.
+    Stream(TcpListener),
+    /// A UDP socket receiving every client's datagrams.
+    Datagram(UdpSocket),
+}
+
+impl Bound {
+    /// Where it is bound.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Bound::Stream(s) => s.local_addr(),
+            Bound::Datagram(s) => s.local_addr(),
+        }
+    }
+}
+
+/// `n` sockets of `protocol` on `addr`, one per worker ([`bind_group`], [`bind_udp_group`]).
+pub fn bind_any(addr: SocketAddr, n: usize, protocol: crate::model::config::Protocol) -> io::Result<Vec<Bound>> {
+    Ok(match protocol {
+        crate::model::config::Protocol::Tcp => bind_group(addr, n)?.into_iter().map(Bound::Stream).collect(),
+        crate::model::config::Protocol::Udp => bind_udp_group(addr, n)?.into_iter().map(Bound::Datagram).collect(),
+    })
+}
+
+/// Socket buffers asked for a UDP service's socket: bursts of datagrams wait
+/// there while the loop is busy, and what does not fit is dropped by the kernel.
+const UDP_BUFFER: usize = 4 << 20;
+
+/// `n` nonblocking UDP sockets on one address, one per worker, among which
+/// the kernel spreads flows by their 4-tuple (`SO_REUSEPORT`), so a flow's
+/// datagrams all reach one worker. Guarded like [`bind_group`]: an address
+/// another socket holds is "in use", never shared.
+pub fn bind_udp_group(addr: SocketAddr, n: usize) -> io::Result<Vec<UdpSocket>> {
+    if n <= 1 {
+        return Ok(vec![bind_udp_one(addr, false)?]);
+    }
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        if addr.is_ipv6() {
+            probe.set_only_v6(true)?;
+        }
+        probe.bind(&addr.into())?;
+    }
+    let first = bind_udp_one(addr, true)?;
+    let at = first.local_addr()?;
+    let mut group = vec![first];
+    for _ in 1..n {
+        group.push(bind_udp_one(at, true)?);
+    }
+    Ok(group)
+}
+
+fn bind_udp_one(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    // Best effort: the kernel caps it at net.core.rmem_max.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(UdpSocket::from_std(socket.into()))
+}
+
+/// A flow's nonblocking socket towards `backend`: bound to an ephemeral port
+/// and connected, so the kernel filters what it receives to that backend's
+/// replies and reports its ICMP errors (`ECONNREFUSED`).
+pub fn udp_flow(backend: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(backend), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    let any: SocketAddr = if backend.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    socket.bind(&any.into())?;
+    socket.connect(&backend.into())?;
+    Ok(UdpSocket::from_std(socket.into()))
 }
 
 /// The uid and pid of a unix socket's peer (`SO_PEERCRED`), as the kernel

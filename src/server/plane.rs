@@ -19,7 +19,7 @@ use crate::control::api::{Plane, Staged};
 use crate::control::info::Info;
 use crate::control::metrics::Process;
 use crate::data::proxy::Cut;
-use crate::model::config;
+use crate::model::config::{self, Protocol};
 use crate::model::service::{BackendChanges, Prepared, Services};
 use crate::runtime::key::Key;
 use crate::runtime::net;
@@ -32,6 +32,7 @@ impl Plane for Server {
     fn bound(&self) -> Vec<(Option<Key>, SocketAddr)> {
         let listeners = self.entries.iter().filter_map(|(_, e)| match e {
             Entry::Listener(l) => Some((l.service, l.socket.local_addr().ok()?)),
+            Entry::Datagrams(d) => Some((d.service, d.socket.local_addr().ok()?)),
             Entry::Group(g) => Some((g.service, g.local)),
             _ => None,
         });
@@ -42,13 +43,13 @@ impl Plane for Server {
         self.admin_addr
     }
 
-    fn stage_listener(&mut self, addr: SocketAddr) -> io::Result<Staged> {
+    fn stage_listener(&mut self, addr: SocketAddr, protocol: Protocol) -> io::Result<Staged> {
         if let Some(n) = self.workers().map(|w| w.len()) {
-            return self.stage_group(addr, n);
+            return self.stage_group(addr, n, protocol);
         }
-        let socket = net::bind(addr)?;
+        let socket = net::bind_any(addr, 1, protocol)?.pop().ok_or(io::ErrorKind::AddrNotAvailable)?;
         let local = socket.local_addr()?;
-        let listener = self.stage(socket)?;
+        let listener = self.stage_bound(socket)?;
         Ok(Staged { listener, local })
     }
 
@@ -161,8 +162,12 @@ impl Plane for Server {
             Some(name) => {
                 let Some(target) = self.services.find_backend(key, name) else { return };
                 self.cut_pairs(|pair| pair.target() == target, Cut::BackendRemoved, now);
+                self.close_flows(|flow| flow.backend == target);
             }
-            None => self.cut_pairs(|pair| pair.service() == key, Cut::ServiceRemoved, now),
+            None => {
+                self.cut_pairs(|pair| pair.service() == key, Cut::ServiceRemoved, now);
+                self.close_flows(|flow| flow.service == key);
+            }
         }
     }
 

@@ -23,6 +23,11 @@ const LAST_PASS: usize = 4096;
 impl Server {
     /// Stops a listener taking new connections; it serves its queue, then closes.
     pub(crate) fn retire_listener(&mut self, key: Key, now: Instant) {
+        if let Some(Entry::Datagrams(_)) = self.entries.get(key) {
+            // No queue to serve: its flows end with it, and their clients'
+            // next datagrams reach the socket that replaces it.
+            return self.remove_entry(key);
+        }
         let Some(Entry::Listener(listener)) = self.entries.get_mut(key) else { return };
         if listener.retiring.is_some() {
             return;

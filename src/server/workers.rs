@@ -31,17 +31,18 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info};
-use mio::net::TcpListener;
 use mio::Poll;
 
 use super::{Entry, Role, Server, WAKER};
 use crate::control::api::{Plane, Staged};
+use crate::model::config::Protocol;
 use crate::model::service::{Prepared, Shared};
 use crate::runtime::accesslog::AccessLog;
 use crate::runtime::bell::Bell;
 use crate::runtime::cpus;
 use crate::runtime::helpers::{Answer, Inbox, Outbox};
 use crate::runtime::key::Key;
+use crate::runtime::net::Bound;
 
 /// What the control loop tells a worker loop.
 #[derive(Debug)]
@@ -98,7 +99,7 @@ pub enum Op {
         /// The service.
         prepared: Prepared,
         /// This worker's listener.
-        socket: TcpListener,
+        socket: Bound,
         /// The counters and health every loop shares.
         shared: Shared,
     },
@@ -107,7 +108,7 @@ pub enum Op {
         /// The service.
         prepared: Prepared,
         /// This worker's listener on the new address, if it moved.
-        socket: Option<TcpListener>,
+        socket: Option<Bound>,
         /// The counters and health every loop shares.
         shared: Shared,
     },
@@ -174,7 +175,7 @@ pub struct Group {
     /// Where they are bound.
     pub local: SocketAddr,
     /// The sockets, until handed to the workers.
-    pub sockets: Vec<TcpListener>,
+    pub sockets: Vec<Bound>,
 }
 
 impl Workers {
@@ -414,15 +415,15 @@ impl Server {
     }
 
     /// Binds one listener per worker and keeps them as a staged group.
-    pub(super) fn stage_group(&mut self, addr: SocketAddr, n: usize) -> io::Result<Staged> {
-        let sockets = crate::runtime::net::bind_group(addr, n)?;
+    pub(super) fn stage_group(&mut self, addr: SocketAddr, n: usize, protocol: Protocol) -> io::Result<Staged> {
+        let sockets = crate::runtime::net::bind_any(addr, n, protocol)?;
         let local = sockets[0].local_addr()?;
         let listener = self.entries.insert_with(|_| Entry::Group(Group { service: None, local, sockets }));
         Ok(Staged { listener, local })
     }
 
     /// Makes a staged group `service`'s and hands out its sockets, one per worker.
-    pub(super) fn adopt_group(&mut self, service: Key, staged: Staged) -> Vec<Option<TcpListener>> {
+    pub(super) fn adopt_group(&mut self, service: Key, staged: Staged) -> Vec<Option<Bound>> {
         let sockets = match self.entries.get_mut(staged.listener) {
             Some(Entry::Group(group)) => {
                 group.service = Some(service);
@@ -512,9 +513,9 @@ impl Server {
     }
 
     /// Registers a listener the control loop bound for this worker.
-    fn stage_socket(&mut self, socket: TcpListener) -> Option<Staged> {
+    fn stage_socket(&mut self, socket: Bound) -> Option<Staged> {
         let local = socket.local_addr().ok()?;
-        match self.stage(socket) {
+        match self.stage_bound(socket) {
             Ok(listener) => Some(Staged { listener, local }),
             Err(e) => {
                 // The change is saved and every other loop has it: this worker

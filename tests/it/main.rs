@@ -39,4 +39,5 @@ mod stalls;
 mod startup;
 mod state;
 mod timeouts;
+mod udp;
 mod workers;

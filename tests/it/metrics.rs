@@ -5,7 +5,7 @@
 //! the traffic the test made. With `SHUTTLE_TEST_WORKERS=2` every shuttle has
 //! two workers; one test always runs two and checks both served.
 
-mod exposition;
+pub(crate) mod exposition;
 
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr};
