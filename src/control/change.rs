@@ -485,13 +485,17 @@ mod tests {
         fn services(&self) -> &Services {
             &self.services
         }
-        fn bound(&self) -> Vec<(Option<Key>, SocketAddr)> {
+        fn bound(&self) -> Vec<(Option<Key>, crate::model::endpoint::Endpoint)> {
             Vec::new()
         }
         fn admin_addr(&self) -> Option<SocketAddr> {
             None
         }
-        fn stage_listener(&mut self, _: SocketAddr, _: crate::model::config::Protocol) -> io::Result<Staged> {
+        fn stage_listener(
+            &mut self,
+            _: &crate::model::endpoint::Endpoint,
+            _: &crate::model::config::ServiceConfig,
+        ) -> io::Result<Staged> {
             Err(io::Error::other("not in this test"))
         }
         fn unstage(&mut self, _: Staged) {}

@@ -19,21 +19,22 @@ use crate::control::api::{Plane, Staged};
 use crate::control::info::Info;
 use crate::control::metrics::Process;
 use crate::data::proxy::Cut;
-use crate::model::config::{self, Protocol};
+use crate::model::config::{self, ServiceConfig};
+use crate::model::endpoint::Endpoint;
 use crate::model::service::{BackendChanges, Prepared, Services};
 use crate::runtime::key::Key;
-use crate::runtime::net;
+use crate::runtime::listen;
 
 impl Plane for Server {
     fn services(&self) -> &Services {
         &self.services
     }
 
-    fn bound(&self) -> Vec<(Option<Key>, SocketAddr)> {
+    fn bound(&self) -> Vec<(Option<Key>, Endpoint)> {
         let listeners = self.entries.iter().filter_map(|(_, e)| match e {
             Entry::Listener(l) => Some((l.service, l.socket.local_addr().ok()?)),
-            Entry::Datagrams(d) => Some((d.service, d.socket.local_addr().ok()?)),
-            Entry::Group(g) => Some((g.service, g.local)),
+            Entry::Datagrams(d) => Some((d.service, Endpoint::Inet(d.socket.local_addr().ok()?))),
+            Entry::Group(g) => Some((g.service, g.local.clone())),
             _ => None,
         });
         listeners.collect()
@@ -43,11 +44,11 @@ impl Plane for Server {
         self.admin_addr
     }
 
-    fn stage_listener(&mut self, addr: SocketAddr, protocol: Protocol) -> io::Result<Staged> {
+    fn stage_listener(&mut self, addr: &Endpoint, settings: &ServiceConfig) -> io::Result<Staged> {
         if let Some(n) = self.workers().map(|w| w.len()) {
-            return self.stage_group(addr, n, protocol);
+            return self.stage_group(addr, n, settings);
         }
-        let socket = net::bind_any(addr, 1, protocol)?.pop().ok_or(io::ErrorKind::AddrNotAvailable)?;
+        let socket = listen::bind_any(addr, 1, settings)?.pop().ok_or(io::ErrorKind::AddrNotAvailable)?;
         let local = socket.local_addr()?;
         let listener = self.stage_bound(socket)?;
         Ok(Staged { listener, local })
