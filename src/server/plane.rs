@@ -23,7 +23,7 @@ use crate::model::config::{self, ServiceConfig};
 use crate::model::endpoint::Endpoint;
 use crate::model::service::{BackendChanges, Prepared, Services};
 use crate::runtime::key::Key;
-use crate::runtime::listen;
+use crate::runtime::listen::{self, StreamListener};
 
 impl Plane for Server {
     fn services(&self) -> &Services {
@@ -113,8 +113,9 @@ impl Plane for Server {
         // New limits may make room: held listeners and queue heads look again.
         self.on_slots();
         let Some(prepared) = fan_out else {
-            if let Some(staged) = listener {
-                self.adopt_listener(key, staged.listener, now);
+            match listener {
+                Some(staged) => self.adopt_listener(key, staged.listener, now),
+                None => self.refresh_socket_mode(key),
             }
             return self.reconcile_probes(key, now);
         };
@@ -197,6 +198,20 @@ impl Plane for Server {
 }
 
 impl Server {
+    /// A unix listener kept through a change takes the service's `socket_mode`
+    /// now (every worker holding a duplicate sets the same bits).
+    fn refresh_socket_mode(&self, key: Key) {
+        let Some(s) = self.services.service(key) else { return };
+        let Some(Entry::Listener(l)) = s.listener.and_then(|k| self.entries.get(k)) else { return };
+        if let (StreamListener::Unix(_, file), Ok(mode)) =
+            (&l.socket, config::socket_mode_bits(&s.settings.socket_mode))
+        {
+            if let Err(e) = file.set_mode(mode) {
+                log::warn!("{}: cannot set socket_mode {:o} on {}: {e}", s.settings.name, mode, file.path().display());
+            }
+        }
+    }
+
     /// On the loop that owns health (the control loop): counts a change's new
     /// backends for fail-open and stops counting its removed ones, then logs
     /// whether the change started or ended fail-open (`was` is before it).
