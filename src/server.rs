@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use log::info;
 use mio::event::Event;
-use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
@@ -44,11 +43,13 @@ use crate::data::buffer::BufferPool;
 use crate::data::greeting::Greeting;
 use crate::data::proxy::{Cut, Pair};
 use crate::model::counters::StatusCounts;
+use crate::model::endpoint::Endpoint;
 use crate::model::service::{self, Services};
 use crate::runtime::accesslog::AccessLog;
 use crate::runtime::fds::FdBudget;
 use crate::runtime::helpers::{Inbox, Outbox, Worker};
 use crate::runtime::key::{Key, Side, Slots};
+use crate::runtime::listen::{Bound, StreamListener};
 use crate::runtime::notify::Notifier;
 
 use crate::runtime::ready::{Ready, Step};
@@ -74,7 +75,7 @@ const STOP_WAIT: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct Listener {
     /// The socket.
-    pub socket: TcpListener,
+    pub socket: StreamListener,
     /// The service it feeds; `None` while staged for a change not yet committed.
     pub service: Option<Key>,
     /// Set while accepting is paused for lack of fds, with the pause's timer.
@@ -176,7 +177,7 @@ pub enum StartupError {
         /// The service's name.
         service: String,
         /// The address it should listen on.
-        addr: SocketAddr,
+        addr: Endpoint,
         /// What the OS said.
         source: io::Error,
     },
@@ -357,9 +358,8 @@ impl Server {
         service::check_all(&services, server.admin_addr).map_err(StartupError::Service)?;
         for prepared in services {
             let name = prepared.config.name.clone();
-            let addr = prepared.addr;
-            let protocol = prepared.config.protocol;
-            let staged = api::Plane::stage_listener(&mut server, addr, protocol)
+            let addr = prepared.addr.clone();
+            let staged = api::Plane::stage_listener(&mut server, &addr, &prepared.config)
                 .map_err(|source| StartupError::Listen { service: name, addr, source })?;
             api::Plane::add_service(&mut server, prepared, staged, now);
         }
@@ -436,14 +436,14 @@ impl Server {
     /// fallible half of starting one, done before the state file changes.
     /// Nothing is accepted until a service adopts it (or it is removed).
     /// Registers a bound socket of either kind for a change not yet committed.
-    pub(crate) fn stage_bound(&mut self, socket: crate::runtime::net::Bound) -> io::Result<Key> {
+    pub(crate) fn stage_bound(&mut self, socket: Bound) -> io::Result<Key> {
         match socket {
-            crate::runtime::net::Bound::Stream(s) => self.stage(s),
-            crate::runtime::net::Bound::Datagram(s) => self.stage_datagrams(s),
+            Bound::Stream(s) => self.stage(s),
+            Bound::Datagram(s) => self.stage_datagrams(s),
         }
     }
 
-    pub(crate) fn stage(&mut self, mut socket: TcpListener) -> io::Result<Key> {
+    pub(crate) fn stage(&mut self, mut socket: StreamListener) -> io::Result<Key> {
         socket.local_addr()?;
         let registry = self.poll.registry();
         let key = self.entries.try_insert_with(|key| {
@@ -485,7 +485,7 @@ impl Server {
             }
             Some(Entry::Datagrams(d)) => {
                 d.service = Some(service);
-                d.socket.local_addr().ok()
+                d.socket.local_addr().ok().map(Endpoint::Inet)
             }
             _ => None,
         };

@@ -24,9 +24,10 @@ use std::time::Instant;
 use crate::control::http::Request;
 use crate::control::info::Info;
 use crate::control::metrics::{self, Process};
-use crate::model::address::{self, Lookups};
-use crate::model::config::{self, BackendConfig, Protocol, ServiceConfig};
+use crate::model::address::Lookups;
+use crate::model::config::{self, BackendConfig, ServiceConfig};
 use crate::model::diff::{self, Fate};
+use crate::model::endpoint::Endpoint;
 use crate::model::service::{self, Prepared, Services};
 use crate::runtime::key::Key;
 use crate::runtime::privileges;
@@ -132,12 +133,12 @@ const READ_ONLY: &str = "GET";
 const READ_WRITE: &str = "GET, PUT, POST, PATCH, DELETE";
 
 /// A listener bound and registered for a change, serving nothing yet.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Staged {
     /// Its entry in the loop.
     pub listener: Key,
     /// Where it is bound (the real port, when port 0 was asked for).
-    pub local: SocketAddr,
+    pub local: Endpoint,
 }
 
 /// What the routes need of the loop (or loops) that run the services: read
@@ -147,12 +148,12 @@ pub trait Plane {
     fn services(&self) -> &Services;
     /// Every bound service listener: the service it serves (`None` while
     /// staged) and its local address.
-    fn bound(&self) -> Vec<(Option<Key>, SocketAddr)>;
+    fn bound(&self) -> Vec<(Option<Key>, Endpoint)>;
     /// The admin API's own TCP address, if it listens on one.
     fn admin_addr(&self) -> Option<SocketAddr>;
     /// Binds and registers a listener (a UDP socket for `Protocol::Udp`) for
     /// `addr`; it serves nothing until committed.
-    fn stage_listener(&mut self, addr: SocketAddr, protocol: Protocol) -> io::Result<Staged>;
+    fn stage_listener(&mut self, addr: &Endpoint, settings: &ServiceConfig) -> io::Result<Staged>;
     /// Closes a staged listener of a change that did not happen.
     fn unstage(&mut self, staged: Staged);
     /// Starts a new service on its staged listener.
@@ -482,7 +483,7 @@ pub fn prepare(plane: &mut impl Plane, draft: Draft, lookups: &Lookups) -> Resul
             } else {
                 let staged = stage(plane, &prepared)?;
                 // A port-0 listener only now has its real port: check it too.
-                if let Err(e) = check_against_running(plane, existing, &prepared, Some(staged.local)) {
+                if let Err(e) = check_against_running(plane, existing, &prepared, Some(staged.local.clone())) {
                     plane.unstage(staged);
                     return Err(e);
                 }
@@ -536,7 +537,7 @@ fn unstage_all(plane: &mut impl Plane, steps: Vec<Apply>) {
 
 /// Binds and registers the listener of a service that needs a new one (409 if it can't).
 fn stage(plane: &mut impl Plane, prepared: &Prepared) -> Result<Staged, ApiError> {
-    plane.stage_listener(prepared.addr, prepared.config.protocol).map_err(|e| {
+    plane.stage_listener(&prepared.addr, &prepared.config).map_err(|e| {
         let hint = privileges::bind_hint(prepared.addr.port(), &e).map(|h| format!(": {h}")).unwrap_or_default();
         ApiError::Conflict(format!("cannot listen on {} ({}): {e}{hint}", prepared.config.address, prepared.addr))
     })
@@ -579,12 +580,12 @@ fn prepare_list(plane: &mut impl Plane, configs: Vec<ServiceConfig>, lookups: &L
     // Listeners on port 0 have their real port only now: no backend may reach it.
     let staged = steps.iter().filter_map(|s| match s {
         Apply::Add { prepared, listener } | Apply::Replace { prepared, listener: Some(listener), .. } => {
-            Some((prepared.config.name.clone(), listener.local))
+            Some((prepared.config.name.clone(), listener.local.clone()))
         }
         _ => None,
     });
-    let staged: Vec<(String, SocketAddr)> = staged.collect();
-    if let Some(e) = staged.iter().find_map(|(owner, local)| loops_to_listener(&all, *local, owner).err()) {
+    let staged: Vec<(String, Endpoint)> = staged.collect();
+    if let Some(e) = staged.iter().find_map(|(owner, local)| loops_to_listener(&all, local, owner).err()) {
         unstage_all(plane, steps);
         return Err(e);
     }
@@ -630,13 +631,13 @@ fn reload_step(
 /// to be handed over between services, which one reload does not do.
 fn check_handover(services: &Services, all: &[Prepared]) -> Result<(), ApiError> {
     // By port, so that a big config stays linear.
-    let mut by_port: HashMap<u16, Vec<(&str, SocketAddr)>> = HashMap::new();
+    let mut by_port: HashMap<u16, Vec<(&str, &Endpoint)>> = HashMap::new();
     for s in services.keys().filter_map(|k| services.service(k)) {
-        by_port.entry(s.addr.port()).or_default().push((&s.settings.name, s.addr));
+        by_port.entry(s.addr.port()).or_default().push((&s.settings.name, &s.addr));
     }
     for p in all {
         let same_port = by_port.get(&p.addr.port()).map_or(&[][..], Vec::as_slice);
-        let taken = same_port.iter().find(|(owner, addr)| *owner != p.config.name && address::overlaps(*addr, p.addr));
+        let taken = same_port.iter().find(|(owner, addr)| *owner != p.config.name && addr.overlaps(&p.addr));
         if let Some((owner, addr)) = taken {
             let name = &p.config.name;
             return Err(ApiError::BadRequest(format!(
@@ -659,18 +660,18 @@ fn check_still_bound(plane: &impl Plane, all: &[Prepared]) -> Result<(), ApiErro
         // listener; one deleted earlier still serves its queue.
         let stays = services.is_retired(key) || by_name.get(s.settings.name.as_str()).is_some_and(|p| s.listens_as(p));
         if stays {
-            loops_to_listener(all, local, &s.settings.name)?;
+            loops_to_listener(all, &local, &s.settings.name)?;
         }
     }
     Ok(())
 }
 
 /// Refuses a backend of `all` that would reach `listener`, where service `owner` listens.
-fn loops_to_listener(all: &[Prepared], listener: SocketAddr, owner: &str) -> Result<(), ApiError> {
+fn loops_to_listener(all: &[Prepared], listener: &Endpoint, owner: &str) -> Result<(), ApiError> {
     for p in all {
         for (backend, (addr, _)) in p.config.backends.iter().zip(&p.backend_addrs) {
-            if address::loops_to(*addr, listener) {
-                return Err(looping(&p.config.name, &backend.name, *addr, listener, &format!("service {owner:?}")));
+            if addr.loops_to(listener) {
+                return Err(looping(&p.config.name, &backend.name, addr, listener, &format!("service {owner:?}")));
             }
         }
     }
@@ -678,7 +679,7 @@ fn loops_to_listener(all: &[Prepared], listener: SocketAddr, owner: &str) -> Res
 }
 
 /// The message for a backend that would loop to one of our listeners.
-fn looping(name: &str, backend: &str, addr: SocketAddr, listener: SocketAddr, owner: &str) -> ApiError {
+fn looping(name: &str, backend: &str, addr: &Endpoint, listener: &Endpoint, owner: &str) -> ApiError {
     ApiError::BadRequest(format!(
         "service {name:?}: backend {backend:?}: address: {addr} reaches {listener}, where {owner} listens; it would loop"
     ))
@@ -735,34 +736,34 @@ fn check_against_running(
     plane: &impl Plane,
     key: Option<Key>,
     prepared: &Prepared,
-    staged: Option<SocketAddr>,
+    staged: Option<Endpoint>,
 ) -> Result<(), ApiError> {
     let services = plane.services();
     let name = &prepared.config.name;
     let new_backends = || prepared.config.backends.iter().zip(&prepared.backend_addrs);
-    let looping = |backend: &str, addr: SocketAddr, listener: SocketAddr, owner: &str| {
+    let looping = |backend: &str, addr: &Endpoint, listener: &Endpoint, owner: &str| {
         looping(name, backend, addr, listener, owner)
     };
-    let own = [Some(prepared.addr), staged];
+    let own = [Some(prepared.addr.clone()), staged];
     for (backend, (addr, _)) in new_backends() {
-        if let Some(listener) = own.iter().flatten().find(|&&l| address::loops_to(*addr, l)) {
-            return Err(looping(&backend.name, *addr, *listener, &format!("service {name:?}")));
+        if let Some(listener) = own.iter().flatten().find(|l| addr.loops_to(l)) {
+            return Err(looping(&backend.name, addr, listener, &format!("service {name:?}")));
         }
-        if let Some(admin) = plane.admin_addr().filter(|&a| address::loops_to(*addr, a)) {
-            return Err(looping(&backend.name, *addr, admin, "the admin API"));
+        if let Some(admin) = plane.admin_addr().map(Endpoint::Inet).filter(|a| addr.loops_to(a)) {
+            return Err(looping(&backend.name, addr, &admin, "the admin API"));
         }
     }
     for other in services.keys().filter(|&k| Some(k) != key) {
         let Some(s) = services.service(other) else { continue };
         let owner = s.settings.name.as_str();
-        if address::overlaps(s.addr, prepared.addr) {
+        if s.addr.overlaps(&prepared.addr) {
             return Err(ApiError::BadRequest(format!(
                 "service {name:?}: address: {:?} conflicts with {}, where service {owner:?} listens",
                 prepared.config.address, s.addr
             )));
         }
         for b in s.backends.iter().filter_map(|&k| services.backend(k)) {
-            if let Some(listener) = own.iter().flatten().find(|&&l| address::loops_to(b.addr, l)) {
+            if let Some(listener) = own.iter().flatten().find(|l| b.addr.loops_to(l)) {
                 return Err(ApiError::BadRequest(format!(
                     "service {name:?}: address: {listener}: service {owner:?} has backend {:?} at {}, which would loop to it",
                     b.config.name, b.addr
@@ -779,8 +780,8 @@ fn check_against_running(
         }
         let owner = owner_key.and_then(|k| services.service(k)).map_or("?", |s| s.settings.name.as_str());
         for (backend, (addr, _)) in new_backends() {
-            if address::loops_to(*addr, local) {
-                return Err(looping(&backend.name, *addr, local, &format!("service {owner:?}")));
+            if addr.loops_to(&local) {
+                return Err(looping(&backend.name, addr, &local, &format!("service {owner:?}")));
             }
         }
     }

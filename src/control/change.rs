@@ -146,7 +146,7 @@ enum Current {
     /// A reload's file is being read and parsed; past `deadline` it is given up.
     Reading { job: u64, deadline: Instant, path: PathBuf, read: Receiver<Result<ConfigFile, ConfigError>> },
     /// Names are being looked up; past `deadline` the change gets a 400.
-    Resolving { origin: Origin, job: u64, deadline: Instant, draft: Draft, names: Vec<String> },
+    Resolving { origin: Origin, job: u64, deadline: Instant, draft: Box<Draft>, names: Vec<String> },
     /// The state file is being written; once it is, the change is applied.
     Saving { origin: Origin, job: u64, ready: Ready },
     /// Applied here; the answer (if anyone waits for one) waits until every worker loop has it too.
@@ -234,7 +234,7 @@ impl Changes {
             (Answer::Resolved { job, found }, Some(Current::Resolving { origin, job: expected, draft, .. }))
                 if job == expected =>
             {
-                replies.extend(self.resolved(plane, origin, draft, &found, now));
+                replies.extend(self.resolved(plane, origin, *draft, &found, now));
             }
             (Answer::Done { job, result }, Some(Current::Saving { origin, job: expected, ready }))
                 if job == expected =>
@@ -388,7 +388,7 @@ impl Changes {
         match self.resolver.submit(job, names.clone()) {
             Ok(()) => {
                 let deadline = now + RESOLVE_DEADLINE;
-                self.current = Some(Current::Resolving { origin, job, deadline, draft, names });
+                self.current = Some(Current::Resolving { origin, job, deadline, draft: Box::new(draft), names });
                 None
             }
             Err(Busy(n)) => {
@@ -485,13 +485,17 @@ mod tests {
         fn services(&self) -> &Services {
             &self.services
         }
-        fn bound(&self) -> Vec<(Option<Key>, SocketAddr)> {
+        fn bound(&self) -> Vec<(Option<Key>, crate::model::endpoint::Endpoint)> {
             Vec::new()
         }
         fn admin_addr(&self) -> Option<SocketAddr> {
             None
         }
-        fn stage_listener(&mut self, _: SocketAddr, _: crate::model::config::Protocol) -> io::Result<Staged> {
+        fn stage_listener(
+            &mut self,
+            _: &crate::model::endpoint::Endpoint,
+            _: &crate::model::config::ServiceConfig,
+        ) -> io::Result<Staged> {
             Err(io::Error::other("not in this test"))
         }
         fn unstage(&mut self, _: Staged) {}

@@ -20,7 +20,9 @@ use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use mio::net::{TcpStream, UdpSocket};
+use mio::net::UdpSocket;
+
+use crate::runtime::conn::Conn;
 use mio::Interest;
 
 use crate::context::Cx;
@@ -41,13 +43,13 @@ enum ProbeState {
     /// Waiting for the next check.
     Idle,
     /// The check's connect is in flight.
-    Connecting { stream: TcpStream },
+    Connecting { stream: Conn },
     /// Connected; the PROXY header a `send_proxy` backend expects is partly written.
-    Announcing { stream: TcpStream, header: Vec<u8>, sent: usize },
+    Announcing { stream: Conn, header: Vec<u8>, sent: usize },
     /// Connected; `check_send` is partly written.
-    Sending { stream: TcpStream, sent: usize },
+    Sending { stream: Conn, sent: usize },
     /// Waiting for `check_expect` in the reply.
-    Expecting { stream: TcpStream, seen: Vec<u8> },
+    Expecting { stream: Conn, seen: Vec<u8> },
     /// A UDP check's datagram is sent; waiting for the reply.
     Datagram { socket: UdpSocket },
 }
@@ -176,7 +178,7 @@ impl Probe {
 
     fn start(&mut self, key: Key, cx: &mut Cx<'_>) -> Step {
         let Some(backend) = cx.services.backend(self.backend) else { return Step::Close };
-        let Some(addr) = backend.check_addr else { return Step::Close };
+        let Some(addr) = backend.check_addr.clone() else { return Step::Close };
         let Some(service) = cx.services.service(backend.service) else { return Step::Close };
         // connect_timeout 0 leaves the connect to the OS, but a check must still end:
         // one that a silent backend holds forever would stop all later checks.
@@ -185,7 +187,8 @@ impl Probe {
         let started = cx.now;
         if service.settings.protocol == Protocol::Udp && !service.settings.check_send.is_empty() {
             let send = service.settings.check_send.as_bytes();
-            let sending = net::udp_flow(addr).and_then(|mut socket| {
+            let udp = addr.inet().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP address"));
+            let sending = udp.and_then(net::udp_flow).and_then(|mut socket| {
                 cx.registry.register(&mut socket, key.token(Side::Client), Interest::READABLE)?;
                 socket.send(send)?;
                 Ok(socket)
@@ -202,7 +205,7 @@ impl Probe {
                 Err(e) => self.finish(key, Err(reason(&e)), cx),
             };
         }
-        let connecting = net::connect(addr).and_then(|mut stream| {
+        let connecting = net::connect(&addr).and_then(|mut stream| {
             cx.registry.register(&mut stream, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE)?;
             Ok(stream)
         });
@@ -379,16 +382,16 @@ enum Progress {
 /// health-checks"), v1 a line of the check's own endpoints, as spec 2.1 asks
 /// of health checks. A separate `check_address` is a health port of its own
 /// and gets none, as HAProxy does when a check has its own port.
-fn check_header(cx: &Cx<'_>, backend: Key, stream: &TcpStream) -> Option<Vec<u8>> {
+fn check_header(cx: &Cx<'_>, backend: Key, stream: &Conn) -> Option<Vec<u8>> {
     let backend = cx.services.backend(backend)?;
-    if backend.check_addr != Some(backend.addr) {
+    if backend.check_addr.as_ref() != Some(&backend.addr) {
         return None;
     }
     match backend.config.send_proxy {
         SendProxy::Off => None,
         SendProxy::V2 => Some(proxy_header::v2_local()),
         SendProxy::V1 => {
-            let (Ok(local), Ok(remote)) = (stream.local_addr(), stream.peer_addr()) else {
+            let (Some(local), Some(remote)) = (stream.local_inet(), stream.peer_inet()) else {
                 return Some(b"PROXY UNKNOWN\r\n".to_vec());
             };
             Some(proxy_header::v1(local, remote))
@@ -397,7 +400,7 @@ fn check_header(cx: &Cx<'_>, backend: Key, stream: &TcpStream) -> Option<Vec<u8>
 }
 
 /// Writes what is left of `check_send`.
-fn write_send(stream: &mut TcpStream, send: &[u8], sent: &mut usize, ready: &mut Ready) -> Progress {
+fn write_send(stream: &mut Conn, send: &[u8], sent: &mut usize, ready: &mut Ready) -> Progress {
     while *sent < send.len() {
         if !ready.writable {
             return Progress::Wait;
@@ -414,7 +417,7 @@ fn write_send(stream: &mut TcpStream, send: &[u8], sent: &mut usize, ready: &mut
 }
 
 /// Reads the reply until `expect` shows up, the peer closes, or 4 KiB were seen.
-fn read_expect(stream: &mut TcpStream, seen: &mut Vec<u8>, expect: &[u8], ready: &mut Ready) -> Progress {
+fn read_expect(stream: &mut Conn, seen: &mut Vec<u8>, expect: &[u8], ready: &mut Ready) -> Progress {
     let mut chunk = [0u8; 1024];
     while ready.readable {
         let want = (EXPECT_LIMIT - seen.len()).min(chunk.len());

@@ -2,8 +2,8 @@
 //! formats. Lines are written straight into the loop's batch buffer, so a
 //! finished connection costs no allocation once the buffer has grown.
 
+use crate::model::endpoint::{ClientAddr, Endpoint};
 use std::io::{self, Write};
-use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use crate::runtime::utc;
@@ -92,10 +92,10 @@ pub struct Finished<'a> {
     pub at: SystemTime,
     /// Its service.
     pub service: &'a str,
-    /// The client's address.
-    pub client: SocketAddr,
+    /// The client's address (`unix:` for a unix socket's client).
+    pub client: ClientAddr,
     /// The backend it was given last (name and address); `None` when it got none.
-    pub backend: Option<(&'a str, SocketAddr)>,
+    pub backend: Option<(&'a str, &'a Endpoint)>,
     /// How long the backend connect took, once one succeeded.
     pub connect: Option<Duration>,
     /// How long it waited in the service's queue for a backend slot (a part of `duration`).
@@ -126,7 +126,10 @@ impl Finished<'_> {
         // Names are `[A-Za-z0-9][A-Za-z0-9._-]*` (reference §2): nothing to quote.
         write!(out, " service={} client={}", self.service, self.client)?;
         match self.backend {
-            Some((name, addr)) => write!(out, " backend={name} backend_address={addr}")?,
+            Some((name, addr)) => {
+                write!(out, " backend={name} backend_address=")?;
+                write_word(out, &addr.to_string())?;
+            }
             None => out.extend_from_slice(b" backend=- backend_address=-"),
         }
         match self.connect {
@@ -154,7 +157,8 @@ impl Finished<'_> {
         match self.backend {
             Some((name, addr)) => {
                 serde_json::to_writer(&mut *out, name)?;
-                write!(out, ",\"backend_address\":\"{addr}\"")?;
+                out.extend_from_slice(b",\"backend_address\":");
+                serde_json::to_writer(&mut *out, &addr.to_string())?;
             }
             None => out.extend_from_slice(b"null,\"backend_address\":null"),
         }
@@ -188,16 +192,31 @@ impl std::fmt::Display for Millis {
     }
 }
 
+/// Writes a text-format value: as it is when it has no space, quote or
+/// control byte (every IP address), else as a JSON string (a unix path may hold any).
+fn write_word(out: &mut Vec<u8>, word: &str) -> io::Result<()> {
+    if word.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
+        out.extend_from_slice(word.as_bytes());
+        Ok(())
+    } else {
+        serde_json::to_writer(&mut *out, word).map_err(io::Error::other)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
 
-    fn finished(backend: Option<(&'static str, SocketAddr)>, end: End) -> Finished<'static> {
+    fn inet(text: &str) -> &'static Endpoint {
+        Box::leak(Box::new(Endpoint::Inet(text.parse().unwrap())))
+    }
+
+    fn finished(backend: Option<(&'static str, &'static Endpoint)>, end: End) -> Finished<'static> {
         Finished {
             at: UNIX_EPOCH + Duration::from_millis(1_796_285_811_279),
             service: "web",
-            client: "127.0.0.1:5555".parse().unwrap(),
+            client: ClientAddr::Inet("127.0.0.1:5555".parse().unwrap()),
             backend,
             connect: backend.map(|_| Duration::from_micros(1_250)),
             queued: Duration::from_micros(500),
@@ -217,7 +236,7 @@ mod tests {
 
     #[test]
     fn a_text_line_has_every_field() {
-        let f = finished(Some(("b1", "127.0.0.1:8080".parse().unwrap())), End::ClientClosed);
+        let f = finished(Some(("b1", inet("127.0.0.1:8080"))), End::ClientClosed);
         assert_eq!(
             line(&f, Format::Text),
             "2026-12-03T08:16:51.279Z service=web client=127.0.0.1:5555 backend=b1 backend_address=127.0.0.1:8080 \
@@ -243,9 +262,22 @@ mod tests {
     #[test]
     fn an_ipv6_client_is_quoted_whole() {
         let mut f = finished(None, End::ConnectFailed);
-        f.client = "[::1]:80".parse().unwrap();
+        f.client = ClientAddr::Inet("[::1]:80".parse().unwrap());
         let v: serde_json::Value = serde_json::from_str(&line(&f, Format::Json)).unwrap();
         assert_eq!(v["client"], "[::1]:80");
         assert!(line(&f, Format::Text).contains(" client=[::1]:80 backend=- "));
+    }
+
+    #[test]
+    fn a_unix_client_and_a_unix_backend_path_with_a_space_keep_both_formats_parseable() {
+        let path: &'static Endpoint =
+            Box::leak(Box::new(Endpoint::Unix(crate::model::endpoint::UnixPath::new("/run/my app/\"b\".sock"))));
+        let mut f = finished(Some(("b1", path)), End::BackendClosed);
+        f.client = ClientAddr::Unix;
+        let text = line(&f, Format::Text);
+        assert!(text.contains(r#" client=unix: backend=b1 backend_address="unix:/run/my app/\"b\".sock" "#), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&line(&f, Format::Json)).unwrap();
+        assert_eq!(v["backend_address"], "unix:/run/my app/\"b\".sock");
+        assert_eq!(v["client"], "unix:");
     }
 }

@@ -9,10 +9,10 @@
 
 use std::fmt;
 use std::io::{self, Read};
-use std::net::SocketAddr;
 use std::time::Instant;
 
-use mio::net::TcpStream;
+use crate::model::endpoint::ClientAddr;
+use crate::runtime::conn::Conn;
 use mio::Interest;
 
 use crate::context::Cx;
@@ -23,8 +23,8 @@ use crate::runtime::timer::TimerKey;
 /// A client whose header is still arriving.
 #[derive(Debug)]
 pub struct Greeting {
-    client: TcpStream,
-    peer: SocketAddr,
+    client: Conn,
+    peer: ClientAddr,
     service: Key,
     /// When it was accepted: its pair's clocks count from there.
     accepted: Instant,
@@ -71,8 +71,8 @@ impl Greeting {
     /// Registers a freshly accepted client whose header must arrive by `deadline`.
     pub fn new(
         key: Key,
-        mut client: TcpStream,
-        peer: SocketAddr,
+        mut client: Conn,
+        peer: ClientAddr,
         service: Key,
         deadline: Instant,
         cx: &mut Cx<'_>,
@@ -88,7 +88,7 @@ impl Greeting {
     }
 
     /// The address it connected from (the real peer, whatever its header says).
-    pub fn peer(&self) -> SocketAddr {
+    pub fn peer(&self) -> ClientAddr {
         self.peer
     }
 
@@ -145,7 +145,7 @@ impl Greeting {
     }
 
     /// Gives back the timer and hands over the client, out of epoll, for a pair to register.
-    pub fn finish(mut self, cx: &mut Cx<'_>) -> TcpStream {
+    pub fn finish(mut self, cx: &mut Cx<'_>) -> Conn {
         self.close(cx);
         // Failing only if it was never registered; the pair registers it afresh either way.
         let _ = cx.registry.deregister(&mut self.client);

@@ -27,8 +27,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::model::endpoint::ClientAddr;
+use crate::runtime::conn::Conn;
 use log::{debug, info, warn};
-use mio::net::TcpStream;
 use mio::{Interest, Token};
 
 use crate::context::Cx;
@@ -84,13 +85,13 @@ pub struct Cutting {
     pub until: Instant,
 }
 
-/// A byte stream a half can relay through; mio's `TcpStream` in the loop, a script in tests.
+/// A byte stream a half can relay through; a [`Conn`] in the loop, a script in tests.
 pub trait Stream: Read + Write {
     /// Ends our sending direction (sends FIN).
     fn shutdown_write(&self) -> io::Result<()>;
 }
 
-impl Stream for TcpStream {
+impl Stream for Conn {
     fn shutdown_write(&self) -> io::Result<()> {
         self.shutdown(Shutdown::Write)
     }
@@ -296,8 +297,8 @@ impl fmt::Debug for Phase {
 /// One proxied connection: a client, the backend it was given, and both directions.
 #[derive(Debug)]
 pub struct Pair {
-    client: Peer<TcpStream>,
-    backend: Peer<TcpStream>,
+    client: Peer<Conn>,
+    backend: Peer<Conn>,
     phase: Phase,
     /// Client → backend.
     up: Half,
@@ -310,7 +311,7 @@ pub struct Pair {
     /// When the client was accepted, for the close log.
     accepted: Instant,
     /// The client's address, for the close log.
-    peer: SocketAddr,
+    peer: ClientAddr,
     /// How long the backend connect took, once it succeeded.
     /// In microseconds (saturating: no connect outlasts 71 minutes), to keep the slab slot small.
     connected_in: Option<u32>,
@@ -354,7 +355,7 @@ pub struct Refused {
 
 /// A started connect: the stream and the backend it goes to.
 struct Attempt {
-    stream: TcpStream,
+    stream: Conn,
     target: Key,
 }
 
@@ -364,8 +365,8 @@ struct Attempt {
 /// a failed start gives it back.
 fn connect_next(plan: &mut Plan, token: Token, failed: &mut u16, cx: &mut Cx<'_>) -> Result<Attempt, Fault> {
     while let Some(target) = cx.services.next_target(plan) {
-        let Some(addr) = cx.services.backend(target).map(|b| b.addr) else { continue };
-        let started = net::connect(addr).and_then(|mut stream| {
+        let Some(addr) = cx.services.backend(target).map(|b| b.addr.clone()) else { continue };
+        let started = net::connect(&addr).and_then(|mut stream| {
             cx.registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
             Ok(stream)
         });
@@ -412,9 +413,9 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 #[derive(Debug)]
 pub struct Client {
     /// Its socket.
-    pub stream: TcpStream,
+    pub stream: Conn,
     /// Its address: the socket's peer, or the source its PROXY header named.
-    pub peer: SocketAddr,
+    pub peer: ClientAddr,
     /// The address it connected to, when a PROXY header named it.
     pub destination: Option<SocketAddr>,
     /// When it was accepted: earlier than now if it was queued.
@@ -448,7 +449,7 @@ impl Pair {
             backend: Peer::new(attempt.stream, now),
             phase: Phase::Connecting {
                 target: attempt.target,
-                deadline: limits.connect.map(|d| now + d),
+                deadline: limits.connect().map(|d| now + d),
                 plan,
                 started: now,
             },
@@ -575,9 +576,9 @@ impl Pair {
             } else {
                 Step::Wait
             }
-        } else if self.limits.lifetime.is_some_and(|d| now >= self.accepted + d) {
+        } else if self.limits.lifetime().is_some_and(|d| now >= self.accepted + d) {
             self.begin_cut(Cut::MaxDuration, cx)
-        } else if self.limits.client.is_some_and(|d| now >= self.client.last_progress + d) {
+        } else if self.limits.client().is_some_and(|d| now >= self.client.last_progress + d) {
             self.fail(Fault::Timeout(Side::Client), cx)
         } else {
             match &mut self.phase {
@@ -585,7 +586,9 @@ impl Pair {
                     let target = *target;
                     self.attempt_failed(target, io::ErrorKind::TimedOut.into(), key, cx)
                 }
-                Phase::Relaying { .. } if self.limits.server.is_some_and(|d| now >= self.backend.last_progress + d) => {
+                Phase::Relaying { .. }
+                    if self.limits.server().is_some_and(|d| now >= self.backend.last_progress + d) =>
+                {
                     self.fail(Fault::Timeout(Side::Backend), cx)
                 }
                 _ => Step::Wait,
@@ -621,11 +624,11 @@ impl Pair {
         // never connected names the backend it was trying, unless it ended with none at all.
         let trying = match &self.phase {
             Phase::Connecting { target, .. } if !matches!(self.ended, Some(Fault::NoBackend)) => {
-                cx.services.backend(*target).map(|b| (b.config.name.as_str(), b.addr))
+                cx.services.backend(*target).map(|b| (b.config.name.as_str(), &b.addr))
             }
             _ => None,
         };
-        let backend = self.backend_name.as_ref().map(|l| (l.name.as_str(), l.addr)).or(trying);
+        let backend = self.backend_name.as_ref().map(|l| (l.name.as_str(), &l.addr)).or(trying);
         let finished = Finished {
             at: SystemTime::now(),
             service: self.service_name.as_ref().map_or("?", |n| n.as_str()),
@@ -758,10 +761,12 @@ impl Pair {
         if let Some(version) = version {
             let proxied = self.proxied.get_or_insert_with(Box::default);
             // getsockname of the accepted socket: the address the client connected to.
-            let destination = proxied.destination.map_or_else(|| self.client.stream.local_addr(), Ok);
-            let destination =
-                destination.unwrap_or_else(|_| cx.services.service(self.service).map_or(self.peer, |s| s.addr));
-            proxied.header = proxy_header::encode(version, self.peer, destination);
+            let destination = proxied.destination.or_else(|| self.client.stream.local_inet());
+            proxied.header = match (self.peer.inet(), destination) {
+                (Some(source), Some(destination)) => proxy_header::encode(version, source, destination),
+                // A unix client has no address the header could carry.
+                _ => proxy_header::unknown(version),
+            };
         }
         self.set_phase(Phase::Relaying { target });
     }
@@ -785,7 +790,7 @@ impl Pair {
                 self.holds = Some(attempt.target);
                 if let Phase::Connecting { target, deadline, .. } = &mut self.phase {
                     *target = attempt.target;
-                    *deadline = self.limits.connect.map(|d| now + d);
+                    *deadline = self.limits.connect().map(|d| now + d);
                 }
                 Step::Wait
             }
@@ -907,12 +912,12 @@ impl Pair {
         if let Some(cutting) = self.cutting() {
             return Some(cutting.until);
         }
-        let client = self.limits.client.map(|d| self.client.last_progress + d);
+        let client = self.limits.client().map(|d| self.client.last_progress + d);
         let other = match &self.phase {
             Phase::Connecting { deadline, .. } => *deadline,
-            Phase::Relaying { .. } => self.limits.server.map(|d| self.backend.last_progress + d),
+            Phase::Relaying { .. } => self.limits.server().map(|d| self.backend.last_progress + d),
         };
-        let lifetime = self.limits.lifetime.map(|d| self.accepted + d);
+        let lifetime = self.limits.lifetime().map(|d| self.accepted + d);
         earliest(earliest(client, other), lifetime)
     }
 
@@ -931,7 +936,7 @@ impl Pair {
 }
 
 /// Writes what is left of the backend's PROXY header; `Ok(true)` once none is.
-fn send_header(proxied: &mut Option<Box<Proxied>>, backend: &mut Peer<TcpStream>) -> io::Result<bool> {
+fn send_header(proxied: &mut Option<Box<Proxied>>, backend: &mut Peer<Conn>) -> io::Result<bool> {
     let Some(proxied) = proxied.as_mut().filter(|p| !p.header.is_empty()) else { return Ok(true) };
     while !proxied.header.is_empty() && backend.ready.writable {
         match backend.stream.write(&proxied.header) {
@@ -965,7 +970,7 @@ fn discard<S: Read>(peer: &mut Peer<S>, budget: &mut usize) -> io::Result<bool> 
 
 /// The socket's pending error (`SO_ERROR`), once an event flagged one. Read
 /// once per flag: the flag is cleared, and the kernel clears the error.
-fn pending_error(peer: &mut Peer<TcpStream>) -> Option<io::Error> {
+fn pending_error(peer: &mut Peer<Conn>) -> Option<io::Error> {
     if !std::mem::take(&mut peer.ready.error) {
         return None;
     }

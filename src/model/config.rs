@@ -23,6 +23,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
 use crate::model::address::{self, clip, overlaps, Address, Host};
+use crate::model::endpoint;
 use crate::runtime::files::{self, FileError};
 
 mod file;
@@ -42,6 +43,8 @@ pub const DEFAULT_QUEUE_TIMEOUT: f64 = 5.0;
 pub const DEFAULT_UDP_IDLE_TIMEOUT: f64 = 30.0;
 /// UDP flows a service holds at once, unless set: each costs a socket and a descriptor.
 pub const DEFAULT_MAX_FLOWS: u32 = 10_000;
+/// A unix listener's file mode, unless set: its owner and group may connect, nobody else.
+pub const DEFAULT_SOCKET_MODE: &str = "0660";
 /// Default backend weight.
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Longest service or backend name, in bytes.
@@ -125,6 +128,9 @@ pub struct ServiceConfig {
     /// UDP flows open at once at most, over every worker; new flows past it are dropped.
     #[serde(default = "default_max_flows")]
     pub max_flows: u32,
+    /// The mode of a `unix:/path` listener's socket file, in octal (`"0660"`); unused for TCP and UDP.
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: String,
 }
 
 /// One backend of a service.
@@ -345,6 +351,7 @@ impl ServiceConfig {
             udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
             udp_max_responses: 0,
             max_flows: DEFAULT_MAX_FLOWS,
+            socket_mode: DEFAULT_SOCKET_MODE.to_string(),
         }
     }
 
@@ -395,6 +402,18 @@ fn default_udp_idle_timeout() -> f64 {
 }
 fn default_max_flows() -> u32 {
     DEFAULT_MAX_FLOWS
+}
+fn default_socket_mode() -> String {
+    DEFAULT_SOCKET_MODE.to_string()
+}
+
+/// The permission bits of a `socket_mode` ("660", "0660"), or why it is not one.
+pub fn socket_mode_bits(mode: &str) -> Result<u32, String> {
+    let digits = mode.strip_prefix('0').filter(|d| d.len() == 3).unwrap_or(mode);
+    if digits.len() != 3 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return Err(format!("must be permission bits in octal, like \"0660\", got {:?}", clip(mode)));
+    }
+    u32::from_str_radix(digits, 8).map_err(|e| e.to_string())
 }
 fn default_weight() -> u32 {
     DEFAULT_WEIGHT
@@ -464,6 +483,7 @@ struct RawService {
     udp_idle_timeout: Option<Value>,
     udp_max_responses: Option<Value>,
     max_flows: Option<Value>,
+    socket_mode: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -614,6 +634,7 @@ fn build_service(raw: RawService, index: usize, url_name: Option<&str>) -> Resul
         udp_idle_timeout: number(raw.udp_idle_timeout, &at, "udp_idle_timeout", DEFAULT_UDP_IDLE_TIMEOUT)?,
         udp_max_responses: integer(raw.udp_max_responses, &at, "udp_max_responses", 0, 0)?,
         max_flows: integer(raw.max_flows, &at, "max_flows", 1, DEFAULT_MAX_FLOWS)?,
+        socket_mode: text(raw.socket_mode, &at, "socket_mode")?.unwrap_or_else(default_socket_mode),
     };
     validate_service(&service)?;
     Ok(service)
@@ -767,6 +788,7 @@ pub fn validate_service(service: &ServiceConfig) -> Result<(), ConfigError> {
             format!("must be at most {MAX_CHECK_EXPECT} bytes (checks read 4 KiB of reply), got {expect} bytes");
         return Err(at.err("check_expect", problem));
     }
+    socket_mode_bits(&service.socket_mode).map_err(|p| at.err("socket_mode", p))?;
     if service.protocol == Protocol::Udp {
         validate_udp(service)?;
     }
@@ -793,6 +815,13 @@ fn validate_udp(service: &ServiceConfig) -> Result<(), ConfigError> {
     ];
     if let Some((field, _, why)) = stream_only.iter().find(|(_, set, _)| *set) {
         return Err(at.err(field, format!("must not be set on a UDP service: {why}")));
+    }
+    if service.address.starts_with(endpoint::UNIX_PREFIX) {
+        return Err(at.err("address", "must be host:port on a UDP service: unix sockets carry streams here"));
+    }
+    if let Some(b) = service.backends.iter().find(|b| b.address.starts_with(endpoint::UNIX_PREFIX)) {
+        let problem = "must be host:port on a UDP service: unix sockets carry streams here";
+        return Err(At(&service.name, Some(&b.name)).err("address", problem));
     }
     if service.udp_idle_timeout == 0.0 {
         return Err(at.err("udp_idle_timeout", "must be above 0 on a UDP service: a flow must end some time"));
@@ -827,7 +856,9 @@ pub fn validate_all(services: &[ServiceConfig]) -> Result<(), ConfigError> {
         if !names.insert(service.name.as_str()) {
             return Err(at.err("name", "is used by more than one service"));
         }
-        let Some(addr) = listen_address(&service.address).map_err(|p| at.err("address", p))?.literal() else {
+        // Unix paths and named hosts clash once resolved (`service::check_all`).
+        let parsed = listen_address(&service.address).map_err(|p| at.err("address", p))?;
+        let Some(addr) = parsed.and_then(|a| a.literal()) else {
             continue;
         };
         let same_port = by_port.entry(addr.port()).or_default();
@@ -840,12 +871,20 @@ pub fn validate_all(services: &[ServiceConfig]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn listen_address(address: &str) -> Result<Address, String> {
-    address::parse(address)
+/// A listen address's syntax; `None` for a `unix:/path`, whose path is checked.
+fn listen_address(address: &str) -> Result<Option<Address>, String> {
+    match endpoint::parse_unix(address) {
+        Some(path) => path.map(|_| None),
+        None => address::parse(address).map(Some),
+    }
 }
 
-fn connect_address(address: &str) -> Result<Address, String> {
-    address::parse_connect(address)
+/// A connect address's syntax (port 0 refused); `None` for a `unix:/path`.
+fn connect_address(address: &str) -> Result<Option<Address>, String> {
+    match endpoint::parse_unix(address) {
+        Some(path) => path.map(|_| None),
+        None => address::parse_connect(address).map(Some),
+    }
 }
 
 /// The host names a service's addresses need looked up, each once.

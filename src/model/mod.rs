@@ -7,6 +7,7 @@ pub mod balance;
 pub mod config;
 pub mod counters;
 pub mod diff;
+pub mod endpoint;
 pub mod health;
 pub mod histogram;
 pub mod limits;

@@ -353,6 +353,15 @@ pub fn v2(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
     out
 }
 
+/// A header that names no addresses (a unix client has none to carry): v1
+/// `UNKNOWN`, v2 `LOCAL`; the receiver uses the connection's own, as the spec says.
+pub fn unknown(version: Version) -> Vec<u8> {
+    match version {
+        Version::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        Version::V2 => v2_local(),
+    }
+}
+
 /// A v2 LOCAL header: a connection of the proxy's own, such as a health check.
 pub fn v2_local() -> Vec<u8> {
     let mut out = V2_SIGNATURE.to_vec();

@@ -17,6 +17,7 @@ use crate::model::balance::{self, Candidate, SharedCursor};
 use crate::model::config::{self, BackendConfig, OnBackendDown, ServiceConfig};
 pub use crate::model::counters::Counters;
 use crate::model::counters::{BackendState, ServiceState};
+use crate::model::endpoint::{self, Endpoint};
 use crate::model::health::{Health, Transition};
 use crate::runtime::bell::Bell;
 use crate::runtime::key::{Key, Slots};
@@ -31,9 +32,9 @@ pub struct Backend {
     /// The service it belongs to.
     pub service: Key,
     /// `config.address`, resolved when the config was applied.
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
     /// `config.check_address`, resolved; `None` when it is never checked.
-    pub check_addr: Option<SocketAddr>,
+    pub check_addr: Option<Endpoint>,
     /// Health and counters, shared by every loop that proxies to it.
     pub state: Arc<BackendState>,
     /// The last health check's outcome, kept by the loop that runs the probes.
@@ -50,7 +51,7 @@ pub struct Label {
     /// Its name.
     pub name: String,
     /// Its address, resolved.
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
 }
 
 /// When the last health check of a backend ended and how.
@@ -71,7 +72,7 @@ pub struct Service {
     /// (an `Arc<String>` is one word in a pair's slot; an `Arc<str>` would be two).
     pub name: Arc<String>,
     /// `settings.address`, resolved.
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
     /// Backends in config order.
     pub backends: Vec<Key>,
     /// No-backend errors and histograms, shared by every loop.
@@ -123,9 +124,9 @@ pub struct Prepared {
     /// The config as written.
     pub config: ServiceConfig,
     /// The listen address.
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
     /// Each backend's (address, check address).
-    pub backend_addrs: Vec<(SocketAddr, Option<SocketAddr>)>,
+    pub backend_addrs: Vec<(Endpoint, Option<Endpoint>)>,
 }
 
 /// Resolves every address of a validated config with names already looked
@@ -140,8 +141,11 @@ pub fn prepare(config: ServiceConfig, lookups: &Lookups) -> Result<Prepared, Str
     Ok(Prepared { config, addr, backend_addrs })
 }
 
-fn resolve_text(text: &str, lookups: &Lookups) -> Result<SocketAddr, String> {
-    address::parse(text)?.resolve(lookups)
+fn resolve_text(text: &str, lookups: &Lookups) -> Result<Endpoint, String> {
+    match endpoint::parse_unix(text) {
+        Some(path) => path.map(Endpoint::Unix),
+        None => address::parse(text)?.resolve(lookups).map(Endpoint::Inet),
+    }
 }
 
 /// Resolves one backend's address and check address.
@@ -149,7 +153,7 @@ pub fn resolve_backend(
     service: &str,
     b: &BackendConfig,
     lookups: &Lookups,
-) -> Result<(SocketAddr, Option<SocketAddr>), String> {
+) -> Result<(Endpoint, Option<Endpoint>), String> {
     let err = |field: &str, e: String| format!("service {service:?}: backend {:?}: {field}: {e}", b.name);
     let addr = resolve_text(&b.address, lookups).map_err(|e| err("address", e))?;
     let check = if b.check_address.is_empty() {
@@ -165,20 +169,20 @@ pub fn resolve_backend(
 /// the listeners or to the admin API (reference §2).
 pub fn check_all(services: &[Prepared], admin: Option<SocketAddr>) -> Result<(), String> {
     // Listeners and loops can only clash on the same port: group by it, so a big config stays linear.
-    let mut by_port: HashMap<u16, Vec<(&str, SocketAddr)>> = HashMap::new();
+    let mut by_port: HashMap<u16, Vec<(&str, &Endpoint)>> = HashMap::new();
     for p in services {
         let same_port = by_port.entry(p.addr.port()).or_default();
-        if let Some((other, taken)) = same_port.iter().find(|(_, taken)| address::overlaps(*taken, p.addr)) {
+        if let Some((other, taken)) = same_port.iter().find(|(_, taken)| taken.overlaps(&p.addr)) {
             return Err(format!(
                 "service {:?}: address: {:?} conflicts with {taken}, where service {other:?} listens",
                 p.config.name, p.config.address
             ));
         }
-        same_port.push((&p.config.name, p.addr));
+        same_port.push((&p.config.name, &p.addr));
     }
     for p in services {
         for (b, (addr, _)) in p.config.backends.iter().zip(&p.backend_addrs) {
-            if let Some(why) = loop_problem(*addr, &by_port, admin) {
+            if let Some(why) = loop_problem(addr, &by_port, admin) {
                 return Err(format!("service {:?}: backend {:?}: address: {why}", p.config.name, b.name));
             }
         }
@@ -187,16 +191,16 @@ pub fn check_all(services: &[Prepared], admin: Option<SocketAddr>) -> Result<(),
 }
 
 fn loop_problem(
-    addr: SocketAddr,
-    by_port: &HashMap<u16, Vec<(&str, SocketAddr)>>,
+    addr: &Endpoint,
+    by_port: &HashMap<u16, Vec<(&str, &Endpoint)>>,
     admin: Option<SocketAddr>,
 ) -> Option<String> {
     let same_port = by_port.get(&addr.port()).map_or(&[][..], Vec::as_slice);
-    if let Some((owner, listener)) = same_port.iter().find(|(_, listener)| address::loops_to(addr, *listener)) {
+    if let Some((owner, listener)) = same_port.iter().find(|(_, listener)| addr.loops_to(listener)) {
         return Some(format!("{addr} reaches {listener}, where service {owner:?} listens; it would loop"));
     }
     match admin {
-        Some(admin) if address::loops_to(addr, admin) => {
+        Some(admin) if addr.loops_to(&Endpoint::Inet(admin)) => {
             Some(format!("{addr} reaches {admin}, where the admin API listens"))
         }
         _ => None,
@@ -204,16 +208,14 @@ fn loop_problem(
 }
 
 /// The connect, client and server timeouts a pair keeps from its accept on.
+/// Held as whole microseconds (0: none) rather than `Option<Duration>`s: half
+/// the bytes in every pair's slab slot, with the timer's resolution to spare.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Limits {
-    /// Deadline of each backend connect.
-    pub connect: Option<Duration>,
-    /// Idle limit of the client socket.
-    pub client: Option<Duration>,
-    /// Idle limit of the backend socket.
-    pub server: Option<Duration>,
-    /// How long the connection may last in all (`max_connection_duration`).
-    pub lifetime: Option<Duration>,
+    connect_us: u64,
+    client_us: u64,
+    server_us: u64,
+    lifetime_us: u64,
 }
 
 /// What the balancer sees of a backend; a vanished one is never chosen.
@@ -236,12 +238,39 @@ fn candidate(backends: &Slots<Backend>, key: Key, open: bool) -> Candidate {
 impl Limits {
     /// The limits a service's settings set.
     fn of(settings: &ServiceConfig) -> Limits {
+        let us = |seconds: f64| {
+            config::seconds(seconds).map_or(0, |d| (d.as_micros().max(1)).min(u128::from(u64::MAX)) as u64)
+        };
         Limits {
-            connect: config::seconds(settings.connect_timeout),
-            client: config::seconds(settings.client_timeout),
-            server: config::seconds(settings.server_timeout),
-            lifetime: config::seconds(settings.max_connection_duration),
+            connect_us: us(settings.connect_timeout),
+            client_us: us(settings.client_timeout),
+            server_us: us(settings.server_timeout),
+            lifetime_us: us(settings.max_connection_duration),
         }
+    }
+
+    fn get(us: u64) -> Option<Duration> {
+        (us > 0).then(|| Duration::from_micros(us))
+    }
+
+    /// Deadline of each backend connect.
+    pub fn connect(&self) -> Option<Duration> {
+        Limits::get(self.connect_us)
+    }
+
+    /// Idle limit of the client socket.
+    pub fn client(&self) -> Option<Duration> {
+        Limits::get(self.client_us)
+    }
+
+    /// Idle limit of the backend socket.
+    pub fn server(&self) -> Option<Duration> {
+        Limits::get(self.server_us)
+    }
+
+    /// How long the connection may last in all (`max_connection_duration`).
+    pub fn lifetime(&self) -> Option<Duration> {
+        Limits::get(self.lifetime_us)
     }
 }
 
@@ -401,7 +430,7 @@ impl Services {
         &mut self,
         key: Key,
         configs: Vec<BackendConfig>,
-        addrs: Vec<(SocketAddr, Option<SocketAddr>)>,
+        addrs: Vec<(Endpoint, Option<Endpoint>)>,
     ) -> BackendChanges {
         let mut changes = BackendChanges::default();
         let Some(service) = self.services.get_mut(key) else { return changes };
@@ -426,7 +455,7 @@ impl Services {
                 }
                 None => {
                     let b = Backend {
-                        label: Arc::new(Label { name: config.name.clone(), addr }),
+                        label: Arc::new(Label { name: config.name.clone(), addr: addr.clone() }),
                         config,
                         service: key,
                         addr,
@@ -839,6 +868,7 @@ const SERVICE_FIELDS: &[&str] = &[
     "udp_idle_timeout",
     "udp_max_responses",
     "max_flows",
+    "socket_mode",
 ];
 const BACKEND_FIELDS: &[&str] = &["name", "address", "check_address", "weight", "max_connections", "send_proxy"];
 

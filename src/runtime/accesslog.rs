@@ -319,7 +319,7 @@ mod tests {
         Finished {
             at: SystemTime::now(),
             service: "web",
-            client: "127.0.0.1:1".parse().unwrap(),
+            client: crate::model::endpoint::ClientAddr::Inet("127.0.0.1:1".parse().unwrap()),
             backend: None,
             connect: None,
             queued: Duration::ZERO,

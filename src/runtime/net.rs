@@ -7,7 +7,10 @@
 use std::io::{self, Read};
 use std::net::SocketAddr;
 
-use mio::net::{TcpListener, TcpStream, UdpSocket};
+use mio::net::{TcpListener, UdpSocket};
+
+use crate::model::endpoint::Endpoint;
+use crate::runtime::conn::Conn;
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Listen backlog; mio ≥ 1.2 would use std's 128, which drops SYNs under bursts (pitfall 14).
@@ -64,33 +67,6 @@ fn bind_one(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(TcpListener::from_std(socket.into()))
-}
-
-/// A service's bound socket: a TCP listener, or a UDP socket.
-#[derive(Debug)]
-pub enum Bound {
-    /// A listening TCP socket.
-    Stream(TcpListener),
-    /// A UDP socket receiving every client's datagrams.
-    Datagram(UdpSocket),
-}
-
-impl Bound {
-    /// Where it is bound.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        match self {
-            Bound::Stream(s) => s.local_addr(),
-            Bound::Datagram(s) => s.local_addr(),
-        }
-    }
-}
-
-/// `n` sockets of `protocol` on `addr`, one per worker ([`bind_group`], [`bind_udp_group`]).
-pub fn bind_any(addr: SocketAddr, n: usize, protocol: crate::model::config::Protocol) -> io::Result<Vec<Bound>> {
-    Ok(match protocol {
-        crate::model::config::Protocol::Tcp => bind_group(addr, n)?.into_iter().map(Bound::Stream).collect(),
-        crate::model::config::Protocol::Udp => bind_udp_group(addr, n)?.into_iter().map(Bound::Datagram).collect(),
-    })
 }
 
 /// Socket buffers asked for a UDP service's socket: bursts of datagrams wait
@@ -200,11 +176,8 @@ fn bpf(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
 }
 
 /// Starts a nonblocking connect to `addr`; an error here is a synchronous failure.
-pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect(addr)?;
-    // A relay must not add Nagle delay on top of the endpoints' own.
-    stream.set_nodelay(true)?;
-    Ok(stream)
+pub fn connect(addr: &Endpoint) -> io::Result<Conn> {
+    Conn::connect(addr)
 }
 
 /// Where a nonblocking connect stands after a readiness event.
@@ -226,7 +199,7 @@ pub enum ConnectOutcome {
 /// how it ended. epoll reports each fd at most once per wait, and a
 /// failover's new socket is made while its predecessor's one event is being
 /// handled, so a stale event can't pass for the new socket's.
-pub fn connect_outcome(stream: &TcpStream, writable: bool, hint: bool) -> ConnectOutcome {
+pub fn connect_outcome(stream: &Conn, writable: bool, hint: bool) -> ConnectOutcome {
     if !writable {
         return ConnectOutcome::Pending;
     }
@@ -243,7 +216,7 @@ pub fn connect_outcome(stream: &TcpStream, writable: bool, hint: bool) -> Connec
 /// with unread input makes Linux send RST, so what already arrived is read
 /// and dropped first (a bounded amount, never waiting), then our side is shut.
 /// The caller drops the stream afterwards.
-pub fn close_gently(stream: &TcpStream) {
+pub fn close_gently(stream: &Conn) {
     let mut sink = [0u8; 4096];
     let mut reader = stream;
     for _ in 0..16 {

@@ -11,7 +11,6 @@
 //! is left alone, and while none can go the newcomers wait in the queue.
 
 use std::io;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -22,7 +21,9 @@ use crate::control::admin::{AdminConn, EVICTION_GRACE};
 use crate::data::finished::End;
 use crate::data::greeting::{GreetError, Greeted, Greeting};
 use crate::data::proxy::Client;
+use crate::model::endpoint::ClientAddr;
 use crate::model::proxy_header::Origin;
+use crate::runtime::conn::Conn;
 use crate::runtime::key::Key;
 use crate::runtime::net::{self, AcceptError};
 use crate::runtime::throttle;
@@ -185,13 +186,7 @@ impl Server {
 
     /// Waits for the PROXY header of a client of an `accept_proxy` service; an
     /// error is a local shortage that should pause accepting.
-    fn start_greeting(
-        &mut self,
-        service: Key,
-        stream: mio::net::TcpStream,
-        peer: SocketAddr,
-        now: Instant,
-    ) -> Result<(), io::Error> {
+    fn start_greeting(&mut self, service: Key, stream: Conn, peer: ClientAddr, now: Instant) -> Result<(), io::Error> {
         let wait =
             self.services.service(service).map_or(HEADER_DEADLINE, |s| header_deadline(s.settings.connect_timeout));
         let Server { poll, entries, timers, services, pool, fds, access_log, .. } = self;
@@ -225,7 +220,7 @@ impl Server {
                 let stream = greeting.finish(&mut cx);
                 // LOCAL and UNKNOWN keep the connection's own endpoints (spec 2.1, 2.2).
                 let (source, destination) = match origin {
-                    Origin::Proxied { source, destination } => (source, Some(destination)),
+                    Origin::Proxied { source, destination } => (ClientAddr::Inet(source), Some(destination)),
                     Origin::Local => (peer, None),
                 };
                 let client = Client { stream, peer: source, destination, accepted };
@@ -238,7 +233,7 @@ impl Server {
     }
 
     /// Counts and logs (throttled) a client closed for its PROXY header.
-    fn bad_header(&mut self, service: Key, peer: SocketAddr, error: &GreetError, now: Instant) {
+    fn bad_header(&mut self, service: Key, peer: ClientAddr, error: &GreetError, now: Instant) {
         let name = self.services.service(service).map_or("?", |s| s.settings.name.as_str());
         if let Some(held) = self.bad_headers.ready(now) {
             warn!("{name}: closing client {peer}: {error}{}", throttle::more(held));

@@ -19,21 +19,22 @@ use crate::control::api::{Plane, Staged};
 use crate::control::info::Info;
 use crate::control::metrics::Process;
 use crate::data::proxy::Cut;
-use crate::model::config::{self, Protocol};
+use crate::model::config::{self, ServiceConfig};
+use crate::model::endpoint::Endpoint;
 use crate::model::service::{BackendChanges, Prepared, Services};
 use crate::runtime::key::Key;
-use crate::runtime::net;
+use crate::runtime::listen::{self, StreamListener};
 
 impl Plane for Server {
     fn services(&self) -> &Services {
         &self.services
     }
 
-    fn bound(&self) -> Vec<(Option<Key>, SocketAddr)> {
+    fn bound(&self) -> Vec<(Option<Key>, Endpoint)> {
         let listeners = self.entries.iter().filter_map(|(_, e)| match e {
             Entry::Listener(l) => Some((l.service, l.socket.local_addr().ok()?)),
-            Entry::Datagrams(d) => Some((d.service, d.socket.local_addr().ok()?)),
-            Entry::Group(g) => Some((g.service, g.local)),
+            Entry::Datagrams(d) => Some((d.service, Endpoint::Inet(d.socket.local_addr().ok()?))),
+            Entry::Group(g) => Some((g.service, g.local.clone())),
             _ => None,
         });
         listeners.collect()
@@ -43,11 +44,11 @@ impl Plane for Server {
         self.admin_addr
     }
 
-    fn stage_listener(&mut self, addr: SocketAddr, protocol: Protocol) -> io::Result<Staged> {
+    fn stage_listener(&mut self, addr: &Endpoint, settings: &ServiceConfig) -> io::Result<Staged> {
         if let Some(n) = self.workers().map(|w| w.len()) {
-            return self.stage_group(addr, n, protocol);
+            return self.stage_group(addr, n, settings);
         }
-        let socket = net::bind_any(addr, 1, protocol)?.pop().ok_or(io::ErrorKind::AddrNotAvailable)?;
+        let socket = listen::bind_any(addr, 1, settings)?.pop().ok_or(io::ErrorKind::AddrNotAvailable)?;
         let local = socket.local_addr()?;
         let listener = self.stage_bound(socket)?;
         Ok(Staged { listener, local })
@@ -112,8 +113,9 @@ impl Plane for Server {
         // New limits may make room: held listeners and queue heads look again.
         self.on_slots();
         let Some(prepared) = fan_out else {
-            if let Some(staged) = listener {
-                self.adopt_listener(key, staged.listener, now);
+            match listener {
+                Some(staged) => self.adopt_listener(key, staged.listener, now),
+                None => self.refresh_socket_mode(key),
             }
             return self.reconcile_probes(key, now);
         };
@@ -196,6 +198,20 @@ impl Plane for Server {
 }
 
 impl Server {
+    /// A unix listener kept through a change takes the service's `socket_mode`
+    /// now (every worker holding a duplicate sets the same bits).
+    fn refresh_socket_mode(&self, key: Key) {
+        let Some(s) = self.services.service(key) else { return };
+        let Some(Entry::Listener(l)) = s.listener.and_then(|k| self.entries.get(k)) else { return };
+        if let (StreamListener::Unix(_, file), Ok(mode)) =
+            (&l.socket, config::socket_mode_bits(&s.settings.socket_mode))
+        {
+            if let Err(e) = file.set_mode(mode) {
+                log::warn!("{}: cannot set socket_mode {:o} on {}: {e}", s.settings.name, mode, file.path().display());
+            }
+        }
+    }
+
     /// On the loop that owns health (the control loop): counts a change's new
     /// backends for fail-open and stops counting its removed ones, then logs
     /// whether the change started or ended fail-open (`was` is before it).

@@ -13,11 +13,11 @@
 //! backend coming up, a raised limit in a change).
 
 use std::io;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::model::endpoint::ClientAddr;
+use crate::runtime::conn::Conn;
 use log::debug;
-use mio::net::TcpStream;
 use mio::Interest;
 
 use super::{Entry, Server};
@@ -103,7 +103,7 @@ impl Server {
     }
 
     /// Closes a client that got no backend (none up, or all full and the queue too): FIN, counted.
-    pub(super) fn refuse_no_backend(&mut self, service: Key, stream: &TcpStream, peer: SocketAddr) {
+    pub(super) fn refuse_no_backend(&mut self, service: Key, stream: &Conn, peer: ClientAddr) {
         if let Some(s) = self.services.service(service) {
             s.state.errors.add(1);
             s.state.no_backend.add(1);
@@ -367,7 +367,7 @@ impl Server {
     }
 
     /// The access log's line for a client closed before it had a pair.
-    pub(super) fn log_refused(&mut self, service: Key, client: SocketAddr, end: End, failed: u16, queued: Duration) {
+    pub(super) fn log_refused(&mut self, service: Key, client: ClientAddr, end: End, failed: u16, queued: Duration) {
         if !self.access_log.is_on() {
             return;
         }

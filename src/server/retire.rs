@@ -11,7 +11,6 @@ use log::{debug, warn};
 
 use super::{Entry, Server};
 use crate::runtime::key::Key;
-use crate::runtime::net;
 
 /// How long a retiring listener keeps accepting: handshakes under way when
 /// it stopped taking new ones complete well within this on any sane network.
@@ -36,7 +35,7 @@ impl Server {
             // Staged, never served: nobody can be waiting for a service there.
             return self.remove_entry(key);
         }
-        let linger = match net::refuse_new_connections(&listener.socket) {
+        let linger = match listener.socket.refuse_new_connections() {
             Ok(()) => LINGER,
             Err(e) => {
                 // Without the filter new clients keep coming: close after one pass.

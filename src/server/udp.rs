@@ -119,7 +119,8 @@ impl Server {
             udp.dropped_no_backend.add(1);
             return None;
         };
-        let opened = self.services.backend(backend).map(|b| b.addr).ok_or(io::ErrorKind::NotFound.into());
+        // Validation keeps unix paths off UDP services: a backend here has an IP address.
+        let opened = self.services.backend(backend).and_then(|b| b.addr.inet()).ok_or(io::ErrorKind::NotFound.into());
         let opened = opened.and_then(net::udp_flow).and_then(|mut socket| {
             let registry = self.poll.registry();
             self.entries.try_insert_with(|key| {

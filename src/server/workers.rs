@@ -23,7 +23,6 @@
 //! drained or stopped).
 
 use std::io;
-use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,14 +34,15 @@ use mio::Poll;
 
 use super::{Entry, Role, Server, WAKER};
 use crate::control::api::{Plane, Staged};
-use crate::model::config::Protocol;
+use crate::model::config::ServiceConfig;
+use crate::model::endpoint::Endpoint;
 use crate::model::service::{Prepared, Shared};
 use crate::runtime::accesslog::AccessLog;
 use crate::runtime::bell::Bell;
 use crate::runtime::cpus;
 use crate::runtime::helpers::{Answer, Inbox, Outbox};
 use crate::runtime::key::Key;
-use crate::runtime::net::Bound;
+use crate::runtime::listen::Bound;
 
 /// What the control loop tells a worker loop.
 #[derive(Debug)]
@@ -173,7 +173,7 @@ pub struct Group {
     /// The service they serve; `None` while staged.
     pub service: Option<Key>,
     /// Where they are bound.
-    pub local: SocketAddr,
+    pub local: Endpoint,
     /// The sockets, until handed to the workers.
     pub sockets: Vec<Bound>,
 }
@@ -415,10 +415,11 @@ impl Server {
     }
 
     /// Binds one listener per worker and keeps them as a staged group.
-    pub(super) fn stage_group(&mut self, addr: SocketAddr, n: usize, protocol: Protocol) -> io::Result<Staged> {
-        let sockets = crate::runtime::net::bind_any(addr, n, protocol)?;
-        let local = sockets[0].local_addr()?;
-        let listener = self.entries.insert_with(|_| Entry::Group(Group { service: None, local, sockets }));
+    pub(super) fn stage_group(&mut self, addr: &Endpoint, n: usize, settings: &ServiceConfig) -> io::Result<Staged> {
+        let sockets = crate::runtime::listen::bind_any(addr, n, settings)?;
+        let local = sockets.first().ok_or(io::ErrorKind::AddrNotAvailable)?.local_addr()?;
+        let group = Group { service: None, local: local.clone(), sockets };
+        let listener = self.entries.insert_with(|_| Entry::Group(group));
         Ok(Staged { listener, local })
     }
 

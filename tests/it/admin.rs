@@ -500,7 +500,8 @@ fn admin_get_config_shows_every_field_with_effective_values() {
           "fall": 2, "rise": 2, "client_timeout": 0.25, "server_timeout": 0, "connect_timeout": 5,
           "check_send": "", "check_expect": "", "max_connections": 0, "max_queue": 0, "queue_timeout": 5,
           "accept_proxy": false, "fail_open": false, "on_backend_down": "keep", "max_connection_duration": 0,
-          "protocol": "tcp", "udp_idle_timeout": 30, "udp_max_responses": 0, "max_flows": 10000 },
+          "protocol": "tcp", "udp_idle_timeout": 30, "udp_max_responses": 0, "max_flows": 10000,
+          "socket_mode": "0660" },
         { "name": "web", "address": "127.0.0.1:0",
           "backends": [
             { "name": "zz", "address": echo.address(), "check_address": "", "weight": 1, "max_connections": 0,
@@ -511,7 +512,8 @@ fn admin_get_config_shows_every_field_with_effective_values() {
           "server_timeout": 0, "connect_timeout": 5, "check_send": "", "check_expect": "",
           "max_connections": 0, "max_queue": 0, "queue_timeout": 5, "accept_proxy": false,
           "fail_open": false, "on_backend_down": "keep", "max_connection_duration": 0,
-          "protocol": "tcp", "udp_idle_timeout": 30, "udp_max_responses": 0, "max_flows": 10000 },
+          "protocol": "tcp", "udp_idle_timeout": 30, "udp_max_responses": 0, "max_flows": 10000,
+          "socket_mode": "0660" },
     ]);
     assert_eq!(response.json(), expected, "services sorted by name, backends in order, every field shown");
 }

@@ -40,4 +40,5 @@ mod startup;
 mod state;
 mod timeouts;
 mod udp;
+mod unix;
 mod workers;

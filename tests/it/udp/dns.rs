@@ -19,7 +19,23 @@ struct Dnsmasq {
 }
 
 impl Dnsmasq {
+    /// A dnsmasq that answers: started again on another port if it did not
+    /// (the free port it was given may have been taken meanwhile by a parallel test).
     fn start(name: &str, addr: Ipv4Addr) -> Option<Dnsmasq> {
+        for _ in 0..5 {
+            let dnsmasq = Dnsmasq::spawn(name, addr)?;
+            let direct = client_for(dnsmasq.addr());
+            let answering = wait_until(Duration::from_secs(3), || {
+                exchange(&direct, dnsmasq.addr(), &query(1, name), Duration::from_millis(200)).is_some()
+            });
+            if answering {
+                return Some(dnsmasq);
+            }
+        }
+        panic!("dnsmasq never answered on loopback");
+    }
+
+    fn spawn(name: &str, addr: Ipv4Addr) -> Option<Dnsmasq> {
         let binary =
             ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"].into_iter().find(|p| std::path::Path::new(p).exists())?;
         let port = UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).ok()?.port();
@@ -107,18 +123,6 @@ fn a_dns_query_through_shuttle_is_answered_by_dnsmasq() {
         "backends": [{ "name": "dnsmasq", "address": dnsmasq.addr().to_string() }] });
     let shuttle = Shuttle::start_with_config(&json!([service]), &[]);
     let (admin, addr) = (shuttle.admin_addr(), shuttle.service_addr("dns"));
-    // dnsmasq may take a moment to bind: wait for it directly, not through shuttle.
-    let direct = client_for(dnsmasq.addr());
-    assert!(
-        wait_until(DEADLINE, || exchange(
-            &direct,
-            dnsmasq.addr(),
-            &query(1, "shuttle.test"),
-            Duration::from_millis(200)
-        )
-        .is_some()),
-        "dnsmasq never answered"
-    );
     let client = client_for(addr);
     let reply = exchange(&client, addr, &query(0x5151, "shuttle.test"), REPLY).expect("an answer through shuttle");
     assert_eq!(answers(0x5151, &reply), [answer]);

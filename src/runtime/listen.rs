@@ -1,0 +1,150 @@
+//! A service's listening socket of either kind, TCP or a unix socket file,
+//! and the bound sockets a change stages (those two, or a UDP socket).
+//!
+//! A unix socket file cannot be shared with `SO_REUSEPORT`: with several
+//! workers each gets a duplicate of the one listening socket and registers it
+//! with its own poller. A connection wakes every worker; one accept wins and
+//! the others see `WouldBlock`, which nonblocking accepts take in stride. The
+//! file itself is removed once, when the last duplicate closes or when the
+//! listener starts retiring, whichever comes first.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mio::event::Source;
+use mio::net::{TcpListener, UdpSocket, UnixListener};
+use mio::{Interest, Registry, Token};
+
+use crate::model::config::{self, Protocol, ServiceConfig};
+use crate::model::endpoint::{ClientAddr, Endpoint};
+use crate::runtime::conn::Conn;
+use crate::runtime::net;
+use crate::runtime::unix::{self, SocketFile};
+
+/// Unix listeners' backlog, as deep as TCP's.
+const UNIX_BACKLOG: i32 = 1024;
+
+/// A listening stream socket.
+#[derive(Debug)]
+pub enum StreamListener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// A unix socket file, shared by every worker's duplicate.
+    Unix(UnixListener, Arc<SocketFile>),
+}
+
+impl StreamListener {
+    /// Accepts one client.
+    pub fn accept(&self) -> io::Result<(Conn, ClientAddr)> {
+        match self {
+            StreamListener::Tcp(l) => l.accept().map(|(s, peer)| (Conn::Tcp(s), ClientAddr::Inet(peer))),
+            StreamListener::Unix(l, _) => l.accept().map(|(s, _)| (Conn::Unix(s), ClientAddr::Unix)),
+        }
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> io::Result<Endpoint> {
+        match self {
+            StreamListener::Tcp(l) => l.local_addr().map(Endpoint::Inet),
+            StreamListener::Unix(_, file) => {
+                Ok(Endpoint::Unix(crate::model::endpoint::UnixPath::new(&file.path().to_string_lossy())))
+            }
+        }
+    }
+
+    /// Stops new clients coming in while the queued ones are served: a SYN
+    /// filter for TCP; for a unix socket, removing its file.
+    pub fn refuse_new_connections(&self) -> io::Result<()> {
+        match self {
+            StreamListener::Tcp(l) => net::refuse_new_connections(l),
+            StreamListener::Unix(_, file) => {
+                file.remove();
+                Ok(())
+            }
+        }
+    }
+
+    /// Another handle on the same listening socket, for another worker.
+    fn duplicate(&self) -> io::Result<StreamListener> {
+        match self {
+            StreamListener::Tcp(l) => {
+                let socket = socket2::SockRef::from(l).try_clone()?;
+                Ok(StreamListener::Tcp(TcpListener::from_std(socket.into())))
+            }
+            StreamListener::Unix(l, file) => {
+                let socket = socket2::SockRef::from(l).try_clone()?;
+                Ok(StreamListener::Unix(UnixListener::from_std(socket.into()), file.clone()))
+            }
+        }
+    }
+}
+
+impl Source for StreamListener {
+    fn register(&mut self, registry: &Registry, token: Token, interests: Interest) -> io::Result<()> {
+        match self {
+            StreamListener::Tcp(l) => l.register(registry, token, interests),
+            StreamListener::Unix(l, _) => l.register(registry, token, interests),
+        }
+    }
+
+    fn reregister(&mut self, registry: &Registry, token: Token, interests: Interest) -> io::Result<()> {
+        match self {
+            StreamListener::Tcp(l) => l.reregister(registry, token, interests),
+            StreamListener::Unix(l, _) => l.reregister(registry, token, interests),
+        }
+    }
+
+    fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        match self {
+            StreamListener::Tcp(l) => l.deregister(registry),
+            StreamListener::Unix(l, _) => l.deregister(registry),
+        }
+    }
+}
+
+/// A service's bound socket: a stream listener, or a UDP socket.
+#[derive(Debug)]
+pub enum Bound {
+    /// A listening stream socket.
+    Stream(StreamListener),
+    /// A UDP socket receiving every client's datagrams.
+    Datagram(UdpSocket),
+}
+
+impl Bound {
+    /// Where it is bound.
+    pub fn local_addr(&self) -> io::Result<Endpoint> {
+        match self {
+            Bound::Stream(s) => s.local_addr(),
+            Bound::Datagram(s) => s.local_addr().map(Endpoint::Inet),
+        }
+    }
+}
+
+/// `n` sockets for a service at `addr`, one per worker: `SO_REUSEPORT`
+/// groups for TCP and UDP, one unix socket file duplicated for each.
+pub fn bind_any(addr: &Endpoint, n: usize, settings: &ServiceConfig) -> io::Result<Vec<Bound>> {
+    let inet = |addr: &Endpoint| -> io::Result<SocketAddr> {
+        addr.inet().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "UDP needs an IP address"))
+    };
+    match (settings.protocol, addr) {
+        (Protocol::Udp, _) => Ok(net::bind_udp_group(inet(addr)?, n)?.into_iter().map(Bound::Datagram).collect()),
+        (Protocol::Tcp, Endpoint::Inet(a)) => {
+            let group = net::bind_group(*a, n)?;
+            Ok(group.into_iter().map(|l| Bound::Stream(StreamListener::Tcp(l))).collect())
+        }
+        (Protocol::Tcp, Endpoint::Unix(path)) => {
+            let mode = config::socket_mode_bits(&settings.socket_mode)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let (listener, file) = unix::bind(path.as_path(), mode, UNIX_BACKLOG)?;
+            let first = StreamListener::Unix(listener, Arc::new(file));
+            let mut group = Vec::with_capacity(n.max(1));
+            for _ in 1..n {
+                group.push(Bound::Stream(first.duplicate()?));
+            }
+            group.insert(0, Bound::Stream(first));
+            Ok(group)
+        }
+    }
+}
