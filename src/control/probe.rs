@@ -185,33 +185,23 @@ impl Probe {
         let check_interval = crate::model::config::seconds(service.settings.check_interval);
         let deadline = crate::model::config::seconds(service.settings.connect_timeout).or(check_interval);
         let started = cx.now;
-        if service.settings.protocol == Protocol::Udp && !service.settings.check_send.is_empty() {
+        let opened = if service.settings.protocol == Protocol::Udp && !service.settings.check_send.is_empty() {
             let send = service.settings.check_send.as_bytes();
             let udp = addr.inet().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP address"));
-            let sending = udp.and_then(net::udp_flow).and_then(|mut socket| {
+            udp.and_then(net::udp_flow).and_then(|mut socket| {
                 cx.registry.register(&mut socket, key.token(Side::Client), Interest::READABLE)?;
                 socket.send(send)?;
-                Ok(socket)
-            });
-            return match sending {
-                Ok(socket) => {
-                    self.state = ProbeState::Datagram { socket };
-                    self.ready = Ready::default();
-                    self.deadline = deadline.map(|d| started + d);
-                    self.limit = deadline.unwrap_or_default();
-                    self.arm(key, self.deadline, cx);
-                    Step::Wait
-                }
-                Err(e) => self.finish(key, Err(reason(&e)), cx),
-            };
-        }
-        let connecting = net::connect(&addr).and_then(|mut stream| {
-            cx.registry.register(&mut stream, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE)?;
-            Ok(stream)
-        });
-        match connecting {
-            Ok(stream) => {
-                self.state = ProbeState::Connecting { stream };
+                Ok(ProbeState::Datagram { socket })
+            })
+        } else {
+            Conn::connect(&addr).and_then(|mut stream| {
+                cx.registry.register(&mut stream, key.token(Side::Client), Interest::READABLE | Interest::WRITABLE)?;
+                Ok(ProbeState::Connecting { stream })
+            })
+        };
+        match opened {
+            Ok(state) => {
+                self.state = state;
                 self.ready = Ready::default();
                 self.deadline = deadline.map(|d| started + d);
                 self.limit = deadline.unwrap_or_default();

@@ -366,7 +366,7 @@ struct Attempt {
 fn connect_next(plan: &mut Plan, token: Token, failed: &mut u16, cx: &mut Cx<'_>) -> Result<Attempt, Fault> {
     while let Some(target) = cx.services.next_target(plan) {
         let Some(addr) = cx.services.backend(target).map(|b| b.addr.clone()) else { continue };
-        let started = net::connect(&addr).and_then(|mut stream| {
+        let started = Conn::connect(&addr).and_then(|mut stream| {
             cx.registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
             Ok(stream)
         });

@@ -87,14 +87,6 @@ impl Endpoint {
             Endpoint::Unix(_) => None,
         }
     }
-
-    /// The unix socket path, if it is one.
-    pub fn unix(&self) -> Option<&UnixPath> {
-        match self {
-            Endpoint::Unix(path) => Some(path),
-            Endpoint::Inet(_) => None,
-        }
-    }
 }
 
 impl From<SocketAddr> for Endpoint {

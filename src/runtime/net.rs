@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 
 use mio::net::{TcpListener, UdpSocket};
 
-use crate::model::endpoint::Endpoint;
 use crate::runtime::conn::Conn;
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -34,19 +33,33 @@ pub fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<TcpListener>> {
     if n <= 1 {
         return Ok(vec![bind(addr)?]);
     }
+    reuse_port_group(addr, n, Type::STREAM, |at| bind_one(at, true), TcpListener::local_addr)
+}
+
+/// `n` sockets on `addr` bound with `SO_REUSEPORT` by `bind`, after the guard
+/// [`bind_group`] describes: one plain bind of the address first, which
+/// fails with "address in use" if anyone else holds it.
+fn reuse_port_group<T>(
+    addr: SocketAddr,
+    n: usize,
+    kind: Type,
+    bind: impl Fn(SocketAddr) -> io::Result<T>,
+    local_addr: impl Fn(&T) -> io::Result<SocketAddr>,
+) -> io::Result<Vec<T>> {
     if addr.port() != 0 {
-        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        probe.set_reuse_address(true)?;
+        let probe = Socket::new(Domain::for_address(addr), kind, None)?;
+        // As the listeners themselves do: a TCP port in TIME_WAIT is free to take.
+        probe.set_reuse_address(kind == Type::STREAM)?;
         if addr.is_ipv6() {
             probe.set_only_v6(true)?;
         }
         probe.bind(&addr.into())?;
     }
-    let first = bind_one(addr, true)?;
-    let at = first.local_addr()?;
+    let first = bind(addr)?;
+    let at = local_addr(&first)?;
     let mut group = vec![first];
     for _ in 1..n {
-        group.push(bind_one(at, true)?);
+        group.push(bind(at)?);
     }
     Ok(group)
 }
@@ -81,20 +94,7 @@ pub fn bind_udp_group(addr: SocketAddr, n: usize) -> io::Result<Vec<UdpSocket>> 
     if n <= 1 {
         return Ok(vec![bind_udp_one(addr, false)?]);
     }
-    if addr.port() != 0 {
-        let probe = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-        if addr.is_ipv6() {
-            probe.set_only_v6(true)?;
-        }
-        probe.bind(&addr.into())?;
-    }
-    let first = bind_udp_one(addr, true)?;
-    let at = first.local_addr()?;
-    let mut group = vec![first];
-    for _ in 1..n {
-        group.push(bind_udp_one(at, true)?);
-    }
-    Ok(group)
+    reuse_port_group(addr, n, Type::DGRAM, |at| bind_udp_one(at, true), UdpSocket::local_addr)
 }
 
 fn bind_udp_one(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
@@ -173,11 +173,6 @@ pub fn refuse_new_connections(listener: &TcpListener) -> io::Result<()> {
 fn bpf(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
     // The opcode constants are small; they fit the field.
     libc::sock_filter { code: code as u16, jt, jf, k }
-}
-
-/// Starts a nonblocking connect to `addr`; an error here is a synchronous failure.
-pub fn connect(addr: &Endpoint) -> io::Result<Conn> {
-    Conn::connect(addr)
 }
 
 /// Where a nonblocking connect stands after a readiness event.
