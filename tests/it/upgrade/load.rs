@@ -205,15 +205,20 @@ impl Load {
         crate::support::wait_until(within, || self.ok() >= from + n)
     }
 
+    /// The failures described so far.
+    pub fn described(&self) -> Vec<String> {
+        self.counts.described.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
     /// Stops every client; the long streams half-close and read their echo to
     /// EOF. Returns what the whole run saw.
-    pub fn finish(self) -> Report {
+    pub fn finish(mut self) -> Report {
         self.stop.store(true, Ordering::SeqCst);
-        for handle in self.short {
+        for handle in std::mem::take(&mut self.short) {
             handle.join().expect("a short-connection thread");
         }
         let mut report = Report::default();
-        for (i, handle) in self.long.into_iter().enumerate() {
+        for (i, handle) in std::mem::take(&mut self.long).into_iter().enumerate() {
             match handle.join().expect("a long-stream thread") {
                 Ok(bytes) => report.long_bytes.push(bytes),
                 Err(why) => report.long_failures.push(format!("long stream {i}: {why}")),
@@ -228,8 +233,15 @@ impl Load {
         report.cut = get(&c.cut);
         report.stalled = get(&c.stalled);
         report.other = get(&c.other);
-        report.described = c.described.lock().map(|d| d.clone()).unwrap_or_default();
+        report.described = self.described();
         report
+    }
+}
+
+impl Drop for Load {
+    /// A test that fails midway stops its clients too (they end within [`IO_TIMEOUT`]).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
