@@ -15,7 +15,8 @@ use serde_json::json;
 
 use super::load::{Load, Report};
 use super::procs::Successors;
-use super::{upgrade, UPGRADES};
+use super::steps::upgrade;
+use super::UPGRADES;
 use crate::admin::free_port;
 use crate::support::{backend, echo, service, tempdir, try_connect, wait_until, Shuttle, DEADLINE};
 
