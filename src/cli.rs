@@ -51,6 +51,11 @@ usage: shuttle [-config FILE] [-state FILE] [-http ADDR] [-http-mode MODE]
   -h, -help               print this help
   -V, -version            print the version
 
+SIGHUP reloads the file shuttle started from; SIGUSR1 reopens the access log;
+SIGUSR2 upgrades: the binary at shuttle's path takes the listeners over with no
+connection refused, and this process drains (-upgrade-fd N is that hand-over's
+own flag, not for hand use).
+
 Flags take one dash or two (-config or --config). Exit status: 0 after a clean
 shutdown (or a -check that passed), 1 when start-up or -check fails, 2 for a
 bad command line.";
@@ -88,6 +93,9 @@ pub struct Flags {
     pub user: Option<String>,
     /// `-group`: the group to run as with `-user`.
     pub group: Option<String>,
+    /// `-upgrade-fd N`: this process takes over from the shuttle that started
+    /// it (SIGUSR2), through the socket it inherited as descriptor N.
+    pub upgrade_fd: Option<i32>,
     /// The flags given on the command line, by name without dashes
     /// (`grace`): they win over a config file's global options.
     pub given: Vec<String>,
@@ -219,6 +227,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
         access_log_format: value(&mut args, "--access-log-format", parse_format)?.unwrap_or_default(),
         user: value(&mut args, "--user", non_empty)?,
         group: value(&mut args, "--group", non_empty)?,
+        upgrade_fd: value(&mut args, "--upgrade-fd", parse_fd)?,
         given,
     };
     if flags.group.is_some() && flags.user.is_none() {
@@ -249,6 +258,10 @@ fn value<T>(
         pico_args::Error::NonUtf8Argument => format!("{shown}: the value is not UTF-8"),
         other => format!("{shown}: {other}"),
     })
+}
+
+fn parse_fd(s: &str) -> Result<i32, String> {
+    s.parse().ok().filter(|&fd: &i32| fd > 2).ok_or_else(|| format!("expected a descriptor number above 2, got {s:?}"))
 }
 
 fn path(s: &str) -> Result<PathBuf, String> {

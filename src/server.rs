@@ -29,6 +29,7 @@ mod plane;
 mod queue;
 mod retire;
 pub mod udp;
+pub mod upgrade;
 pub mod workers;
 
 use crate::context::Cx;
@@ -165,6 +166,23 @@ pub struct Options {
     pub notify: Notifier,
     /// The access log, on with `-access-log`.
     pub access_log: AccessLog,
+    /// How SIGUSR2 starts this binary again (`None`: its path is unknown).
+    pub relaunch: Option<upgrade::Relaunch>,
+}
+
+/// What a process that upgrades another takes over instead of binding (reference §3.7).
+#[derive(Debug)]
+pub struct Inherited {
+    /// Each service's sockets by name, one per worker.
+    pub sockets: std::collections::HashMap<String, Vec<Bound>>,
+    /// The admin listener (taken as the loop is built).
+    pub admin: Option<AdminListener>,
+    /// The old process's backends that were down.
+    pub health: Vec<crate::model::handover::BackendHealth>,
+    /// The unix socket files of its services, its until the hand-over is done.
+    pub files: Vec<std::sync::Arc<crate::runtime::unix::SocketFile>>,
+    /// The admin socket's file, if it is a unix one.
+    pub admin_path: Option<std::path::PathBuf>,
 }
 
 /// Why the loop could not start.
@@ -273,6 +291,14 @@ pub struct Server {
     heard: u64,
     /// Every datagram this loop relays passes through it (64 KiB once a UDP service exists).
     datagram: Vec<u8>,
+    /// How SIGUSR2 starts this binary again.
+    relaunch: Option<upgrade::Relaunch>,
+    /// A binary upgrade under way.
+    upgrade: Option<upgrade::Upgrade>,
+    /// Set once a new process took the listeners over: this one only drains.
+    handed_over: bool,
+    /// The socket files an upgrade took over, left alone until it is done.
+    adopted: Option<(Vec<std::sync::Arc<crate::runtime::unix::SocketFile>>, Option<std::path::PathBuf>)>,
 }
 
 /// `SHUTTLE_TEST_WORKER_HANG=I` makes worker loop I stop turning at its first
@@ -296,7 +322,12 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// Binds every service listener and the admin socket; nothing is left bound on failure.
-    pub fn new(options: Options, services: Vec<service::Prepared>) -> Result<Server, StartupError> {
+    /// With `inherited`, the sockets are those an older process handed over, not bound anew.
+    pub fn new(
+        options: Options,
+        services: Vec<service::Prepared>,
+        mut inherited: Option<Inherited>,
+    ) -> Result<Server, StartupError> {
         let poll = Poll::new().map_err(StartupError::Io)?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2]).map_err(StartupError::Io)?;
         poll.registry().register(&mut signals, SIGNALS, Interest::READABLE).map_err(StartupError::Io)?;
@@ -345,13 +376,17 @@ impl Server {
         server.signals = Some(signals);
         server.changes = Some(changes);
         server.services.set_bell(bell);
+        server.relaunch = options.relaunch;
         let now = Instant::now();
         let admin_text = match &options.admin {
             AdminAddr::Tcp(addr) => addr.to_string(),
             AdminAddr::Unix(path, _) => path.display().to_string(),
         };
-        let admin = AdminListener::bind(&options.admin)
-            .map_err(|source| StartupError::Admin { addr: admin_text.clone(), source })?;
+        let admin = match inherited.as_mut().and_then(|i| i.admin.take()) {
+            Some(admin) => admin,
+            None => AdminListener::bind(&options.admin)
+                .map_err(|source| StartupError::Admin { addr: admin_text.clone(), source })?,
+        };
         server.admin_addr = admin.tcp_addr();
         server.admin_shown = server.admin_addr.map_or(admin_text, |a| a.to_string());
         // The admin address is known only now (port 0): no backend may point at it.
@@ -359,8 +394,12 @@ impl Server {
         for prepared in services {
             let name = prepared.config.name.clone();
             let addr = prepared.addr.clone();
-            let staged = api::Plane::stage_listener(&mut server, &addr, &prepared.config)
-                .map_err(|source| StartupError::Listen { service: name, addr, source })?;
+            let handed = inherited.as_mut().and_then(|i| i.sockets.remove(&name));
+            let staged = match handed {
+                Some(sockets) => server.stage_handed(sockets),
+                None => api::Plane::stage_listener(&mut server, &addr, &prepared.config),
+            };
+            let staged = staged.map_err(|source| StartupError::Listen { service: name, addr, source })?;
             api::Plane::add_service(&mut server, prepared, staged, now);
         }
         let registry = server.poll.registry();
@@ -370,6 +409,10 @@ impl Server {
             .map_err(StartupError::Io)?;
         server.admin_listener = Some(key);
         server.fds.listeners += 1;
+        if let Some(inherited) = inherited {
+            server.carry_health(&inherited.health);
+            server.adopted = Some((inherited.files, inherited.admin_path));
+        }
         Ok(server)
     }
 
@@ -412,6 +455,10 @@ impl Server {
             hang_on_accept: false,
             heard: 0,
             datagram: Vec::new(),
+            relaunch: None,
+            upgrade: None,
+            handed_over: false,
+            adopted: None,
         }
     }
 
@@ -630,6 +677,7 @@ impl Server {
             }
             self.hear_bell(now);
             self.on_change_deadline(now);
+            self.start_upgrade(now);
             if let Some(stuck) = self.workers_mut().and_then(|w| w.watch(now)) {
                 let why = format!(
                     "worker {stuck} has not answered for {:?}: its loop is stuck; exiting at once, for a supervisor to restart shuttle",
@@ -706,13 +754,14 @@ impl Server {
                 SIGTERM | SIGINT => self.begin_drain(now),
                 // Nothing new may start once the drain has begun.
                 SIGHUP if self.draining.is_some() => info!("SIGHUP received while shutting down: not reloading"),
+                SIGHUP if self.upgrade.is_some() => info!("SIGHUP received during an upgrade: not reloading"),
                 SIGHUP => self.reload(now),
                 SIGUSR1 if self.access_log.is_on() => {
                     info!("SIGUSR1 received: reopening the access log");
                     self.access_log.reopen();
                 }
                 SIGUSR1 => info!("SIGUSR1 received: there is no access log to reopen; shuttle keeps running"),
-                SIGUSR2 => info!("SIGUSR2 received and ignored; shuttle keeps running"),
+                SIGUSR2 => self.on_upgrade_signal(now),
                 other => info!("signal {other} received and ignored; shuttle keeps running"),
             }
         }
@@ -863,6 +912,14 @@ impl Server {
         let pairs = self.fds.pairs;
         let them = if pairs == 1 { "connection gets" } else { "connections get" };
         match (&self.role, self.workers()) {
+            (Role::Worker { index, .. }, _) if self.handed_over => {
+                log::debug!("worker {index} handed over: {pairs} open {them} up to {:?}", self.grace)
+            }
+            (_, Some(workers)) if self.handed_over => {
+                info!("draining: the open connections of {} workers get up to {:?}", workers.len(), self.grace);
+                workers.drain();
+            }
+            (_, None) if self.handed_over => info!("draining: {pairs} open {them} up to {:?}", self.grace),
             (Role::Worker { index, .. }, _) => {
                 log::debug!("worker {index} shutting down: {pairs} open {them} up to {:?}", self.grace)
             }
@@ -876,7 +933,8 @@ impl Server {
             }
             _ => info!("shutting down: listeners closed, {pairs} open {them} up to {:?}", self.grace),
         }
-        if matches!(self.role, Role::Control { .. }) {
+        // After an upgrade the new process speaks to systemd: it is the main process now.
+        if matches!(self.role, Role::Control { .. }) && !self.handed_over {
             let open = self.fds.process_pairs();
             let them = if open == 1 { "connection gets" } else { "connections get" };
             self.notify.send(&format!("STOPPING=1\nSTATUS=draining: {open} open {them} up to {:?}\n", self.grace));

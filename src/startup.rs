@@ -20,6 +20,7 @@ use crate::runtime::notify::Notifier;
 use crate::runtime::{files, helpers};
 use crate::server::{Options, Server, StartupError};
 
+mod upgrade;
 mod user;
 
 /// Why start-up failed: one line, naming the file or address at fault.
@@ -39,7 +40,7 @@ pub fn check(flags: &Flags) -> Result<String, Failed> {
     if let Some(path) = &flags.state {
         StateFile::check(path, user::runs_as(identity.as_ref())).map_err(|e| Failed::at(path, e))?;
     }
-    let loaded = load(flags, identity.as_ref())?;
+    let loaded = load(flags, identity.as_ref(), None)?;
     let services = loaded.prepared.len();
     let backends: usize = loaded.prepared.iter().map(|p| p.config.backends.len()).sum();
     let what = loaded.source.as_ref().map_or_else(|| "no config".to_string(), |p| p.display().to_string());
@@ -65,8 +66,9 @@ struct Loaded {
 }
 
 /// Reads the config (or state) file, resolves its names within the 5 s
-/// deadline, runs the cross-service checks and reads the token file.
-fn load(flags: &Flags, identity: Option<&Identity>) -> Result<Loaded, Failed> {
+/// deadline, runs the cross-service checks and reads the token file. With
+/// `running`, the services are those (an upgrade's), the file gives the rest.
+fn load(flags: &Flags, identity: Option<&Identity>, running: Option<Vec<ServiceConfig>>) -> Result<Loaded, Failed> {
     // The state file wins when it exists (reference §1); a corrupt one stops start-up and is never overwritten.
     let source = match (&flags.state, &flags.config) {
         (Some(state), _) if state.exists() => Some(state.clone()),
@@ -96,7 +98,7 @@ fn load(flags: &Flags, identity: Option<&Identity>) -> Result<Loaded, Failed> {
     };
     let admin = admin_address(&flags)?;
     user::check_admin(&admin, identity)?;
-    let prepared = prepare(file.services, &source)?;
+    let prepared = prepare(running.unwrap_or(file.services), &source)?;
     // A TCP admin address with a fixed port is known already; `Server::new`
     // checks again once it is bound, when port 0 has become a real port.
     let admin_tcp = match &admin {
@@ -120,16 +122,42 @@ fn at_source(source: &Option<PathBuf>, e: String) -> Failed {
 }
 
 /// Everything before the loop runs: each failure is one line and exit 1.
+/// With `-upgrade-fd`, the sockets and the config come from the shuttle this
+/// one upgrades, which hears at the end whether this one serves or why not.
 pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
+    let Some(fd) = flags.upgrade_fd else { return start_with(flags, started, None) };
+    let link = upgrade::link(fd)?;
+    let served = upgrade::take(&link).and_then(|taken| {
+        let (pid, services) = (taken.pid, taken.services.len());
+        let mut server = start_with(flags, started, Some(taken))?;
+        upgrade::ready(&link)?;
+        server.finish_take_over();
+        let plural = if services == 1 { "" } else { "s" };
+        log::info!("upgrade: took over {services} service{plural} from process {pid}");
+        Ok(server)
+    });
+    if let Err(e) = &served {
+        upgrade::give_up(&link, e);
+    }
+    served
+}
+
+fn start_with(flags: Flags, started: Started, taken: Option<upgrade::Taken>) -> Result<Server, Failed> {
     let identity = user::identity(&flags)?;
-    // The state file is locked before it is read: a second shuttle on it stops here.
-    let state = match &flags.state {
-        Some(path) => {
+    let (running, inherited, lock, handed_workers) = match taken {
+        Some(t) => (Some(t.services), Some(t.inherited), t.state_lock, Some(t.workers)),
+        None => (None, None, None, None),
+    };
+    // The state file is locked before it is read: a second shuttle on it stops
+    // here. An upgrade holds the old process's lock already.
+    let state = match (&flags.state, lock) {
+        (Some(path), Some(lock)) => Some(StateFile::adopt(path, lock).map_err(|e| Failed::at(path, e))?),
+        (Some(path), None) => {
             Some(StateFile::open_as(path, user::runs_as(identity.as_ref())).map_err(|e| Failed::at(path, e))?)
         }
-        None => None,
+        (None, _) => None,
     };
-    let Loaded { source, form, flags, prepared, admin, token } = load(&flags, identity.as_ref())?;
+    let Loaded { source, form, flags, prepared, admin, token } = load(&flags, identity.as_ref(), running)?;
     if let AdminAddr::Tcp(addr) = &admin {
         if token.is_none() && !access::is_local_only(addr) {
             log::warn!(
@@ -154,6 +182,14 @@ pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
             Ok(cpus) => cpus.len().clamp(1, cli::MAX_WORKERS),
             Err(e) => return Err(Failed(format!("-workers auto: cannot learn which CPUs this process may use: {e}"))),
         },
+    };
+    // Each service's sockets are one per worker of the old process: keep its count.
+    let workers = match handed_workers {
+        Some(old) if old != workers => {
+            log::warn!("upgrade: keeping the {old} workers of the running shuttle, not {workers}: each service has a socket per worker; restart to change the count");
+            old
+        }
+        _ => workers,
     };
     if workers > 1 {
         log::info!("{workers} worker loops proxy; one control loop runs the admin API and the health checks");
@@ -180,14 +216,19 @@ pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
         started,
         notify,
         access_log,
+        relaunch: crate::server::upgrade::Relaunch::this_process()
+            .map_err(|e| log::warn!("cannot learn this binary's path: SIGUSR2 cannot upgrade it: {e}"))
+            .ok(),
     };
-    let server = Server::new(options, prepared).map_err(|e| match (&source, &e) {
+    let upgrading = inherited.is_some();
+    let server = Server::new(options, prepared, inherited).map_err(|e| match (&source, &e) {
         // A service that cannot start is named with the file it came from.
         (Some(path), StartupError::Listen { .. } | StartupError::Service(_)) => Failed::at(path, e),
         _ => Failed(e.to_string()),
     })?;
-    // Everything is bound and opened: root is needed no more.
-    if let Some(id) = &identity {
+    // Everything is bound and opened: root is needed no more. (A process that
+    // upgrades one that switched already runs as the user.)
+    if let Some(id) = identity.as_ref().filter(|_| !upgrading || crate::runtime::files::effective_uid() == 0) {
         let access_log = match &flags.access_log {
             Some(Target::File(path)) => Some(path.as_path()),
             _ => None,

@@ -82,6 +82,55 @@ impl AdminListener {
         }
     }
 
+    /// The admin listener another process handed over (reference §3.7), checked to be of its kind.
+    pub fn adopt(path: Option<PathBuf>, fd: std::os::fd::OwnedFd) -> io::Result<AdminListener> {
+        use crate::model::handover::SocketKind;
+        let kind = if path.is_some() { SocketKind::Unix } else { SocketKind::Tcp };
+        let file =
+            path.as_ref().map(|p| std::sync::Arc::new(crate::runtime::unix::SocketFile::adopt(p.clone(), (0, 0))));
+        match (crate::runtime::listen::Bound::adopt(kind, fd, file)?, path) {
+            (crate::runtime::listen::Bound::Stream(crate::runtime::listen::StreamListener::Tcp(l)), None) => {
+                Ok(AdminListener::Tcp(l))
+            }
+            // Its file stays the old process's until the hand-over is done (`own`).
+            (crate::runtime::listen::Bound::Stream(crate::runtime::listen::StreamListener::Unix(l, _)), Some(_)) => {
+                Ok(AdminListener::Unix(l, PathBuf::new()))
+            }
+            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "the handed-over admin socket is of another kind")),
+        }
+    }
+
+    /// Another descriptor of the same socket, for the hand-over.
+    pub fn fd_copy(&self) -> io::Result<std::os::fd::OwnedFd> {
+        let socket = match self {
+            AdminListener::Tcp(l) => socket2::SockRef::from(l).try_clone()?,
+            AdminListener::Unix(l, _) => socket2::SockRef::from(l).try_clone()?,
+        };
+        Ok(socket.into())
+    }
+
+    /// A unix listener's path.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            AdminListener::Tcp(_) => None,
+            AdminListener::Unix(_, path) => Some(path),
+        }
+    }
+
+    /// Takes the socket file at `path` on, once a hand-over is done: it is removed when this listener closes.
+    pub fn own(&mut self, file: PathBuf) {
+        if let AdminListener::Unix(_, path) = self {
+            *path = file;
+        }
+    }
+
+    /// Leaves the socket file in place when this listener closes: another process serves it now.
+    pub fn disown(&mut self) {
+        if let AdminListener::Unix(_, path) = self {
+            *path = PathBuf::new();
+        }
+    }
+
     /// The bound TCP address, if it is one.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         match self {
@@ -154,6 +203,9 @@ fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
 impl Drop for AdminListener {
     fn drop(&mut self) {
         if let AdminListener::Unix(_, path) = self {
+            if path.as_os_str().is_empty() {
+                return;
+            }
             let _ = fs::remove_file(path);
         }
     }

@@ -311,6 +311,21 @@ impl Changes {
         }
     }
 
+    /// Whether no change is in flight or waiting: the config is the one saved (an upgrade starts only then).
+    pub fn is_idle(&self) -> bool {
+        self.current.is_none() && self.waiting.is_empty()
+    }
+
+    /// Another descriptor of the state file's lock, for the hand-over.
+    pub fn state_lock(&self) -> Option<std::io::Result<std::os::fd::OwnedFd>> {
+        self.state.as_ref().map(|(state, _)| state.lock_copy())
+    }
+
+    /// Writes this process's pid into the state file's lock file (after an upgrade).
+    pub fn name_holder(&self) -> std::io::Result<()> {
+        self.state.as_ref().map_or(Ok(()), |(state, _)| state.name_holder())
+    }
+
     /// Whether a change is still to be answered (the drain waits for a save in flight).
     pub fn is_saving(&self) -> bool {
         matches!(self.current, Some(Current::Saving { .. } | Current::Applying { .. }))

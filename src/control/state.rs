@@ -64,7 +64,7 @@ impl std::error::Error for StateError {}
 pub struct StateFile {
     path: PathBuf,
     /// Held open for the lock; closing it releases the lock.
-    _lock: File,
+    lock: File,
 }
 
 impl StateFile {
@@ -106,7 +106,30 @@ impl StateFile {
         }
         lock.set_len(0).and_then(|()| writeln!(lock, "{}", std::process::id())).map_err(lock_err)?;
         remove_stale_temps(path, me);
-        Ok(StateFile { path: path.to_path_buf(), _lock: lock })
+        Ok(StateFile { path: path.to_path_buf(), lock })
+    }
+
+    /// The state file of a shuttle that handed over to this process (reference
+    /// §3.7), with the lock it held: one open lock file, so the lock is never
+    /// free between the two processes.
+    pub fn adopt(path: &Path, lock: File) -> Result<StateFile, StateError> {
+        let lock_err = |source| StateError::Lock { lock: lock_path(path), source };
+        if !lock.metadata().map_err(lock_err)?.is_file() {
+            return Err(lock_err(io::Error::other("the handed-over lock is not a regular file")));
+        }
+        Ok(StateFile { path: path.to_path_buf(), lock })
+    }
+
+    /// Writes this process's pid into the lock file, once a hand-over is done.
+    pub fn name_holder(&self) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let pid = format!("{}\n", std::process::id());
+        self.lock.set_len(0).and_then(|()| self.lock.write_all_at(pid.as_bytes(), 0))
+    }
+
+    /// Another descriptor of the lock, for the hand-over.
+    pub fn lock_copy(&self) -> io::Result<std::os::fd::OwnedFd> {
+        Ok(self.lock.try_clone()?.into())
     }
 
     /// What [`StateFile::open`] checks short of the lock, for `-check`: a

@@ -80,6 +80,13 @@ impl Health {
         }
     }
 
+    /// Marks it down with no run under way, as an upgraded process found it.
+    pub fn carried_down(&mut self) -> Option<Transition> {
+        let was_up = self.up;
+        *self = Health { up: false, failures: 0, successes: 0 };
+        was_up.then_some(Transition::WentDown)
+    }
+
     /// Records a client connect to the backend that failed (passive health).
     pub fn record_connect_failure(&mut self, fall: u32) -> Option<Transition> {
         self.fail(fall)

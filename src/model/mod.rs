@@ -8,6 +8,7 @@ pub mod config;
 pub mod counters;
 pub mod diff;
 pub mod endpoint;
+pub mod handover;
 pub mod health;
 pub mod histogram;
 pub mod limits;

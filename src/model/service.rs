@@ -632,6 +632,15 @@ impl Services {
         self.feed(backend, |h| h.record_check(passed, rise, fall))
     }
 
+    /// Marks a backend down that the process this one upgraded knew down (reference
+    /// §3.7): not a transition seen here, so it neither counts as a down nor rings.
+    pub fn carry_down(&self, backend: Key) {
+        let Some(b) = self.backends.get(backend) else { return };
+        let (transition, counted) = b.state.health.update_counting(Health::carried_down);
+        let Some(s) = self.services.get(b.service).filter(|_| transition.is_some() && counted) else { return };
+        s.tally_changed(s.state.tally.change(0, 1));
+    }
+
     /// Marks a backend up because its checks were turned off; whether it was down.
     pub fn checks_off(&self, backend: Key) -> bool {
         let Some(b) = self.backends.get(backend) else { return false };

@@ -56,6 +56,11 @@ pub enum Answer {
         /// The ping's number.
         seq: u64,
     },
+    /// The process started by a binary upgrade serves (its pid), or why it does not.
+    Upgraded {
+        /// The new process's pid, or why the upgrade failed.
+        result: Result<u32, String>,
+    },
     /// Worker loop `worker` has stopped: drained, or `failed` with why.
     Exited {
         /// The worker's index.

@@ -10,6 +10,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use mio::event::Source;
@@ -18,6 +19,7 @@ use mio::{Interest, Registry, Token};
 
 use crate::model::config::{self, Protocol, ServiceConfig};
 use crate::model::endpoint::{ClientAddr, Endpoint};
+use crate::model::handover::SocketKind;
 use crate::runtime::conn::Conn;
 use crate::runtime::net;
 use crate::runtime::unix::{self, SocketFile};
@@ -62,6 +64,23 @@ impl StreamListener {
                 file.remove();
                 Ok(())
             }
+        }
+    }
+
+    /// Another descriptor of the same socket, for the hand-over.
+    pub fn fd_copy(&self) -> io::Result<OwnedFd> {
+        let socket = match self {
+            StreamListener::Tcp(l) => socket2::SockRef::from(l).try_clone()?,
+            StreamListener::Unix(l, _) => socket2::SockRef::from(l).try_clone()?,
+        };
+        Ok(socket.into())
+    }
+
+    /// A unix listener's socket file.
+    pub fn file(&self) -> Option<&Arc<SocketFile>> {
+        match self {
+            StreamListener::Unix(_, file) => Some(file),
+            StreamListener::Tcp(_) => None,
         }
     }
 
@@ -113,6 +132,63 @@ pub enum Bound {
 }
 
 impl Bound {
+    /// A socket of `kind` handed over by another process, checked to be one (reference §3.7).
+    pub fn adopt(kind: SocketKind, fd: OwnedFd, file: Option<Arc<SocketFile>>) -> io::Result<Bound> {
+        let socket = socket2::Socket::from(fd);
+        let (want_type, inet) = match kind {
+            SocketKind::Tcp => (socket2::Type::STREAM, true),
+            SocketKind::Unix => (socket2::Type::STREAM, false),
+            SocketKind::Udp => (socket2::Type::DGRAM, true),
+        };
+        let domain = socket.domain()?;
+        let is_inet = domain == socket2::Domain::IPV4 || domain == socket2::Domain::IPV6;
+        let listening = kind == SocketKind::Udp || socket.is_listener()?;
+        if socket.r#type()? != want_type || is_inet != inet || (!inet && domain != socket2::Domain::UNIX) || !listening
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a handed-over socket is not a {kind:?} one"),
+            ));
+        }
+        socket.set_nonblocking(true)?;
+        let fd = OwnedFd::from(socket);
+        Ok(match (kind, file) {
+            (SocketKind::Tcp, _) => Bound::Stream(StreamListener::Tcp(TcpListener::from_std(fd.into()))),
+            (SocketKind::Unix, Some(file)) => {
+                Bound::Stream(StreamListener::Unix(UnixListener::from_std(fd.into()), file))
+            }
+            (SocketKind::Unix, None) => {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "a handed-over unix socket without its file"))
+            }
+            (SocketKind::Udp, _) => Bound::Datagram(UdpSocket::from_std(fd.into())),
+        })
+    }
+
+    /// Another descriptor of the same socket, for the hand-over.
+    pub fn dup(&self) -> io::Result<OwnedFd> {
+        match self {
+            Bound::Stream(s) => s.fd_copy(),
+            Bound::Datagram(s) => Ok(socket2::SockRef::from(s).try_clone()?.into()),
+        }
+    }
+
+    /// What it is, as the hand-over names it.
+    pub fn kind(&self) -> SocketKind {
+        match self {
+            Bound::Stream(StreamListener::Tcp(_)) => SocketKind::Tcp,
+            Bound::Stream(StreamListener::Unix(..)) => SocketKind::Unix,
+            Bound::Datagram(_) => SocketKind::Udp,
+        }
+    }
+
+    /// A unix listener's socket file.
+    pub fn file(&self) -> Option<&Arc<SocketFile>> {
+        match self {
+            Bound::Stream(s) => s.file(),
+            Bound::Datagram(_) => None,
+        }
+    }
+
     /// Where it is bound.
     pub fn local_addr(&self) -> io::Result<Endpoint> {
         match self {

@@ -68,6 +68,28 @@ impl SocketFile {
         }
     }
 
+    /// Its device and inode, taken at bind.
+    pub fn id(&self) -> (u64, u64) {
+        (self.dev, self.ino)
+    }
+
+    /// Leaves the file in place for good: another process took the socket over.
+    pub fn disown(&self) {
+        self.removed.store(true, Ordering::Release);
+    }
+
+    /// The file of a socket another process bound at `path` and handed over,
+    /// by its identity then. Left in place until [`SocketFile::own`]: while the
+    /// hand-over may still fail, the file is the other process's.
+    pub fn adopt(path: PathBuf, (dev, ino): (u64, u64)) -> SocketFile {
+        SocketFile { path, dev, ino, removed: AtomicBool::new(true) }
+    }
+
+    /// Takes an adopted file on: this process removes it when its listener goes.
+    pub fn own(&self) {
+        self.removed.store(false, Ordering::Release);
+    }
+
     /// Gives the file `mode`, if it is still ours and was not removed.
     pub fn set_mode(&self, mode: u32) -> io::Result<()> {
         if self.removed.load(Ordering::Acquire) || !self.is_ours() {

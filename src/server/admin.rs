@@ -60,6 +60,9 @@ impl Server {
         if !api::is_change(&request) {
             return vec![Reply { conn, response: api::read(self, &request) }];
         }
+        if let Some(response) = self.upgrading() {
+            return vec![Reply { conn, response }];
+        }
         let who = match self.entries.get(conn) {
             Some(Entry::Admin(c)) => c.peer().to_string(),
             _ => "?".into(),
@@ -119,6 +122,10 @@ impl Server {
                     }
                     // A change may have waited for that worker only.
                     self.with_changes(|changes, server| changes.on_settled(server, now))
+                }
+                Answer::Upgraded { result } => {
+                    self.on_upgraded(result, now);
+                    Vec::new()
                 }
                 answer => self.with_changes(|changes, server| changes.on_answer(server, answer, now)),
             };

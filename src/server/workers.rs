@@ -36,6 +36,7 @@ use super::{Entry, Role, Server, WAKER};
 use crate::control::api::{Plane, Staged};
 use crate::model::config::ServiceConfig;
 use crate::model::endpoint::Endpoint;
+use crate::model::handover::SocketKind;
 use crate::model::service::{Prepared, Shared};
 use crate::runtime::accesslog::AccessLog;
 use crate::runtime::bell::Bell;
@@ -43,6 +44,7 @@ use crate::runtime::cpus;
 use crate::runtime::helpers::{Answer, Inbox, Outbox};
 use crate::runtime::key::Key;
 use crate::runtime::listen::Bound;
+use crate::runtime::unix::SocketFile;
 
 /// What the control loop tells a worker loop.
 #[derive(Debug)]
@@ -60,6 +62,8 @@ pub enum Order {
     Stop,
     /// The watchdog asks: answer [`Answer::Alive`] with this number.
     Ping(u64),
+    /// A binary upgrade succeeded: close the listeners without a filter (the new process serves the same sockets).
+    HandOver,
     /// Another worker freed connection slots this one's queued clients or held listeners may want.
     Slots,
 }
@@ -176,6 +180,12 @@ pub struct Group {
     pub local: Endpoint,
     /// The sockets, until handed to the workers.
     pub sockets: Vec<Bound>,
+    /// A descriptor of each worker's socket, kept for a binary upgrade to hand over.
+    pub copies: Vec<std::os::fd::OwnedFd>,
+    /// What the sockets are.
+    pub kind: SocketKind,
+    /// A unix listener's socket file, which an upgrade leaves to the new process.
+    pub file: Option<Arc<SocketFile>>,
 }
 
 impl Workers {
@@ -260,6 +270,13 @@ impl Workers {
     pub fn drain(&self) {
         for link in self.links.iter().filter(|l| !l.exited) {
             let _ = link.orders.post(Order::Drain);
+        }
+    }
+
+    /// Tells every worker that a new process serves their listeners now.
+    pub fn hand_over(&self) {
+        for link in self.links.iter().filter(|l| !l.exited) {
+            let _ = link.orders.post(Order::HandOver);
         }
     }
 
@@ -416,9 +433,15 @@ impl Server {
 
     /// Binds one listener per worker and keeps them as a staged group.
     pub(super) fn stage_group(&mut self, addr: &Endpoint, n: usize, settings: &ServiceConfig) -> io::Result<Staged> {
-        let sockets = crate::runtime::listen::bind_any(addr, n, settings)?;
-        let local = sockets.first().ok_or(io::ErrorKind::AddrNotAvailable)?.local_addr()?;
-        let group = Group { service: None, local: local.clone(), sockets };
+        self.stage_sockets(crate::runtime::listen::bind_any(addr, n, settings)?)
+    }
+
+    /// Keeps one socket per worker, bound here or handed over, as a staged group.
+    pub(crate) fn stage_sockets(&mut self, sockets: Vec<Bound>) -> io::Result<Staged> {
+        let first = sockets.first().ok_or(io::ErrorKind::AddrNotAvailable)?;
+        let (local, kind, file) = (first.local_addr()?, first.kind(), first.file().cloned());
+        let copies = sockets.iter().map(Bound::dup).collect::<io::Result<Vec<_>>>()?;
+        let group = Group { service: None, local: local.clone(), sockets, copies, kind, file };
         let listener = self.entries.insert_with(|_| Entry::Group(group));
         Ok(Staged { listener, local })
     }
@@ -456,6 +479,7 @@ impl Server {
                     }
                 }
                 Order::Drain => self.begin_drain(now),
+                Order::HandOver => self.release_listeners(),
                 Order::Stop => {
                     self.begin_drain(now);
                     self.stop_now(now);

@@ -108,3 +108,44 @@ fn notify_to_a_missing_or_full_socket_never_stalls_shuttle() {
     shuttle.signal(libc::SIGTERM);
     assert!(shuttle.wait_exit(Duration::from_secs(10)).expect("exit").success());
 }
+
+#[test]
+fn after_an_upgrade_the_new_process_tells_systemd_its_pid_and_the_old_one_says_nothing_of_stopping() {
+    let dir = tempdir();
+    let path = dir.path().join("notify");
+    let receiver = UnixDatagram::bind(&path).expect("bind the notify socket");
+    receiver.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let echo = echo();
+    let mut shuttle = launch(dir.path(), path.to_str().expect("utf-8"), &echo);
+    let ready = receive(&receiver);
+    assert!(ready.contains(&format!("MAINPID={}", shuttle.pid())), "{ready:?}");
+    let admin = shuttle.admin_addr();
+
+    shuttle.signal(libc::SIGUSR2);
+    let next = receive(&receiver);
+    let new_pid: i32 = next
+        .iter()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no MAINPID in {next:?}"));
+    // Whatever happens below, the new process goes with the test.
+    struct Reap(i32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            // SAFETY: kill takes two integers.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _reap = Reap(new_pid);
+    assert_ne!(new_pid, shuttle.pid());
+    assert!(next.contains(&"READY=1".to_string()), "{next:?}");
+    let status = shuttle.wait_exit(DEADLINE).expect("the old process exits after its drain");
+    assert!(status.success(), "{status:?}");
+    // The old one's drain sent nothing: systemd would read STOPPING=1 as the service stopping.
+    receiver.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    let mut buf = [0u8; 4096];
+    assert!(receiver.recv(&mut buf).is_err(), "{:?}", String::from_utf8_lossy(&buf));
+    let info = get(admin, "/_info").expect(200).json();
+    assert_eq!(info["pid"], new_pid);
+    round_trip(&mut connect(shuttle.service_addr("web")), b"served by the new process");
+}

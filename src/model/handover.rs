@@ -1,0 +1,228 @@
+//! What a running shuttle hands to the process that upgrades it (reference
+//! §3.7): the manifest, and the framing of the messages that carry it and
+//! the sockets. Pure data; the sockets travel in `runtime::passfd`.
+//!
+//! The old process sends the manifest as `M` messages (JSON in pieces), the
+//! descriptors as `F` messages, then `E`. The new one answers `R` once it
+//! serves, or `X` and why it cannot. The descriptors come in the manifest's
+//! order: every service's sockets (one per worker), the admin listener, the
+//! state file's lock.
+//!
+//! The config travels in the manifest, not through the state file: the old
+//! process sends it only when no change is in flight and takes none until
+//! the hand-over ends, so it is the config the state file holds, and the new
+//! process can never start from an older one.
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest's format; a process refuses one it does not know.
+pub const VERSION: u32 = 1;
+
+/// Message kinds, the first byte of each message.
+pub mod kind {
+    /// A piece of the manifest's JSON.
+    pub const MANIFEST: u8 = b'M';
+    /// Descriptors, in the manifest's order.
+    pub const FDS: u8 = b'F';
+    /// Everything was sent.
+    pub const END: u8 = b'E';
+    /// The new process serves.
+    pub const READY: u8 = b'R';
+    /// The new process gives up; the rest of the message says why.
+    pub const FAILED: u8 = b'X';
+}
+
+/// Everything but the descriptors.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// [`VERSION`].
+    pub version: u32,
+    /// The old process.
+    pub pid: u32,
+    /// Its worker loops: the new process runs as many (each service has one socket per worker).
+    pub workers: usize,
+    /// The running config, as `GET /_config` shows it.
+    pub config: String,
+    /// Each service's sockets.
+    pub sockets: Vec<ServiceSockets>,
+    /// The admin listener.
+    pub admin: AdminSocket,
+    /// Whether the state file's lock follows the admin listener.
+    pub state_lock: bool,
+    /// Every checked backend's health.
+    pub health: Vec<BackendHealth>,
+}
+
+/// A service's sockets: `count` descriptors of one `kind`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ServiceSockets {
+    /// The service's name.
+    pub service: String,
+    /// What they are.
+    pub kind: SocketKind,
+    /// How many (one per worker).
+    pub count: usize,
+    /// For a unix socket: the file it is bound at, which the new process removes when it is done.
+    pub file: Option<FileId>,
+}
+
+/// A socket's kind.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketKind {
+    /// A TCP listener.
+    Tcp,
+    /// A unix stream listener.
+    Unix,
+    /// A UDP socket.
+    Udp,
+}
+
+/// A unix socket file, by path and by identity (so it is removed only while it is still the one bound).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileId {
+    /// Where it is.
+    pub path: String,
+    /// Its device.
+    pub dev: u64,
+    /// Its inode.
+    pub ino: u64,
+}
+
+/// The admin listener.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AdminSocket {
+    /// TCP or unix.
+    pub kind: SocketKind,
+    /// For a unix socket, its path.
+    pub path: Option<String>,
+}
+
+/// One backend's health.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackendHealth {
+    /// Its service.
+    pub service: String,
+    /// Its name.
+    pub backend: String,
+    /// Whether it is up.
+    pub up: bool,
+}
+
+/// Why a manifest cannot be used.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ManifestError {
+    /// Not JSON of this shape.
+    Malformed(String),
+    /// Another format version.
+    Version(u32),
+    /// The descriptors do not match the manifest.
+    Fds {
+        /// How many the manifest names.
+        expected: usize,
+        /// How many came.
+        got: usize,
+    },
+    /// A service's socket count is not the worker count.
+    Count(String),
+}
+
+impl std::fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ManifestError::Malformed(e) => write!(f, "the hand-over manifest is malformed: {e}"),
+            ManifestError::Version(v) => {
+                write!(f, "the running shuttle hands over format {v}; this binary reads format {VERSION}")
+            }
+            ManifestError::Fds { expected, got } => {
+                write!(f, "the manifest names {expected} sockets, {got} came")
+            }
+            ManifestError::Count(service) => {
+                write!(f, "service {service:?}: the number of its sockets is not the number of workers")
+            }
+        }
+    }
+}
+
+impl Manifest {
+    /// How many descriptors follow it.
+    pub fn fds(&self) -> usize {
+        self.sockets.iter().map(|s| s.count).sum::<usize>() + 1 + usize::from(self.state_lock)
+    }
+
+    /// The manifest as its `M` messages: JSON cut into pieces of at most `each` bytes.
+    pub fn to_messages(&self, each: usize) -> Vec<Vec<u8>> {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        json.chunks(each.max(2) - 1)
+            .map(|piece| {
+                let mut message = Vec::with_capacity(piece.len() + 1);
+                message.push(kind::MANIFEST);
+                message.extend_from_slice(piece);
+                message
+            })
+            .collect()
+    }
+
+    /// Reads the manifest from its JSON and checks it against `fds` received descriptors.
+    pub fn parse(json: &[u8], fds: usize) -> Result<Manifest, ManifestError> {
+        #[derive(Deserialize)]
+        struct Versioned {
+            version: u32,
+        }
+        let versioned: Versioned = serde_json::from_slice(json).map_err(|e| ManifestError::Malformed(e.to_string()))?;
+        if versioned.version != VERSION {
+            return Err(ManifestError::Version(versioned.version));
+        }
+        let manifest: Manifest = serde_json::from_slice(json).map_err(|e| ManifestError::Malformed(e.to_string()))?;
+        if manifest.fds() != fds {
+            return Err(ManifestError::Fds { expected: manifest.fds(), got: fds });
+        }
+        if let Some(bad) = manifest.sockets.iter().find(|s| s.count != manifest.workers.max(1)) {
+            return Err(ManifestError::Count(bad.service.clone()));
+        }
+        Ok(manifest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            version: VERSION,
+            pid: 42,
+            workers: 2,
+            config: "[]\n".into(),
+            sockets: vec![ServiceSockets { service: "web".into(), kind: SocketKind::Tcp, count: 2, file: None }],
+            admin: AdminSocket { kind: SocketKind::Tcp, path: None },
+            state_lock: true,
+            health: vec![BackendHealth { service: "web".into(), backend: "a".into(), up: false }],
+        }
+    }
+
+    #[test]
+    fn the_manifest_survives_its_pieces() {
+        let m = manifest();
+        let messages = m.to_messages(16);
+        assert!(messages.len() > 5 && messages.iter().all(|p| p.len() <= 16 && p[0] == kind::MANIFEST));
+        let json: Vec<u8> = messages.iter().flat_map(|p| p[1..].to_vec()).collect();
+        assert_eq!(Manifest::parse(&json, 4), Ok(m));
+    }
+
+    #[test]
+    fn a_manifest_that_does_not_match_its_descriptors_or_format_is_refused() {
+        let json = serde_json::to_vec(&manifest()).unwrap();
+        assert_eq!(Manifest::parse(&json, 3), Err(ManifestError::Fds { expected: 4, got: 3 }));
+        let mut other = manifest();
+        other.version = 9;
+        let json = serde_json::to_vec(&other).unwrap();
+        assert_eq!(Manifest::parse(&json, 4), Err(ManifestError::Version(9)));
+        let mut short = manifest();
+        short.sockets[0].count = 1;
+        let json = serde_json::to_vec(&short).unwrap();
+        assert_eq!(Manifest::parse(&json, 3), Err(ManifestError::Count("web".into())));
+        assert!(matches!(Manifest::parse(b"{\"version\":1}", 0), Err(ManifestError::Malformed(_))));
+        assert!(matches!(Manifest::parse(b"\xff", 0), Err(ManifestError::Malformed(_))));
+    }
+}

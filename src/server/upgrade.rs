@@ -1,0 +1,367 @@
+//! The running side of a binary upgrade (reference §3.7).
+//!
+//! SIGUSR2 starts it. Once no admin change is in flight (changes wait their
+//! turn, and new ones get 503 until the upgrade ends), the control loop
+//! writes the manifest, takes a descriptor of every socket it will hand
+//! over, and gives both to a thread of its own, which starts the binary at
+//! the path this process was started from, with the same arguments and
+//! `-upgrade-fd`, sends everything over a seqpacket socketpair, and waits
+//! (at most [`DEADLINE`]) for the new process to say it serves.
+//!
+//! - Ready: the listeners close here without the SYN filter a retiring
+//!   listener gets. They are the new process's sockets too, so what is
+//!   queued in their backlogs stays queued, for it. Unix socket files and
+//!   the state file's lock stay with it. This process then drains as after
+//!   SIGTERM.
+//! - Anything else (the binary does not start, refuses the manifest,
+//!   crashes, or is late): the new process is killed if it still runs, and
+//!   this one goes on as if nothing happened, and says so.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+
+use super::{Entry, Role, Server};
+use crate::control::api::{Response, Staged};
+use crate::control::change::Changes;
+use crate::model::config;
+use crate::model::handover::{self, kind, AdminSocket, BackendHealth, FileId, Manifest, ServiceSockets, SocketKind};
+use crate::runtime::helpers::Answer;
+use crate::runtime::listen::Bound;
+use crate::runtime::passfd;
+
+/// How long the new process has to say it serves, from its start.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// How to start this binary again: its path when it started, and its arguments.
+#[derive(Clone, Debug)]
+pub struct Relaunch {
+    /// The executable this process runs, as it was named when it started (a new
+    /// binary put at that path is what an upgrade runs).
+    pub exe: PathBuf,
+    /// The arguments it was given, without any `-upgrade-fd`.
+    pub args: Vec<OsString>,
+}
+
+impl Relaunch {
+    /// This process's own executable and arguments.
+    pub fn this_process() -> io::Result<Relaunch> {
+        Ok(Relaunch { exe: std::env::current_exe()?, args: without_upgrade_fd(std::env::args_os().skip(1)) })
+    }
+}
+
+/// The arguments less `-upgrade-fd N` (or `--upgrade-fd=N`): each upgrade names its own.
+fn without_upgrade_fd(given: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut args = Vec::new();
+    let mut given = given.into_iter();
+    while let Some(arg) = given.next() {
+        match arg.to_string_lossy().trim_start_matches('-') {
+            "upgrade-fd" => {
+                given.next();
+            }
+            flag if flag.starts_with("upgrade-fd=") => {}
+            _ => args.push(arg),
+        }
+    }
+    args
+}
+
+/// Where an upgrade stands.
+#[derive(Debug)]
+pub(crate) enum Upgrade {
+    /// Asked for while a change was in flight: it starts when that change is answered.
+    Waiting,
+    /// The new process is starting.
+    Running,
+}
+
+impl Server {
+    /// SIGUSR2.
+    pub(super) fn on_upgrade_signal(&mut self, now: Instant) {
+        if self.handed_over {
+            return info!("SIGUSR2 received after the hand-over: this process only drains");
+        }
+        if self.draining.is_some() {
+            return info!("SIGUSR2 received while shutting down: not upgrading");
+        }
+        if self.upgrade.is_some() {
+            return info!("SIGUSR2 received: upgrade already in progress");
+        }
+        if self.relaunch.is_none() {
+            return warn!("SIGUSR2 received: cannot upgrade: the path of this binary is unknown");
+        }
+        info!("SIGUSR2 received: upgrading; admin changes get 503 until the new process serves");
+        self.upgrade = Some(Upgrade::Waiting);
+        self.start_upgrade(now);
+    }
+
+    /// Starts a waiting upgrade once no change is in flight; run every turn.
+    pub(super) fn start_upgrade(&mut self, _now: Instant) {
+        if matches!(self.upgrade, Some(Upgrade::Waiting)) && self.draining.is_some() {
+            info!("upgrade: not started: this process is shutting down");
+            self.upgrade = None;
+        }
+        if !matches!(self.upgrade, Some(Upgrade::Waiting)) || !self.changes.as_ref().is_some_and(Changes::is_idle) {
+            return;
+        }
+        match self.offer() {
+            Ok(()) => self.upgrade = Some(Upgrade::Running),
+            Err(e) => {
+                error!("upgrade failed: {e}; this process keeps serving");
+                self.upgrade = None;
+            }
+        }
+    }
+
+    /// Whether admin changes must wait: an upgrade is under way.
+    pub(super) fn upgrading(&self) -> Option<Response> {
+        self.upgrade.as_ref()?;
+        let mut response =
+            Response::error(503, "a binary upgrade is in progress; no change is taken until it ends: try again");
+        response.fields.push(("Retry-After", "1".into()));
+        Some(response)
+    }
+
+    /// Hands the manifest and the sockets to the thread that starts the new process.
+    fn offer(&mut self) -> io::Result<()> {
+        let Some(relaunch) = self.relaunch.clone() else { return Err(io::Error::other("no binary to run")) };
+        let Role::Control { inbox, .. } = &self.role else { return Err(io::Error::other("not the control loop")) };
+        let outbox = inbox.outbox();
+        let (manifest, fds) = self.manifest()?;
+        std::thread::Builder::new().name("shuttle-upgrade".into()).spawn(move || {
+            let result = launch(&relaunch, &manifest, &fds);
+            let _ = outbox.post(Answer::Upgraded { result });
+        })?;
+        Ok(())
+    }
+
+    /// Everything the new process needs, and the descriptors in the manifest's order.
+    fn manifest(&self) -> io::Result<(Manifest, Vec<OwnedFd>)> {
+        let mut fds = Vec::new();
+        let mut sockets = Vec::new();
+        let mut health = Vec::new();
+        for key in self.services.keys() {
+            let Some(service) = self.services.service(key) else { continue };
+            let name = service.settings.name.clone();
+            let listener = service.listener.and_then(|l| self.entries.get(l));
+            let (kind, file, count) = match listener {
+                Some(Entry::Group(group)) => {
+                    for copy in &group.copies {
+                        fds.push(copy.try_clone()?);
+                    }
+                    (group.kind, group.file.clone(), group.copies.len())
+                }
+                Some(Entry::Listener(l)) => {
+                    fds.push(l.socket.fd_copy()?);
+                    let kind = if l.socket.file().is_some() { SocketKind::Unix } else { SocketKind::Tcp };
+                    (kind, l.socket.file().cloned(), 1)
+                }
+                Some(Entry::Datagrams(d)) => {
+                    fds.push(socket2::SockRef::from(&d.socket).try_clone()?.into());
+                    (SocketKind::Udp, None, 1)
+                }
+                _ => return Err(io::Error::other(format!("service {name:?} has no listener to hand over"))),
+            };
+            let file = file.map(|f| FileId { path: f.path().display().to_string(), dev: f.id().0, ino: f.id().1 });
+            sockets.push(ServiceSockets { service: name.clone(), kind, count, file });
+            for &b in &service.backends {
+                let Some(backend) = self.services.backend(b) else { continue };
+                if backend.probe.is_some() {
+                    let up = backend.state.health.is_up();
+                    health.push(BackendHealth { service: name.clone(), backend: backend.config.name.clone(), up });
+                }
+            }
+        }
+        let Some(Entry::AdminListener(admin)) = self.admin_listener.and_then(|k| self.entries.get(k)) else {
+            return Err(io::Error::other("the admin listener is closed"));
+        };
+        fds.push(admin.fd_copy()?);
+        let path = admin.path().map(|p| p.display().to_string());
+        let admin = AdminSocket { kind: if path.is_some() { SocketKind::Unix } else { SocketKind::Tcp }, path };
+        let lock = self.changes.as_ref().and_then(Changes::state_lock).transpose()?;
+        let state_lock = lock.is_some();
+        fds.extend(lock);
+        let manifest = Manifest {
+            version: handover::VERSION,
+            pid: std::process::id(),
+            workers: self.workers().map_or(1, |w| w.len()),
+            config: config::to_json(&self.services.configs()),
+            sockets,
+            admin,
+            state_lock,
+            health,
+        };
+        Ok((manifest, fds))
+    }
+
+    /// The upgrade thread's answer.
+    pub(super) fn on_upgraded(&mut self, result: Result<u32, String>, now: Instant) {
+        self.upgrade = None;
+        match result {
+            // SIGTERM came during the hand-over: the listeners were retired for
+            // good, so the new process would serve nothing. It goes too.
+            Ok(pid) if self.draining.is_some() => {
+                warn!("upgrade: process {pid} is ready, but this one is shutting down: stopping it too");
+                if let Err(e) = crate::runtime::process::terminate(pid) {
+                    warn!("upgrade: cannot stop process {pid}: {e}");
+                }
+            }
+            Ok(pid) => {
+                info!(
+                    "upgrade: process {pid} is serving; this process stops accepting and drains its open connections"
+                );
+                self.hand_over(now);
+            }
+            Err(why) => error!("upgrade failed: {why}; this process keeps serving"),
+        }
+    }
+
+    /// The new process serves: leave it the sockets and files, then drain.
+    fn hand_over(&mut self, now: Instant) {
+        self.handed_over = true;
+        for (_, entry) in self.entries.iter_mut() {
+            match entry {
+                Entry::Group(group) => {
+                    if let Some(file) = &group.file {
+                        file.disown();
+                    }
+                }
+                Entry::AdminListener(admin) => admin.disown(),
+                _ => {}
+            }
+        }
+        self.release_listeners();
+        if let Some(workers) = self.workers() {
+            workers.hand_over();
+        }
+        self.begin_drain(now);
+    }
+
+    /// Closes this loop's listeners with no filter and leaves their socket
+    /// files: the process that took them over accepts what they queue.
+    pub(super) fn release_listeners(&mut self) {
+        self.handed_over = true;
+        let keys: Vec<_> = self
+            .entries
+            .iter()
+            .filter_map(|(key, entry)| match entry {
+                Entry::Listener(l) if l.retiring.is_none() => {
+                    if let Some(file) = l.socket.file() {
+                        file.disown();
+                    }
+                    Some(key)
+                }
+                Entry::Datagrams(_) => Some(key),
+                _ => None,
+            })
+            .collect();
+        for key in keys {
+            self.remove_entry(key);
+        }
+    }
+
+    /// Stages sockets another process handed over, as [`Server::stage_group`] stages new ones.
+    pub(super) fn stage_handed(&mut self, mut sockets: Vec<Bound>) -> io::Result<Staged> {
+        if self.workers().is_some() {
+            return self.stage_sockets(sockets);
+        }
+        let socket = sockets.pop().ok_or(io::ErrorKind::AddrNotAvailable)?;
+        let local = socket.local_addr()?;
+        let listener = self.stage_bound(socket)?;
+        Ok(Staged { listener, local })
+    }
+
+    /// The old process has let go: the socket files and the state file's lock file are this one's now.
+    pub fn finish_take_over(&mut self) {
+        let Some((files, admin_path)) = self.adopted.take() else { return };
+        for file in files {
+            file.own();
+        }
+        if let (Some(path), Some(Entry::AdminListener(admin))) =
+            (admin_path, self.admin_listener.and_then(|k| self.entries.get_mut(k)))
+        {
+            admin.own(path);
+        }
+        if let Some(Err(e)) = self.changes.as_ref().map(Changes::name_holder) {
+            warn!("upgrade: cannot write this process's pid into the state file's lock file: {e}");
+        }
+    }
+
+    /// Makes the backends the old process knew down start down here.
+    pub(super) fn carry_health(&mut self, health: &[BackendHealth]) {
+        for h in health.iter().filter(|h| !h.up) {
+            let backend = self.services.find(&h.service).and_then(|s| self.services.find_backend(s, &h.backend));
+            match backend {
+                Some(backend) => self.services.carry_down(backend),
+                None => warn!("upgrade: service {:?} has no backend {:?} to mark down", h.service, h.backend),
+            }
+        }
+    }
+}
+
+/// The upgrade thread: starts the new process and hands it everything.
+fn launch(relaunch: &Relaunch, manifest: &Manifest, fds: &[OwnedFd]) -> Result<u32, String> {
+    let (ours, theirs) = passfd::pair().map_err(|e| format!("cannot make the hand-over socket: {e}"))?;
+    passfd::inheritable(theirs.as_fd()).map_err(|e| format!("cannot pass the hand-over socket: {e}"))?;
+    let mut child = Command::new(&relaunch.exe)
+        .args(&relaunch.args)
+        .arg("-upgrade-fd")
+        .arg(theirs.as_raw_fd().to_string())
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", relaunch.exe.display()))?;
+    drop(theirs);
+    let pid = child.id();
+    info!("upgrade: starting {} (process {pid})", relaunch.exe.display());
+    match converse(&ours, manifest, fds) {
+        // It runs on after this process exits, adopted by init or the service manager.
+        Ok(()) => Ok(pid),
+        Err(why) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("process {pid}: {why}"))
+        }
+    }
+}
+
+/// Sends the manifest and the descriptors, then waits for the answer.
+fn converse(link: &socket2::Socket, manifest: &Manifest, fds: &[OwnedFd]) -> Result<(), String> {
+    passfd::set_deadline(link, DEADLINE).map_err(|e| e.to_string())?;
+    let sent = |e: io::Error| format!("the hand-over failed: {e}");
+    for message in manifest.to_messages(passfd::MAX_MESSAGE) {
+        passfd::send(link, &message, &[]).map_err(sent)?;
+    }
+    for chunk in fds.chunks(passfd::MAX_FDS) {
+        let borrowed: Vec<BorrowedFd<'_>> = chunk.iter().map(AsFd::as_fd).collect();
+        passfd::send(link, &[kind::FDS], &borrowed).map_err(sent)?;
+    }
+    passfd::send(link, &[kind::END], &[]).map_err(sent)?;
+    let mut answer = vec![0u8; 4096];
+    match passfd::recv(link, &mut answer) {
+        Ok((0, _)) => Err("it exited before it served".into()),
+        Ok((_, _)) if answer[0] == kind::READY => Ok(()),
+        Ok((n, _)) if answer[0] == kind::FAILED => Err(String::from_utf8_lossy(&answer[1..n]).into_owned()),
+        Ok(_) => Err("it answered something unknown".into()),
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(format!("it did not serve within {} s", DEADLINE.as_secs()))
+        }
+        Err(e) => Err(format!("cannot read its answer: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upgrade_passes_every_argument_but_the_last_upgrade_fd() {
+        let given = ["-config", "c.json", "-upgrade-fd", "7", "--grace=2", "--upgrade-fd=9", "-workers", "2"];
+        let args = without_upgrade_fd(given.iter().map(OsString::from));
+        assert_eq!(args, ["-config", "c.json", "--grace=2", "-workers", "2"].map(OsString::from));
+    }
+}
