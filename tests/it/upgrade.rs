@@ -16,6 +16,7 @@ mod load;
 mod procs;
 mod steps;
 
+use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::fs::FileTypeExt;
 use std::time::{Duration, Instant};
@@ -187,13 +188,30 @@ fn a_new_process_that_never_says_ready_is_given_up_after_10_s() {
         !hung.is_empty()
     });
     assert_eq!(hung.len(), 1, "one new process, started with -upgrade-fd: {:?}", children(pid));
+    // Connections opened once the new process has the listeners but has not
+    // said ready belong to the old one: they must outlive the failure.
+    line_after(&s.shuttle, seen, &[&["service web listening on "]], DEADLINE);
+    let mut held: Vec<_> = (0..20).map(|_| connect(addr)).collect();
+    for (i, client) in held.iter_mut().enumerate() {
+        round_trip(client, format!("held {i} during the pause").as_bytes());
+    }
     let failed = line_after(&s.shuttle, seen, &[&["upgrade failed"], &[" is serving"]], Duration::from_secs(20));
     let waited = signalled.elapsed();
     assert!(failed.contains("this process keeps serving"), "{failed}");
     assert!(waited >= Duration::from_secs(9), "gave up after {waited:?}, not the 10 s timeout: {failed}");
     assert!(waited < Duration::from_secs(16), "gave up only after {waited:?}: {failed}");
+    for (i, client) in held.iter_mut().enumerate() {
+        let mut echo = vec![0; 5];
+        let alive = client.write_all(b"after").and_then(|()| client.read_exact(&mut echo));
+        assert!(
+            alive.is_ok() && echo == b"after",
+            "connection {i} of 20 opened during the pause was cut when the new process was given up: {alive:?}"
+        );
+        client.shutdown(Shutdown::Write).expect("half-close");
+        assert_eq!(crate::support::read_to_eof(client), b"", "connection {i}");
+    }
     // The old process served all along, and now takes changes again.
-    assert_eq!(load.failed(), 0, "connections failed while the new process hung");
+    assert_eq!(load.failed(), 0, "connections failed while the new process hung: {:#?}", load.described());
     assert!(load.wait_more(20, DEADLINE), "the old process stopped serving");
     assert_eq!((served_by(admin), config_bytes(admin)), (pid, before));
     put(admin, "/web/b1", &json!({"address": up.address()})).expect(200);
@@ -326,19 +344,12 @@ fn an_upgrade_takes_the_live_config_not_the_file_shuttle_started_from() {
     put(admin, "/web/b1", &json!({"address": two.address()})).expect(200);
     let live = config_bytes(admin);
     // The file now says something else: the new process must not read it.
-    let other = json!([service("other", vec![backend("x", one.address())])]);
-    write_config(s.dir.path(), &other);
+    write_config(s.dir.path(), &json!([service("other", vec![backend("x", one.address())])]));
     let first = s.shuttle.pid();
     let second = upgrade(&s.shuttle, &mut successors, admin, first);
     assert_eq!(String::from_utf8_lossy(&config_bytes(admin)), String::from_utf8_lossy(&live));
     assert_first_exits(&mut s.shuttle, DEADLINE);
-    // Nor when it is not even JSON.
-    write_file(s.dir.path(), "config.json", b"[{ this is not a config");
-    assert!(s.config.exists());
-    let third = upgrade(&s.shuttle, &mut successors, admin, second);
-    assert_eq!(String::from_utf8_lossy(&config_bytes(admin)), String::from_utf8_lossy(&live));
-    assert_ended(&mut successors, second, DEADLINE);
-    assert_eq!(served_by(admin), third);
+    assert_eq!(served_by(admin), second);
     // Round robin over both backends, as the live config says.
     let mut reached: Vec<String> = (0..4)
         .map(|_| {
@@ -350,6 +361,25 @@ fn an_upgrade_takes_the_live_config_not_the_file_shuttle_started_from() {
         .collect();
     reached.sort();
     assert_eq!(reached, ["one", "one", "two", "two"]);
+}
+
+#[test]
+fn an_upgrade_goes_ahead_when_the_config_file_is_no_longer_valid() {
+    let up = echo();
+    let mut s = start(&json!([service("web", vec![backend("b0", up.address())])]), &[], &[]);
+    let mut successors = Successors::of(&s.shuttle);
+    let (admin, web) = (s.shuttle.admin_addr(), s.shuttle.service_addr("web"));
+    let live = config_bytes(admin);
+    // The running config comes in the manifest: a broken file on disk is no
+    // reason to keep the old binary running.
+    write_file(s.dir.path(), "config.json", b"[{ this is not a config");
+    assert!(s.config.exists());
+    let first = s.shuttle.pid();
+    let second = upgrade(&s.shuttle, &mut successors, admin, first);
+    assert_eq!(String::from_utf8_lossy(&config_bytes(admin)), String::from_utf8_lossy(&live));
+    assert_first_exits(&mut s.shuttle, DEADLINE);
+    assert_eq!(served_by(admin), second);
+    echo_once(web, b"after an upgrade over a broken config file");
 }
 
 // ---------------------------------------------------------------------------
