@@ -41,4 +41,5 @@ mod state;
 mod timeouts;
 mod udp;
 mod unix;
+mod upgrade_failures;
 mod workers;
