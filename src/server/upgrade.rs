@@ -233,7 +233,12 @@ impl Server {
                         file.disown();
                     }
                 }
-                Entry::AdminListener(admin) => admin.disown(),
+                Entry::AdminListener(admin) => {
+                    admin.disown();
+                    if let Err(e) = admin.deregister(self.poll.registry()) {
+                        warn!("upgrade: cannot deregister the admin listener: {e}");
+                    }
+                }
                 _ => {}
             }
         }
@@ -262,6 +267,20 @@ impl Server {
                 _ => None,
             })
             .collect();
+        // The other process holds the same sockets: closing ours would leave
+        // them registered with this poller, waking it for connections it no
+        // longer takes (epoll forgets a socket only when its last descriptor closes).
+        let registry = self.poll.registry();
+        for &key in &keys {
+            let deregistered = match self.entries.get_mut(key) {
+                Some(Entry::Listener(l)) => registry.deregister(&mut l.socket),
+                Some(Entry::Datagrams(d)) => registry.deregister(&mut d.socket),
+                _ => Ok(()),
+            };
+            if let Err(e) = deregistered {
+                warn!("upgrade: cannot deregister a listener: {e}");
+            }
+        }
         for key in keys {
             self.remove_entry(key);
         }
