@@ -25,6 +25,7 @@ use signal_hook_mio::v1_0::Signals;
 
 mod accept;
 mod admin;
+mod bind;
 mod plane;
 mod queue;
 mod retire;
