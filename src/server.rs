@@ -25,6 +25,7 @@ use signal_hook_mio::v1_0::Signals;
 
 mod accept;
 mod admin;
+mod bind;
 mod plane;
 mod queue;
 mod retire;
@@ -942,8 +943,10 @@ impl Server {
         let (mut listeners, mut others) = (Vec::new(), Vec::new());
         for (key, entry) in self.entries.iter() {
             match entry {
-                // A client whose header is on its way is served like one already relaying.
-                Entry::Pair(_) | Entry::Greeting(_) => {}
+                // A client whose header is on its way is served like one already
+                // relaying, and so is one waiting for a backend slot: pairs that
+                // finish free slots for it, or its queue_timeout closes it.
+                Entry::Pair(_) | Entry::Greeting(_) | Entry::Queued(_) => {}
                 Entry::Listener(_) => listeners.push(key),
                 _ => others.push(key),
             }
@@ -996,8 +999,12 @@ impl Server {
     /// Closes the pairs still open when the loop stops (the grace ran out, or a
     /// second signal), so each is counted and gets its access-log line (`end=shutdown`).
     fn close_open_pairs(&mut self) {
-        let open: Vec<Key> =
-            self.entries.iter().filter(|(_, entry)| matches!(entry, Entry::Pair(_))).map(|(key, _)| key).collect();
+        let open: Vec<Key> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| matches!(entry, Entry::Pair(_) | Entry::Queued(_)))
+            .map(|(key, _)| key)
+            .collect();
         for key in open {
             self.remove_entry(key);
         }

@@ -149,6 +149,14 @@ impl AdminListener {
         Ok(self)
     }
 
+    /// Stops this poller hearing of it.
+    pub fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+        match self {
+            AdminListener::Tcp(l) => registry.deregister(l),
+            AdminListener::Unix(l, _) => registry.deregister(l),
+        }
+    }
+
     /// Accepts one admin client, with a name for it in logs.
     pub fn accept(&self) -> io::Result<(AdminStream, String)> {
         match self {

@@ -15,6 +15,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::runtime::listen::SocketKind;
+
 /// The manifest's format; a process refuses one it does not know.
 pub const VERSION: u32 = 1;
 
@@ -64,18 +66,6 @@ pub struct ServiceSockets {
     pub count: usize,
     /// For a unix socket: the file it is bound at, which the new process removes when it is done.
     pub file: Option<FileId>,
-}
-
-/// A socket's kind.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SocketKind {
-    /// A TCP listener.
-    Tcp,
-    /// A unix stream listener.
-    Unix,
-    /// A UDP socket.
-    Udp,
 }
 
 /// A unix socket file, by path and by identity (so it is removed only while it is still the one bound).

@@ -9,7 +9,6 @@
 //! listener starts retiring, whichever comes first.
 
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
@@ -17,15 +16,10 @@ use mio::event::Source;
 use mio::net::{TcpListener, UdpSocket, UnixListener};
 use mio::{Interest, Registry, Token};
 
-use crate::model::config::{self, Protocol, ServiceConfig};
 use crate::model::endpoint::{ClientAddr, Endpoint};
-use crate::model::handover::SocketKind;
 use crate::runtime::conn::Conn;
 use crate::runtime::net;
-use crate::runtime::unix::{self, SocketFile};
-
-/// Unix listeners' backlog, as deep as TCP's.
-const UNIX_BACKLOG: i32 = 1024;
+use crate::runtime::unix::SocketFile;
 
 /// A listening stream socket.
 #[derive(Debug)]
@@ -85,7 +79,7 @@ impl StreamListener {
     }
 
     /// Another handle on the same listening socket, for another worker.
-    fn duplicate(&self) -> io::Result<StreamListener> {
+    pub fn duplicate(&self) -> io::Result<StreamListener> {
         match self {
             StreamListener::Tcp(l) => {
                 let socket = socket2::SockRef::from(l).try_clone()?;
@@ -120,6 +114,18 @@ impl Source for StreamListener {
             StreamListener::Unix(l, _) => l.deregister(registry),
         }
     }
+}
+
+/// A socket's kind.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketKind {
+    /// A TCP listener.
+    Tcp,
+    /// A unix stream listener.
+    Unix,
+    /// A UDP socket.
+    Udp,
 }
 
 /// A service's bound socket: a stream listener, or a UDP socket.
@@ -194,33 +200,6 @@ impl Bound {
         match self {
             Bound::Stream(s) => s.local_addr(),
             Bound::Datagram(s) => s.local_addr().map(Endpoint::Inet),
-        }
-    }
-}
-
-/// `n` sockets for a service at `addr`, one per worker: `SO_REUSEPORT`
-/// groups for TCP and UDP, one unix socket file duplicated for each.
-pub fn bind_any(addr: &Endpoint, n: usize, settings: &ServiceConfig) -> io::Result<Vec<Bound>> {
-    let inet = |addr: &Endpoint| -> io::Result<SocketAddr> {
-        addr.inet().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "UDP needs an IP address"))
-    };
-    match (settings.protocol, addr) {
-        (Protocol::Udp, _) => Ok(net::bind_udp_group(inet(addr)?, n)?.into_iter().map(Bound::Datagram).collect()),
-        (Protocol::Tcp, Endpoint::Inet(a)) => {
-            let group = net::bind_group(*a, n)?;
-            Ok(group.into_iter().map(|l| Bound::Stream(StreamListener::Tcp(l))).collect())
-        }
-        (Protocol::Tcp, Endpoint::Unix(path)) => {
-            let mode = config::socket_mode_bits(&settings.socket_mode)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-            let (listener, file) = unix::bind(path.as_path(), mode, UNIX_BACKLOG)?;
-            let first = StreamListener::Unix(listener, Arc::new(file));
-            let mut group = Vec::with_capacity(n.max(1));
-            for _ in 1..n {
-                group.push(Bound::Stream(first.duplicate()?));
-            }
-            group.insert(0, Bound::Stream(first));
-            Ok(group)
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::model::config::{self, ServiceConfig};
 use crate::model::endpoint::Endpoint;
 use crate::model::service::{BackendChanges, Prepared, Services};
 use crate::runtime::key::Key;
-use crate::runtime::listen::{self, StreamListener};
+use crate::runtime::listen::StreamListener;
 
 impl Plane for Server {
     fn services(&self) -> &Services {
@@ -48,7 +48,7 @@ impl Plane for Server {
         if let Some(n) = self.workers().map(|w| w.len()) {
             return self.stage_group(addr, n, settings);
         }
-        let socket = listen::bind_any(addr, 1, settings)?.pop().ok_or(io::ErrorKind::AddrNotAvailable)?;
+        let socket = super::bind::bind_any(addr, 1, settings)?.pop().ok_or(io::ErrorKind::AddrNotAvailable)?;
         let local = socket.local_addr()?;
         let listener = self.stage_bound(socket)?;
         Ok(Staged { listener, local })

@@ -37,6 +37,8 @@ use crate::runtime::passfd;
 
 /// How long the new process has to say it serves, from its start.
 pub const DEADLINE: Duration = Duration::from_secs(10);
+/// `SHUTTLE_TEST_UPGRADE_DEADLINE_MS=N` shortens [`DEADLINE`] (the tests of a new process that never answers).
+pub const DEADLINE_ENV: &str = "SHUTTLE_TEST_UPGRADE_DEADLINE_MS";
 
 /// How to start this binary again: its path when it started, and its arguments.
 #[derive(Clone, Debug)]
@@ -231,7 +233,12 @@ impl Server {
                         file.disown();
                     }
                 }
-                Entry::AdminListener(admin) => admin.disown(),
+                Entry::AdminListener(admin) => {
+                    admin.disown();
+                    if let Err(e) = admin.deregister(self.poll.registry()) {
+                        warn!("upgrade: cannot deregister the admin listener: {e}");
+                    }
+                }
                 _ => {}
             }
         }
@@ -260,6 +267,20 @@ impl Server {
                 _ => None,
             })
             .collect();
+        // The other process holds the same sockets: closing ours would leave
+        // them registered with this poller, waking it for connections it no
+        // longer takes (epoll forgets a socket only when its last descriptor closes).
+        let registry = self.poll.registry();
+        for &key in &keys {
+            let deregistered = match self.entries.get_mut(key) {
+                Some(Entry::Listener(l)) => registry.deregister(&mut l.socket),
+                Some(Entry::Datagrams(d)) => registry.deregister(&mut d.socket),
+                _ => Ok(()),
+            };
+            if let Err(e) = deregistered {
+                warn!("upgrade: cannot deregister a listener: {e}");
+            }
+        }
         for key in keys {
             self.remove_entry(key);
         }
@@ -318,20 +339,22 @@ fn launch(relaunch: &Relaunch, manifest: &Manifest, fds: &[OwnedFd]) -> Result<u
     drop(theirs);
     let pid = child.id();
     info!("upgrade: starting {} (process {pid})", relaunch.exe.display());
-    match converse(&ours, manifest, fds) {
+    let deadline =
+        std::env::var(DEADLINE_ENV).ok().and_then(|v| v.parse().ok()).map_or(DEADLINE, Duration::from_millis);
+    match converse(&ours, manifest, fds, deadline) {
         // It runs on after this process exits, adopted by init or the service manager.
         Ok(()) => Ok(pid),
         Err(why) => {
             let _ = child.kill();
-            let _ = child.wait();
-            Err(format!("process {pid}: {why}"))
+            let status = child.wait().map(|s| format!(" ({s})")).unwrap_or_default();
+            Err(format!("process {pid}{status}: {why}"))
         }
     }
 }
 
 /// Sends the manifest and the descriptors, then waits for the answer.
-fn converse(link: &socket2::Socket, manifest: &Manifest, fds: &[OwnedFd]) -> Result<(), String> {
-    passfd::set_deadline(link, DEADLINE).map_err(|e| e.to_string())?;
+fn converse(link: &socket2::Socket, manifest: &Manifest, fds: &[OwnedFd], deadline: Duration) -> Result<(), String> {
+    passfd::set_deadline(link, deadline).map_err(|e| e.to_string())?;
     let sent = |e: io::Error| format!("the hand-over failed: {e}");
     for message in manifest.to_messages(passfd::MAX_MESSAGE) {
         passfd::send(link, &message, &[]).map_err(sent)?;
@@ -348,7 +371,7 @@ fn converse(link: &socket2::Socket, manifest: &Manifest, fds: &[OwnedFd]) -> Res
         Ok((n, _)) if answer[0] == kind::FAILED => Err(String::from_utf8_lossy(&answer[1..n]).into_owned()),
         Ok(_) => Err("it answered something unknown".into()),
         Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-            Err(format!("it did not serve within {} s", DEADLINE.as_secs()))
+            Err(format!("it did not serve within {deadline:?}"))
         }
         Err(e) => Err(format!("cannot read its answer: {e}")),
     }

@@ -36,7 +36,6 @@ use super::{Entry, Role, Server, WAKER};
 use crate::control::api::{Plane, Staged};
 use crate::model::config::ServiceConfig;
 use crate::model::endpoint::Endpoint;
-use crate::model::handover::SocketKind;
 use crate::model::service::{Prepared, Shared};
 use crate::runtime::accesslog::AccessLog;
 use crate::runtime::bell::Bell;
@@ -44,6 +43,7 @@ use crate::runtime::cpus;
 use crate::runtime::helpers::{Answer, Inbox, Outbox};
 use crate::runtime::key::Key;
 use crate::runtime::listen::Bound;
+use crate::runtime::listen::SocketKind;
 use crate::runtime::unix::SocketFile;
 
 /// What the control loop tells a worker loop.
@@ -433,7 +433,7 @@ impl Server {
 
     /// Binds one listener per worker and keeps them as a staged group.
     pub(super) fn stage_group(&mut self, addr: &Endpoint, n: usize, settings: &ServiceConfig) -> io::Result<Staged> {
-        self.stage_sockets(crate::runtime::listen::bind_any(addr, n, settings)?)
+        self.stage_sockets(super::bind::bind_any(addr, n, settings)?)
     }
 
     /// Keeps one socket per worker, bound here or handed over, as a staged group.

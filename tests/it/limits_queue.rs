@@ -343,3 +343,25 @@ fn bad_limits_are_refused_and_change_nothing() {
     assert!(put(admin, "/web/b0", &bad).expect(400).error().contains("max_connections"));
     assert_eq!(config_json(admin), before);
 }
+
+#[test]
+fn a_client_queued_when_the_drain_begins_is_served_once_a_slot_frees() {
+    let b = Counting::spawn();
+    let fields = json!({"max_queue": 10, "queue_timeout": 20});
+    let mut shuttle =
+        Shuttle::start_with_config(&json!([web(vec![limited("b0", &b.backend, 1)], fields)]), &["-grace", "20"]);
+    let addr = shuttle.service_addr("web");
+    let mut holder = client(addr, "0");
+    assert!(served_within(&mut holder, DEADLINE));
+    let mut queued = client(addr, "1");
+    wait_stat(&shuttle, "queued", 1);
+    shuttle.signal(libc::SIGTERM);
+    shuttle.wait_for_line("shutting down");
+    assert!(!served_within(&mut queued, Duration::from_millis(200)), "no slot is free yet");
+    finish(holder);
+    assert!(served_within(&mut queued, DEADLINE), "the drain serves the queue as slots free");
+    finish(queued);
+    assert_eq!(b.order(), ["0", "1"]);
+    let status = shuttle.wait_exit(DEADLINE).expect("exit once the last client is done");
+    assert!(status.success(), "{status:?}");
+}

@@ -42,4 +42,5 @@ mod timeouts;
 mod udp;
 mod unix;
 mod upgrade;
+mod upgrade_failures;
 mod workers;

@@ -234,6 +234,11 @@ impl Shuttle {
         Shuttle::spawn_under(wrapper, args, Launch::default())
     }
 
+    /// [`Shuttle::launch_under`] with limits and environment, without waiting for anything.
+    pub fn launch_under_with(wrapper: &[&str], args: &[&str], launch: Launch) -> Shuttle {
+        Shuttle::spawn_under(wrapper, args, launch)
+    }
+
     fn spawn(args: &[&str]) -> Shuttle {
         Shuttle::spawn_with(args, Launch::default())
     }
