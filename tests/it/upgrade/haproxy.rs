@@ -21,8 +21,9 @@ use crate::admin::free_port;
 use crate::support::{backend, echo, service, tempdir, try_connect, wait_until, Shuttle, DEADLINE};
 
 const HAPROXY: &str = "/usr/sbin/haproxy";
-/// Short-connection threads and long streams, the same for both.
-const SHORT: usize = 4;
+/// Short-connection threads and long streams, the same for both: enough
+/// threads that connects are in flight in the old listener's queue when it goes.
+const SHORT: usize = 16;
 const LONG: usize = 3;
 /// Short connections between two reloads, so each one lands under load.
 const BETWEEN: u64 = 100;
