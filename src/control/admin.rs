@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
-use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::net::{TcpListener, UnixListener, UnixStream};
 use mio::{Interest, Registry};
 use socket2::{Domain, SockAddr, Socket, Type};
 
@@ -24,6 +24,7 @@ use crate::context::Cx;
 use crate::control::api::Response;
 use crate::control::http::{self, Decoder, Progress, Request, MAX_BODY, MAX_HEAD};
 use crate::model::counters::StatusCounts;
+use crate::runtime::conn::Conn;
 use crate::runtime::key::{Key, Side};
 use crate::runtime::ready::{Ready, Step};
 use crate::runtime::timer::{TimerKey, Wheel};
@@ -158,16 +159,16 @@ impl AdminListener {
     }
 
     /// Accepts one admin client, with a name for it in logs.
-    pub fn accept(&self) -> io::Result<(AdminStream, String)> {
+    pub fn accept(&self) -> io::Result<(Conn, String)> {
         match self {
-            AdminListener::Tcp(l) => l.accept().map(|(s, peer)| (AdminStream::Tcp(s), peer.to_string())),
+            AdminListener::Tcp(l) => l.accept().map(|(s, peer)| (Conn::Tcp(s), peer.to_string())),
             AdminListener::Unix(l, _) => l.accept().map(|(s, _)| {
                 // The socket's peer, as the kernel vouches for it: who changed what, in the audit log.
                 let who = match crate::runtime::net::peer_cred(&s) {
                     Some((uid, pid)) => format!("unix socket (uid {uid}, pid {pid})"),
                     None => "unix socket".to_string(),
                 };
-                (AdminStream::Unix(s), who)
+                (Conn::Unix(s), who)
             }),
         }
     }
@@ -219,52 +220,6 @@ impl Drop for AdminListener {
     }
 }
 
-/// An admin client's socket.
-#[derive(Debug)]
-pub enum AdminStream {
-    /// Over TCP.
-    Tcp(TcpStream),
-    /// Over a unix socket.
-    Unix(UnixStream),
-}
-
-impl Read for AdminStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            AdminStream::Tcp(s) => s.read(buf),
-            AdminStream::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for AdminStream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            AdminStream::Tcp(s) => s.write(buf),
-            AdminStream::Unix(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl AdminStream {
-    fn shutdown_write(&self) -> io::Result<()> {
-        match self {
-            AdminStream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
-            AdminStream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
-        }
-    }
-
-    fn take_error(&self) -> io::Result<Option<io::Error>> {
-        match self {
-            AdminStream::Tcp(s) => s.take_error(),
-            AdminStream::Unix(s) => s.take_error(),
-        }
-    }
-}
-
 /// Where an admin connection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -290,7 +245,7 @@ pub enum AdminStep {
 /// One admin client.
 #[derive(Debug)]
 pub struct AdminConn {
-    stream: AdminStream,
+    stream: Conn,
     /// Who it is, for logs: `ip:port` or `unix socket`.
     peer: String,
     ready: Ready,
@@ -315,7 +270,7 @@ impl AdminConn {
     /// Registers a new admin client under `key`; its first request must arrive within `REQUEST_TIME`.
     pub fn new(
         key: Key,
-        mut stream: AdminStream,
+        mut stream: Conn,
         peer: String,
         registry: &Registry,
         now: Instant,
@@ -324,10 +279,7 @@ impl AdminConn {
     ) -> io::Result<AdminConn> {
         let token = key.token(Side::Client);
         let interest = Interest::READABLE | Interest::WRITABLE;
-        match &mut stream {
-            AdminStream::Tcp(s) => registry.register(s, token, interest)?,
-            AdminStream::Unix(s) => registry.register(s, token, interest)?,
-        }
+        registry.register(&mut stream, token, interest)?;
         let timer = Some(timers.insert(now + REQUEST_TIME, key));
         Ok(AdminConn {
             stream,
@@ -379,7 +331,7 @@ impl AdminConn {
                         Err(e) => return self.closed_by(e),
                     }
                     if !keep_alive {
-                        if let Err(e) = self.stream.shutdown_write() {
+                        if let Err(e) = self.stream.shutdown(std::net::Shutdown::Write) {
                             return self.closed_by(e);
                         }
                         self.phase = Phase::Closing;

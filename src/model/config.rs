@@ -155,88 +155,77 @@ pub struct BackendConfig {
     pub send_proxy: SendProxy,
 }
 
-/// Which PROXY protocol header a backend gets: `""` (none), `"v1"` or `"v2"` in JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum SendProxy {
-    /// None: the backend sees shuttle's address.
-    #[default]
-    #[serde(rename = "")]
-    Off,
-    /// The text line of version 1.
-    #[serde(rename = "v1")]
-    V1,
-    /// The binary header of version 2.
-    #[serde(rename = "v2")]
-    V2,
+/// A config field spelled as one of a few words in JSON: the enum, its serde
+/// names and its `FromStr` (for query strings and PATCH) from one table, so
+/// the two spellings can never drift apart.
+macro_rules! words {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident expecting $expected:literal {
+            $( $(#[$vmeta:meta])* $variant:ident = $word:literal $(| $alias:literal)? ),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+        pub enum $name {
+            $( $(#[$vmeta])* #[serde(rename = $word $(, alias = $alias)?)] $variant, )+
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $( $word $(| $alias)? => Ok($name::$variant), )+
+                    other => Err(format!(concat!("must be ", $expected, ", got {:?}"), clip(other))),
+                }
+            }
+        }
+    };
 }
 
-impl FromStr for SendProxy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "" => Ok(SendProxy::Off),
-            "v1" => Ok(SendProxy::V1),
-            "v2" => Ok(SendProxy::V2),
-            other => Err(format!(r#"must be "" (none), "v1" or "v2", got {:?}"#, clip(other))),
-        }
+words! {
+    /// Which PROXY protocol header a backend gets: `""` (none), `"v1"` or `"v2"` in JSON.
+    pub enum SendProxy expecting r#""" (none), "v1" or "v2""# {
+        /// None: the backend sees shuttle's address.
+        #[default]
+        Off = "",
+        /// The text line of version 1.
+        V1 = "v1",
+        /// The binary header of version 2.
+        V2 = "v2",
     }
 }
 
-/// Balancing algorithm: `"RR"` or `"LC"` in JSON; the Go shuttle's `""` means RR.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum Balance {
-    /// Weighted round robin.
-    #[default]
-    #[serde(rename = "RR", alias = "")]
-    RoundRobin,
-    /// Least connected.
-    #[serde(rename = "LC")]
-    LeastConn,
-}
-
-/// What a backend marked down does to its open connections: `"keep"` or `"close"` in JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum OnBackendDown {
-    /// They run on until they close (as before the field existed).
-    #[default]
-    #[serde(rename = "keep")]
-    Keep,
-    /// They are closed: the client gets what was buffered for it, then a FIN.
-    #[serde(rename = "close")]
-    Close,
-}
-
-impl FromStr for OnBackendDown {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "keep" => Ok(OnBackendDown::Keep),
-            "close" => Ok(OnBackendDown::Close),
-            other => Err(format!(r#"must be "keep" or "close", got {:?}"#, clip(other))),
-        }
+words! {
+    /// Balancing algorithm: `"RR"` or `"LC"` in JSON; the Go shuttle's `""` means RR.
+    pub enum Balance expecting r#""RR" (round robin) or "LC" (least connected)"# {
+        /// Weighted round robin.
+        #[default]
+        RoundRobin = "RR" | "",
+        /// Least connected.
+        LeastConn = "LC",
     }
 }
 
-/// A service's transport: `"tcp"` or `"udp"` in JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum Protocol {
-    /// Byte streams, one backend connection per client connection.
-    #[default]
-    #[serde(rename = "tcp")]
-    Tcp,
-    /// Datagrams, one backend socket per client address and port (a flow).
-    #[serde(rename = "udp")]
-    Udp,
+words! {
+    /// What a backend marked down does to its open connections: `"keep"` or `"close"` in JSON.
+    pub enum OnBackendDown expecting r#""keep" or "close""# {
+        /// They run on until they close (as before the field existed).
+        #[default]
+        Keep = "keep",
+        /// They are closed: the client gets what was buffered for it, then a FIN.
+        Close = "close",
+    }
 }
 
-impl FromStr for Protocol {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "tcp" => Ok(Protocol::Tcp),
-            "udp" => Ok(Protocol::Udp),
-            other => Err(format!(r#"must be "tcp" or "udp", got {:?}"#, clip(other))),
-        }
+words! {
+    /// A service's transport: `"tcp"` or `"udp"` in JSON.
+    pub enum Protocol expecting r#""tcp" or "udp""# {
+        /// Byte streams, one backend connection per client connection.
+        #[default]
+        Tcp = "tcp",
+        /// Datagrams, one backend socket per client address and port (a flow).
+        Udp = "udp",
     }
 }
 
@@ -309,17 +298,6 @@ impl std::error::Error for ConfigError {
         match self {
             ConfigError::Io { source, .. } => Some(source),
             _ => None,
-        }
-    }
-}
-
-impl FromStr for Balance {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "RR" | "" => Ok(Balance::RoundRobin),
-            "LC" => Ok(Balance::LeastConn),
-            other => Err(format!(r#"must be "RR" (round robin) or "LC" (least connected), got {:?}"#, clip(other))),
         }
     }
 }

@@ -8,88 +8,43 @@
 //! traffic address is a live `TAG`-then-echo server. So "down" means only that
 //! the checks fail, and a client that reaches a down backend proves fail-open.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use socket2::{Domain, Socket, Type};
 
 use crate::admin::{call, config_json, stats};
 use crate::support::{connect, named, read_line, refusing, round_trip, try_connect, wait_closed, wait_until, Closed};
-use crate::support::{Shuttle, DEADLINE};
+use crate::support::{Restartable, Shuttle, DEADLINE};
 
 /// How long a backend may take to reach an expected health state.
 const HEALTH_DEADLINE: Duration = Duration::from_secs(15);
 
 /// A check port that can be opened (checks pass) and closed (checks are
-/// refused). While closed, its port is held by a bound socket that does not
-/// listen, so no other socket can take it.
-pub(crate) struct CheckPort {
-    addr: SocketAddr,
-    _reserved: Socket,
-    running: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
-}
-
-fn reuse_socket() -> Socket {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("create a socket");
-    socket.set_reuse_address(true).expect("set SO_REUSEADDR");
-    socket
-}
+/// refused), on the same port throughout.
+pub(crate) struct CheckPort(Restartable);
 
 impl CheckPort {
     /// An open check port.
     pub(crate) fn open() -> CheckPort {
-        let reserved = reuse_socket();
-        reserved.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into()).expect("reserve a port");
-        let addr = reserved.local_addr().expect("reserved address").as_socket().expect("an inet address");
-        let mut port = CheckPort { addr, _reserved: reserved, running: None };
-        port.up();
-        port
+        // Accept and drop: a check only needs its connect to complete.
+        CheckPort(Restartable::start(|stream, _| drop(stream)))
     }
 
     /// Its address, as a `check_address`.
     pub(crate) fn address(&self) -> String {
-        self.addr.to_string()
+        self.0.addr().to_string()
     }
 
     /// Listens again: checks pass from now on.
     pub(crate) fn up(&mut self) {
-        assert!(self.running.is_none(), "the check port is open already");
-        let socket = reuse_socket();
-        socket.bind(&self.addr.into()).unwrap_or_else(|e| panic!("bind {} again: {e}", self.addr));
-        socket.listen(128).expect("listen");
-        socket.set_nonblocking(true).expect("nonblocking listener");
-        let listener: TcpListener = socket.into();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    // Accept and drop: a check only needs its connect to complete.
-                    if listener.accept().is_err() {
-                        thread::sleep(Duration::from_millis(2));
-                    }
-                }
-            })
-        };
-        self.running = Some((stop, thread));
+        assert!(!self.0.is_running(), "the check port is open already");
+        self.0.restart();
     }
 
     /// Stops listening: checks are refused from now on.
     pub(crate) fn down(&mut self) {
-        if let Some((stop, thread)) = self.running.take() {
-            stop.store(true, Ordering::SeqCst);
-            thread.join().expect("the check port's thread ends");
-        }
-    }
-}
-
-impl Drop for CheckPort {
-    fn drop(&mut self) {
-        self.down();
+        self.0.stop();
     }
 }
 

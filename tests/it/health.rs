@@ -20,11 +20,11 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use socket2::{Domain, Socket, Type};
+use socket2::Socket;
 
 use crate::support::{
-    backend, blackhole, connect, echo, named, read_line, read_to_eof, service, wait_closed, wait_until, Backend,
-    Shuttle, DEADLINE, IO_TIMEOUT,
+    backend, blackhole, connect, echo, named, read_line, read_to_eof, reuse_socket, service, wait_closed, wait_until,
+    Backend, Restartable, Shuttle, DEADLINE, IO_TIMEOUT,
 };
 
 /// How long a backend may take to reach an expected health state.
@@ -152,12 +152,6 @@ fn count_lines(shuttle: &Shuttle, level: &str, words: &[&str]) -> usize {
 // Servers
 // ---------------------------------------------------------------------------
 
-fn reuse_socket() -> Socket {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("create a socket");
-    socket.set_reuse_address(true).expect("set SO_REUSEADDR");
-    socket
-}
-
 /// An address whose connects are refused: a bound socket that does not
 /// listen. Unlike a port bound and closed again, it cannot be handed to another
 /// socket while the test runs.
@@ -175,73 +169,13 @@ impl Refusing {
     }
 }
 
-/// A `TAG\n`-then-echo server on a fixed port that can stop and come back,
-/// like a backend process that dies and is restarted. While it is stopped the
-/// port is held by a bound socket that does not listen: connects are refused
-/// and no other socket can be given the port.
-struct Restartable {
-    tag: String,
-    addr: SocketAddr,
-    _reserved: Socket,
-    running: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
-}
-
-impl Restartable {
-    fn start(tag: &str) -> Restartable {
-        let reserved = reuse_socket();
-        reserved.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into()).expect("reserve a port");
-        let addr = reserved.local_addr().expect("reserved address").as_socket().expect("an inet address");
-        let mut server = Restartable { tag: tag.to_string(), addr, _reserved: reserved, running: None };
-        server.restart();
-        server
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Listens on the same port again.
-    fn restart(&mut self) {
-        assert!(self.running.is_none(), "restarting a server that runs");
-        let socket = reuse_socket();
-        socket.bind(&self.addr.into()).unwrap_or_else(|e| panic!("bind {} again: {e}", self.addr));
-        socket.listen(128).expect("listen");
-        socket.set_nonblocking(true).expect("nonblocking listener");
-        let listener: TcpListener = socket.into();
-        let stop = Arc::new(AtomicBool::new(false));
-        let greeting = format!("{}\n", self.tag);
-        let thread = {
-            let stop = stop.clone();
-            thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let (stop, greeting) = (stop.clone(), greeting.clone());
-                            thread::spawn(move || greet_and_echo(stream, &stop, &greeting));
-                        }
-                        Err(_) => thread::sleep(Duration::from_millis(2)),
-                    }
-                }
-                // The listener closes here; queued connections are reset.
-            })
-        };
-        self.running = Some((stop, thread));
-    }
-
-    /// Stops listening (connects are refused from now on) and ends every
-    /// connection within a few tens of milliseconds.
-    fn stop(&mut self) {
-        if let Some((stop, thread)) = self.running.take() {
-            stop.store(true, Ordering::SeqCst);
-            thread.join().expect("the accept thread ends");
-        }
-    }
-}
-
-impl Drop for Restartable {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// A `TAG\n`-then-echo server that stops and comes back on the same port.
+fn restartable(tag: &str) -> Restartable {
+    let greeting = format!("{tag}\n");
+    Restartable::start(move |stream, stop| {
+        let greeting = greeting.clone();
+        thread::spawn(move || greet_and_echo(stream, &stop, &greeting));
+    })
 }
 
 fn greet_and_echo(mut stream: TcpStream, stop: &AtomicBool, greeting: &str) {
@@ -382,7 +316,7 @@ impl Drop for AcceptAndClose {
 fn a_stopped_server_goes_down_after_fall_checks_and_comes_back_after_rise() {
     const FALL: u64 = 3;
     const RISE: u64 = 2;
-    let mut server = Restartable::start("b0");
+    let mut server = restartable("b0");
     let other = named("b1");
     let web = with(
         service("web", vec![checked("b0", server.addr(), server.addr()), backend("b1", other.address())]),
@@ -445,7 +379,7 @@ fn a_stopped_server_goes_down_after_fall_checks_and_comes_back_after_rise() {
 
 #[test]
 fn removing_check_address_by_put_stops_checks() {
-    let mut target = Restartable::start("target");
+    let mut target = restartable("target");
     let t = target.addr();
     let settings = [("check_interval", json!(0.1)), ("fall", json!(2))];
     let web = with(service("web", vec![checked("b0", t, t), checked("b2", t, t), checked("ctl", t, t)]), &settings);
@@ -728,7 +662,7 @@ fn failed_client_connects_mark_a_checked_backend_down_after_fall() {
 #[test]
 fn a_completed_client_connect_resets_the_passive_failure_run() {
     const FALL: u64 = 3;
-    let mut server = Restartable::start("b0");
+    let mut server = restartable("b0");
     let check_target = echo();
     let web = with(
         service("web", vec![checked("b0", server.addr(), check_target.address())]),

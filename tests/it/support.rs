@@ -8,6 +8,7 @@
 mod backend;
 pub mod dns;
 mod pattern;
+mod restartable;
 mod sha256;
 
 use std::io::{self, BufRead, BufReader, Read};
@@ -24,6 +25,7 @@ use tempfile::TempDir;
 
 pub use backend::{blackhole, echo, named, refusing, sink, stall, stream, Backend, Blackhole, Conn, Stall};
 pub use pattern::{Pattern, Sink, Source};
+pub use restartable::{reuse_socket, Restartable};
 pub use sha256::Sha256;
 
 /// How long start-up, exits and other "should happen soon" events may take.
