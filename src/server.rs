@@ -180,6 +180,8 @@ pub struct Inherited {
     pub admin: Option<AdminListener>,
     /// The old process's backends that were down.
     pub health: Vec<crate::model::handover::BackendHealth>,
+    /// The old process's counters, which this one goes on from.
+    pub counters: Vec<crate::model::handover::ServiceCounters>,
     /// The unix socket files of its services, its until the hand-over is done.
     pub files: Vec<std::sync::Arc<crate::runtime::unix::SocketFile>>,
     /// The admin socket's file, if it is a unix one.
@@ -410,9 +412,17 @@ impl Server {
             .map_err(StartupError::Io)?;
         server.admin_listener = Some(key);
         server.fds.listeners += 1;
-        if let Some(inherited) = inherited {
-            server.carry_health(&inherited.health);
-            server.adopted = Some((inherited.files, inherited.admin_path));
+        match inherited {
+            // The workers wait until this process has said it is ready (`finish_take_over`).
+            Some(inherited) => {
+                server.carry_over(&inherited.health, &inherited.counters);
+                server.adopted = Some((inherited.files, inherited.admin_path));
+            }
+            None => {
+                if let Some(workers) = server.workers() {
+                    workers.start();
+                }
+            }
         }
         Ok(server)
     }

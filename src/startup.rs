@@ -67,8 +67,51 @@ struct Loaded {
 
 /// Reads the config (or state) file, resolves its names within the 5 s
 /// deadline, runs the cross-service checks and reads the token file. With
-/// `running`, the services are those (an upgrade's), the file gives the rest.
-fn load(flags: &Flags, identity: Option<&Identity>, running: Option<Vec<ServiceConfig>>) -> Result<Loaded, Failed> {
+/// `running` (an upgrade's), no file is read: the old process's config and
+/// the file it names stand in for them.
+fn load(flags: &Flags, identity: Option<&Identity>, running: Option<Running>) -> Result<Loaded, Failed> {
+    let (source, file) = match running {
+        Some(Running { source, file }) => (source, file),
+        None => read_source(flags, identity)?,
+    };
+    let flags = match (file.form.globals(), &source) {
+        (Some(globals), Some(path)) => {
+            let (flags, overridden) = flags.clone().with_file(globals);
+            if !overridden.is_empty() {
+                log::info!("{}: flags override its options: {}", path.display(), overridden.join(", "));
+            }
+            flags
+        }
+        _ => flags.clone(),
+    };
+    let admin = admin_address(&flags)?;
+    user::check_admin(&admin, identity)?;
+    let prepared = prepare(file.services, &source)?;
+    // A TCP admin address with a fixed port is known already; `Server::new`
+    // checks again once it is bound, when port 0 has become a real port.
+    let admin_tcp = match &admin {
+        AdminAddr::Tcp(addr) => Some(*addr),
+        AdminAddr::Unix(..) => None,
+    };
+    service::check_all(&prepared, admin_tcp).map_err(|e| at_source(&source, e))?;
+    let token = match &flags.token_file {
+        Some(path) => Some(read_token(path)?),
+        None => None,
+    };
+    Ok(Loaded { source, form: file.form, flags, prepared, admin, token })
+}
+
+/// What an upgrade's new process starts from instead of a file: the old
+/// process's config, in its file's form, and the file a SIGHUP reads.
+pub(super) struct Running {
+    /// The file shuttle started from.
+    pub source: Option<PathBuf>,
+    /// The running config.
+    pub file: ConfigFile,
+}
+
+/// The file start-up reads (the state file when it exists, else `-config`), read.
+fn read_source(flags: &Flags, identity: Option<&Identity>) -> Result<(Option<PathBuf>, ConfigFile), Failed> {
     // The state file wins when it exists (reference §1); a corrupt one stops start-up and is never overwritten.
     let source = match (&flags.state, &flags.config) {
         (Some(state), _) if state.exists() => Some(state.clone()),
@@ -86,31 +129,7 @@ fn load(flags: &Flags, identity: Option<&Identity>, running: Option<Vec<ServiceC
     if let (Some(_), Some(state)) = (identity, source.as_ref().filter(|s| Some(*s) == flags.state.as_ref())) {
         file.form = user::trusted_form(file.form, state, flags.config.as_deref())?;
     }
-    let flags = match (file.form.globals(), &source) {
-        (Some(globals), Some(path)) => {
-            let (flags, overridden) = flags.clone().with_file(globals);
-            if !overridden.is_empty() {
-                log::info!("{}: flags override its options: {}", path.display(), overridden.join(", "));
-            }
-            flags
-        }
-        _ => flags.clone(),
-    };
-    let admin = admin_address(&flags)?;
-    user::check_admin(&admin, identity)?;
-    let prepared = prepare(running.unwrap_or(file.services), &source)?;
-    // A TCP admin address with a fixed port is known already; `Server::new`
-    // checks again once it is bound, when port 0 has become a real port.
-    let admin_tcp = match &admin {
-        AdminAddr::Tcp(addr) => Some(*addr),
-        AdminAddr::Unix(..) => None,
-    };
-    service::check_all(&prepared, admin_tcp).map_err(|e| at_source(&source, e))?;
-    let token = match &flags.token_file {
-        Some(path) => Some(read_token(path)?),
-        None => None,
-    };
-    Ok(Loaded { source, form: file.form, flags, prepared, admin, token })
+    Ok((source, file))
 }
 
 /// A failure of the config, named with the file it came from, if any.
@@ -128,7 +147,7 @@ pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
     let Some(fd) = flags.upgrade_fd else { return start_with(flags, started, None) };
     let link = upgrade::link(fd)?;
     let served = upgrade::take(&link).and_then(|taken| {
-        let (pid, services) = (taken.pid, taken.services.len());
+        let (pid, services) = (taken.pid, taken.running.file.services.len());
         let mut server = start_with(flags, started, Some(taken))?;
         upgrade::ready(&link)?;
         server.finish_take_over();
@@ -145,7 +164,7 @@ pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
 fn start_with(flags: Flags, started: Started, taken: Option<upgrade::Taken>) -> Result<Server, Failed> {
     let identity = user::identity(&flags)?;
     let (running, inherited, lock, handed_workers) = match taken {
-        Some(t) => (Some(t.services), Some(t.inherited), t.state_lock, Some(t.workers)),
+        Some(t) => (Some(t.running), Some(t.inherited), t.state_lock, Some(t.workers)),
         None => (None, None, None, None),
     };
     // The state file is locked before it is read: a second shuttle on it stops

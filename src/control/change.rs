@@ -321,6 +321,16 @@ impl Changes {
         self.state.as_ref().map(|(state, _)| state.lock_copy())
     }
 
+    /// The form the state file is written in, with its global options.
+    pub fn form(&self) -> &Form {
+        &self.form
+    }
+
+    /// The file a reload reads.
+    pub fn source(&self) -> Option<&std::path::Path> {
+        self.source.as_deref()
+    }
+
     /// Writes this process's pid into the state file's lock file (after an upgrade).
     pub fn name_holder(&self) -> std::io::Result<()> {
         self.state.as_ref().map_or(Ok(()), |(state, _)| state.name_holder())

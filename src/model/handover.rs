@@ -43,8 +43,11 @@ pub struct Manifest {
     pub pid: u32,
     /// Its worker loops: the new process runs as many (each service has one socket per worker).
     pub workers: usize,
-    /// The running config, as `GET /_config` shows it.
+    /// The running config, as the state file would hold it now (in the form of
+    /// the file last read, with its global options).
     pub config: String,
+    /// The file a SIGHUP reloads: the one the old process started from.
+    pub source: Option<String>,
     /// Each service's sockets.
     pub sockets: Vec<ServiceSockets>,
     /// The admin listener.
@@ -53,6 +56,8 @@ pub struct Manifest {
     pub state_lock: bool,
     /// Every checked backend's health.
     pub health: Vec<BackendHealth>,
+    /// Every service's counters, which the new process goes on from.
+    pub counters: Vec<ServiceCounters>,
 }
 
 /// A service's sockets: `count` descriptors of one `kind`.
@@ -97,6 +102,40 @@ pub struct BackendHealth {
     pub backend: String,
     /// Whether it is up.
     pub up: bool,
+}
+
+/// A service's counters and its backends', as the stats show them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceCounters {
+    /// The service.
+    pub service: String,
+    /// Its `errors`.
+    pub errors: u64,
+    /// Clients closed without a backend.
+    pub no_backend: u64,
+    /// Clients closed for a bad PROXY header.
+    pub proxy_header_errors: u64,
+    /// UDP datagrams dropped: no backend, the flow limit, a failed send.
+    pub dropped: [u64; 3],
+    /// Each backend's.
+    pub backends: Vec<BackendCounters>,
+}
+
+/// A backend's counters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackendCounters {
+    /// The backend.
+    pub backend: String,
+    /// Bytes client → backend, and backend → client.
+    pub bytes: [u64; 2],
+    /// UDP datagrams client → backend, and backend → client.
+    pub datagrams: [u64; 2],
+    /// `errors`, and the failed connects among them.
+    pub errors: [u64; 2],
+    /// Connections established.
+    pub connections: u64,
+    /// Health checks passed, and failed.
+    pub checks: [u64; 2],
 }
 
 /// Why a manifest cannot be used.
@@ -184,10 +223,17 @@ mod tests {
             pid: 42,
             workers: 2,
             config: "[]\n".into(),
+            source: Some("/etc/shuttle.json".into()),
             sockets: vec![ServiceSockets { service: "web".into(), kind: SocketKind::Tcp, count: 2, file: None }],
             admin: AdminSocket { kind: SocketKind::Tcp, path: None },
             state_lock: true,
             health: vec![BackendHealth { service: "web".into(), backend: "a".into(), up: false }],
+            counters: vec![ServiceCounters {
+                service: "web".into(),
+                errors: 3,
+                backends: vec![BackendCounters { backend: "a".into(), bytes: [10, 20], ..Default::default() }],
+                ..Default::default()
+            }],
         }
     }
 

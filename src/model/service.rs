@@ -18,6 +18,7 @@ use crate::model::config::{self, BackendConfig, OnBackendDown, ServiceConfig};
 pub use crate::model::counters::Counters;
 use crate::model::counters::{BackendState, ServiceState};
 use crate::model::endpoint::{self, Endpoint};
+use crate::model::handover::{BackendCounters, ServiceCounters};
 use crate::model::health::{Health, Transition};
 use crate::runtime::bell::Bell;
 use crate::runtime::key::{Key, Slots};
@@ -630,6 +631,72 @@ impl Services {
         let s = self.services.get(b.service)?;
         let (rise, fall) = (s.settings.rise, s.settings.fall);
         self.feed(backend, |h| h.record_check(passed, rise, fall))
+    }
+
+    /// A service's counters and its backends', for an upgrade's manifest.
+    pub fn counters_of(&self, key: Key) -> Option<ServiceCounters> {
+        let s = self.services.get(key)?;
+        let state = &s.state;
+        let backends = s
+            .backends
+            .iter()
+            .filter_map(|&b| self.backends.get(b))
+            .map(|b| {
+                let c = &b.state;
+                BackendCounters {
+                    backend: b.config.name.clone(),
+                    bytes: [c.sent.get(), c.received.get()],
+                    datagrams: [c.datagrams_sent.get(), c.datagrams_received.get()],
+                    errors: [c.errors.get(), c.connect_errors.get()],
+                    connections: c.connections.get(),
+                    checks: [c.check_success.get(), c.check_fail.get()],
+                }
+            })
+            .collect();
+        let udp = &state.udp;
+        Some(ServiceCounters {
+            service: s.settings.name.clone(),
+            errors: state.errors.get(),
+            no_backend: state.no_backend.get(),
+            proxy_header_errors: state.proxy_header_errors.get(),
+            dropped: [udp.dropped_no_backend.get(), udp.dropped_flow_limit.get(), udp.dropped_send_error.get()],
+            backends,
+        })
+    }
+
+    /// Goes on from the counters of the process this one upgraded (reference
+    /// §3.7): its totals are added to this process's. Backends are matched by name.
+    pub fn carry_counters(&self, carried: &ServiceCounters) {
+        let Some(key) = self.find(&carried.service) else { return };
+        let Some(s) = self.services.get(key) else { return };
+        let state = &s.state;
+        state.errors.add(carried.errors);
+        state.no_backend.add(carried.no_backend);
+        state.proxy_header_errors.add(carried.proxy_header_errors);
+        let udp = &state.udp;
+        for (counter, n) in
+            [&udp.dropped_no_backend, &udp.dropped_flow_limit, &udp.dropped_send_error].into_iter().zip(carried.dropped)
+        {
+            counter.add(n);
+        }
+        for b in &carried.backends {
+            let Some(backend) = self.find_backend(key, &b.backend).and_then(|k| self.backends.get(k)) else { continue };
+            let c = &backend.state;
+            let pairs = [
+                (&c.sent, b.bytes[0]),
+                (&c.received, b.bytes[1]),
+                (&c.datagrams_sent, b.datagrams[0]),
+                (&c.datagrams_received, b.datagrams[1]),
+                (&c.errors, b.errors[0]),
+                (&c.connect_errors, b.errors[1]),
+                (&c.connections, b.connections),
+                (&c.check_success, b.checks[0]),
+                (&c.check_fail, b.checks[1]),
+            ];
+            for (counter, n) in pairs {
+                counter.add(n);
+            }
+        }
     }
 
     /// Marks a backend down that the process this one upgraded knew down (reference

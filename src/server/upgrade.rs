@@ -147,7 +147,9 @@ impl Server {
         let mut fds = Vec::new();
         let mut sockets = Vec::new();
         let mut health = Vec::new();
+        let mut counters = Vec::new();
         for key in self.services.keys() {
+            counters.extend(self.services.counters_of(key));
             let Some(service) = self.services.service(key) else { continue };
             let name = service.settings.name.clone();
             let listener = service.listener.and_then(|l| self.entries.get(l));
@@ -192,11 +194,16 @@ impl Server {
             version: handover::VERSION,
             pid: std::process::id(),
             workers: self.workers().map_or(1, |w| w.len()),
-            config: config::to_json(&self.services.configs()),
+            config: self.changes.as_ref().map_or_else(
+                || config::to_json(&self.services.configs()),
+                |c| c.form().render(&self.services.configs()),
+            ),
+            source: self.changes.as_ref().and_then(Changes::source).map(|p| p.display().to_string()),
             sockets,
             admin,
             state_lock,
             health,
+            counters,
         };
         Ok((manifest, fds))
     }
@@ -300,6 +307,9 @@ impl Server {
     /// The old process has let go: the socket files and the state file's lock file are this one's now.
     pub fn finish_take_over(&mut self) {
         let Some((files, admin_path)) = self.adopted.take() else { return };
+        if let Some(workers) = self.workers() {
+            workers.start();
+        }
         for file in files {
             file.own();
         }
@@ -313,8 +323,16 @@ impl Server {
         }
     }
 
+    /// Goes on from the old process's health and counters.
+    pub(super) fn carry_over(&mut self, health: &[BackendHealth], counters: &[handover::ServiceCounters]) {
+        for carried in counters {
+            self.services.carry_counters(carried);
+        }
+        self.carry_health(health);
+    }
+
     /// Makes the backends the old process knew down start down here.
-    pub(super) fn carry_health(&mut self, health: &[BackendHealth]) {
+    fn carry_health(&mut self, health: &[BackendHealth]) {
         for h in health.iter().filter(|h| !h.up) {
             let backend = self.services.find(&h.service).and_then(|s| self.services.find_backend(s, &h.backend));
             match backend {

@@ -25,7 +25,7 @@
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -154,12 +154,38 @@ struct Link {
 #[derive(Debug)]
 pub struct Workers {
     links: Vec<Link>,
+    /// Closed until [`Workers::start`]: the threads wait at it before their loops turn.
+    gate: Arc<Gate>,
     /// The last change sent.
     generation: u64,
     /// When the watchdog pings next.
     next_ping: Instant,
     /// Pings sent so far.
     pings: u64,
+}
+
+/// Where worker threads wait until the process may serve: at once on a
+/// plain start; after an upgrade's new process has said it is ready, so that
+/// no connection is accepted by a process that may still give up (reference §3.7).
+#[derive(Debug, Default)]
+struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn open(&self) {
+        *self.open.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.opened.notify_all();
+    }
+
+    /// Blocks a worker thread before its loop starts (never a turning loop).
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
 }
 
 /// How often the watchdog asks every worker whether its loop still turns.
@@ -213,6 +239,7 @@ impl Workers {
             let inbox: Inbox<Order> = Inbox::new(poll.registry(), WAKER)?;
             loops.push((poll, inbox));
         }
+        let gate = Arc::new(Gate::default());
         let peers = Arc::new(Peers {
             links: loops.iter().map(|(_, inbox)| (inbox.outbox(), AtomicBool::new(false))).collect(),
         });
@@ -226,6 +253,7 @@ impl Workers {
                 access_log: access_log.for_loop(),
                 peers: peers.clone(),
                 bell: bell.clone(),
+                gate: gate.clone(),
             };
             // `top -H` and `ps -L` show 15 bytes of a thread's name: keep the number in them.
             let thread = thread::Builder::new()
@@ -233,7 +261,12 @@ impl Workers {
                 .spawn(move || run_worker(index, poll, inbox, control, budget, grace, cpu))?;
             links.push(Link { orders, applied: 0, ping: None, exited: false, thread: Some(thread) });
         }
-        Ok(Workers { links, generation: 0, next_ping: Instant::now() + PING_EVERY, pings: 0 })
+        Ok(Workers { links, gate, generation: 0, next_ping: Instant::now() + PING_EVERY, pings: 0 })
+    }
+
+    /// Lets the worker loops turn: they apply the orders sent so far, and serve.
+    pub fn start(&self) {
+        self.gate.open();
     }
 
     /// How many worker loops there are.
@@ -368,6 +401,8 @@ struct Budget {
     peers: Arc<Peers>,
     /// The bell every loop rings and hears.
     bell: Arc<Bell>,
+    /// Where the thread waits until the process may serve.
+    gate: Arc<Gate>,
 }
 
 /// A worker thread's whole life: build its loop, run it, report how it ended.
@@ -393,6 +428,7 @@ fn run_worker(
         server.access_log = budget.access_log;
         server.peers = Some(budget.peers);
         server.services.set_bell(budget.bell);
+        budget.gate.wait();
         server.run()
     }));
     let failed = match ran {

@@ -16,7 +16,7 @@ use socket2::Socket;
 
 use super::Failed;
 use crate::control::admin::AdminListener;
-use crate::model::config::{self, ServiceConfig};
+use crate::model::config;
 use crate::model::handover::{kind, Manifest};
 use crate::runtime::listen::Bound;
 use crate::runtime::passfd;
@@ -41,8 +41,8 @@ pub(super) struct Taken {
     pub pid: u32,
     /// Its worker count, which this process keeps.
     pub workers: usize,
-    /// The running config.
-    pub services: Vec<ServiceConfig>,
+    /// The running config and the file it came from.
+    pub running: super::Running,
     /// The sockets, the admin listener and the health.
     pub inherited: Inherited,
     /// The state file's lock, if it has one.
@@ -76,8 +76,9 @@ pub(super) fn take(link: &Socket) -> Result<Taken, Failed> {
         }
     }
     let manifest = Manifest::parse(&json, fds.len()).map_err(|e| failed(e.to_string()))?;
-    let services = config::parse_services(&manifest.config)
+    let file = config::parse_file(&manifest.config)
         .map_err(|e| failed(format!("the running shuttle's config does not load here: {e}")))?;
+    let running = super::Running { source: manifest.source.as_ref().map(PathBuf::from), file };
     let mut fds = fds.into_iter();
     let mut sockets = HashMap::new();
     let mut files = Vec::new();
@@ -100,8 +101,15 @@ pub(super) fn take(link: &Socket) -> Result<Taken, Failed> {
         log::error!("upgrade: {CRASH_ENV} is set: aborting mid-hand-over");
         std::process::abort();
     }
-    let inherited = Inherited { sockets, admin: Some(admin), health: manifest.health, files, admin_path };
-    Ok(Taken { pid: manifest.pid, workers: manifest.workers, services, inherited, state_lock })
+    let inherited = Inherited {
+        sockets,
+        admin: Some(admin),
+        health: manifest.health,
+        counters: manifest.counters,
+        files,
+        admin_path,
+    };
+    Ok(Taken { pid: manifest.pid, workers: manifest.workers, running, inherited, state_lock })
 }
 
 /// Tells the old process that this one serves.
