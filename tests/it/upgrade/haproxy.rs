@@ -1,8 +1,10 @@
 //! A measurement, not a test of shuttle's behaviour: the same load through
 //! 20 `haproxy -sf` reloads (a new process binds beside the old one, which
-//! then closes its listeners: what sat in their queues is lost) and through
-//! 20 shuttle upgrades (the listeners are handed over, never closed). It
-//! prints the counts side by side and asserts nothing about HAProxy's.
+//! then closes its listeners: what sat in their queues is lost), through 20
+//! `haproxy -sf -x` reloads (the new process takes the old one's listening
+//! sockets from its stats socket, `expose-fd listeners`), and through 20
+//! shuttle upgrades (the listeners are handed over, never closed). It prints
+//! the counts side by side and asserts nothing about HAProxy's.
 //!
 //! `cargo test --test it haproxy_sf -- --ignored --nocapture`
 
@@ -40,35 +42,50 @@ impl Drop for Haproxies {
     }
 }
 
-fn spawn_haproxy(conf: &Path, old: Option<u32>) -> Child {
+/// Starts haproxy on `conf`; with `old`, it replaces that process, taking
+/// its sockets from `stats` when given (`-x`).
+fn spawn_haproxy(conf: &Path, old: Option<u32>, stats: Option<&Path>) -> Child {
     let mut command = Command::new(HAPROXY);
     command.args(["-db", "-q", "-f", conf.to_str().expect("UTF-8")]);
     if let Some(pid) = old {
+        if let Some(stats) = stats {
+            command.arg("-x").arg(stats);
+        }
         command.args(["-sf", &pid.to_string()]);
     }
     command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
     command.spawn().unwrap_or_else(|e| panic!("start {HAPROXY}: {e}"))
 }
 
-fn through_haproxy() -> Report {
+/// The load through 20 reloads; with `pass_sockets`, each new haproxy takes the old one's listeners (`-x`).
+fn through_haproxy(pass_sockets: bool) -> Report {
     let up = echo();
     let dir = tempdir();
     let port = free_port();
     let conf = dir.path().join("haproxy.cfg");
+    let stats = dir.path().join("stats.sock");
+    let global = match pass_sockets {
+        true => format!("  stats socket {} mode 600 level admin expose-fd listeners\n", stats.display()),
+        false => String::new(),
+    };
     let text = format!(
-        "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+        "global\n  maxconn 4000\n{global}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
          listen front\n  bind 127.0.0.1:{port}\n  server echo {}\n",
         up.address()
     );
+    let stats = pass_sockets.then_some(stats.as_path());
     std::fs::write(&conf, text).expect("write haproxy.cfg");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
-    let mut running = Haproxies(vec![spawn_haproxy(&conf, None)]);
+    let mut running = Haproxies(vec![spawn_haproxy(&conf, None, None)]);
+    if let Some(stats) = stats {
+        assert!(wait_until(DEADLINE, || stats.exists()), "haproxy never made its stats socket");
+    }
     assert!(wait_until(DEADLINE, || try_connect(addr).is_ok()), "haproxy never listened on {addr}");
     let load = Load::start(addr, SHORT, LONG);
     assert!(load.wait_more(BETWEEN, DEADLINE), "no load through haproxy");
     for reload in 1..=UPGRADES {
         let old = running.0.last().map(Child::id);
-        running.0.push(spawn_haproxy(&conf, old));
+        running.0.push(spawn_haproxy(&conf, old, stats));
         assert!(load.wait_more(BETWEEN, DEADLINE), "reload {reload}: the load stalled");
         // The old ones without long streams (all but the first) finish their drain.
         let drained = wait_until(DEADLINE, || {
@@ -108,11 +125,13 @@ fn haproxy_sf_reloads_under_the_same_load() {
         "{:<24} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>6} {:>12} {:>9}",
         "", "ok", "refused", "reset", "wrong", "cut", "stalled", "other", "long intact", "took"
     );
-    let started = Instant::now();
-    let haproxy = through_haproxy();
-    row("haproxy -sf", &haproxy, started.elapsed());
-    for line in haproxy.described.iter().chain(&haproxy.long_failures) {
-        eprintln!("  haproxy: {line}");
+    for (name, pass_sockets) in [("haproxy -sf", false), ("haproxy -sf -x", true)] {
+        let started = Instant::now();
+        let haproxy = through_haproxy(pass_sockets);
+        row(name, &haproxy, started.elapsed());
+        for line in haproxy.described.iter().chain(&haproxy.long_failures) {
+            eprintln!("  {name}: {line}");
+        }
     }
     let started = Instant::now();
     let shuttle = through_shuttle();
