@@ -1045,7 +1045,10 @@ impl Server {
         }
         let saving = self.changes.as_ref().is_some_and(Changes::is_saving);
         let workers = self.workers().is_none_or(|w| w.all_exited());
-        if self.fds.pairs == 0 && self.fds.listeners == 0 && !saving && workers {
+        // A new process that an upgrade started is waited for (its deadline bounds
+        // it), so that it is stopped if it becomes ready, not left to find us gone.
+        let starting = matches!(self.upgrade, Some(upgrade::Upgrade::Running));
+        if self.fds.pairs == 0 && self.fds.listeners == 0 && !saving && workers && !starting {
             if !matches!(self.role, Role::Worker { .. }) {
                 info!("all connections closed; exiting");
             }

@@ -126,3 +126,30 @@ fn a_new_process_that_never_answers_is_killed_at_the_deadline() {
     assert!(gone, "the process that never answered was killed and reaped");
     upgrades_after_all(&mut shuttle, &exe);
 }
+
+#[test]
+fn sigterm_during_the_hand_over_stops_both_processes() {
+    let dir = tempdir();
+    let echo = echo();
+    let env = vec![("SHUTTLE_TEST_UPGRADE_PAUSE_MS".to_string(), "1000".to_string())];
+    let (mut shuttle, _exe) = start_from_copy(dir.path(), &echo, env);
+    shuttle.signal(libc::SIGUSR2);
+    let started = shuttle.wait_for_line("upgrade: starting ");
+    let pid: i32 = started
+        .split("(process ")
+        .nth(1)
+        .and_then(|rest| rest.trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {started:?}"));
+    let _reap = Reap(pid);
+    // The new process holds the sockets and waits before saying it is ready.
+    shuttle.wait_for_line("before saying ready");
+    shuttle.signal(libc::SIGTERM);
+    let line = shuttle.wait_for_line("but this one is shutting down");
+    assert!(line.contains(&format!("process {pid} is ready")), "{line}");
+    assert!(shuttle.wait_exit(DEADLINE).expect("the old process drains and exits").success());
+    let gone = wait_until(DEADLINE, || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| stat.contains(") Z "))
+    });
+    assert!(gone, "the new process was told to stop too, and did");
+    assert!(!shuttle.stderr_lines().iter().any(|l| l.contains(" is serving; ")), "no hand-over happened");
+}
