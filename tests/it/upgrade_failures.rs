@@ -41,6 +41,13 @@ fn start_from_copy(dir: &Path, echo: &Backend, env: Vec<(String, String)>) -> (S
     (shuttle, exe)
 }
 
+/// The pid of the process an upgrade started, from the old process's log.
+fn started_pid(shuttle: &Shuttle) -> i32 {
+    let started = shuttle.wait_for_line("upgrade: starting ");
+    let pid = started.split("(process ").nth(1).and_then(|rest| rest.trim_end_matches(')').parse().ok());
+    pid.unwrap_or_else(|| panic!("no pid in {started:?}"))
+}
+
 /// Puts `bytes` at `exe` as an executable, through a rename (the running binary is never written).
 fn replace(exe: &Path, bytes: &[u8]) {
     let tmp = exe.with_extension("new");
@@ -114,12 +121,7 @@ fn a_new_process_that_never_answers_is_killed_at_the_deadline() {
     // It holds the hand-over socket open and reads nothing.
     replace(&exe, b"#!/bin/sh\nexec sleep 60\n");
     shuttle.signal(libc::SIGUSR2);
-    let started = shuttle.wait_for_line("upgrade: starting ");
-    let pid: i32 = started
-        .split("(process ")
-        .nth(1)
-        .and_then(|rest| rest.trim_end_matches(')').parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {started:?}"));
+    let pid = started_pid(&shuttle);
     let _reap = Reap(pid);
     serves_on(&shuttle, "did not serve within 1s");
     let gone = wait_until(DEADLINE, || !Path::new(&format!("/proc/{pid}")).exists());
@@ -134,12 +136,7 @@ fn sigterm_during_the_hand_over_stops_both_processes() {
     let env = vec![("SHUTTLE_TEST_UPGRADE_PAUSE_MS".to_string(), "1000".to_string())];
     let (mut shuttle, _exe) = start_from_copy(dir.path(), &echo, env);
     shuttle.signal(libc::SIGUSR2);
-    let started = shuttle.wait_for_line("upgrade: starting ");
-    let pid: i32 = started
-        .split("(process ")
-        .nth(1)
-        .and_then(|rest| rest.trim_end_matches(')').parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {started:?}"));
+    let pid = started_pid(&shuttle);
     let _reap = Reap(pid);
     // The new process holds the sockets and waits before saying it is ready.
     shuttle.wait_for_line("before saying ready");
