@@ -846,7 +846,7 @@ impl Server {
         let down = self.services.cuts();
         if !down.is_empty() {
             self.cut_pairs(|pair| down.contains(&pair.target()), Cut::BackendDown, now);
-            self.close_flows(|flow| down.contains(&flow.backend));
+            self.close_flows(|flow| down.contains(&flow.backend), crate::data::finished::End::BackendDown);
         }
     }
 
@@ -950,6 +950,9 @@ impl Server {
             let them = if open == 1 { "connection gets" } else { "connections get" };
             self.notify.send(&format!("STOPPING=1\nSTATUS=draining: {open} open {them} up to {:?}\n", self.grace));
         }
+        // A huge grace means "wait for every connection": cap it rather than overflow.
+        // Set first: what closes below ends as part of the shutdown.
+        self.draining = Some(now.checked_add(self.grace).unwrap_or(now + Duration::from_secs(1 << 30)));
         let (mut listeners, mut others) = (Vec::new(), Vec::new());
         for (key, entry) in self.entries.iter() {
             match entry {
@@ -968,8 +971,6 @@ impl Server {
         for key in others {
             self.remove_entry(key);
         }
-        // A huge grace means "wait for every connection": cap it rather than overflow.
-        self.draining = Some(now.checked_add(self.grace).unwrap_or(now + Duration::from_secs(1 << 30)));
     }
 
     /// A second SIGTERM/SIGINT during the drain: open connections are cut now.

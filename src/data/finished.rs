@@ -47,6 +47,12 @@ pub enum End {
     ServiceRemoved,
     /// Cut at the service's `max_connection_duration`.
     MaxDuration,
+    /// A UDP flow that saw no datagram either way for `udp_idle_timeout`.
+    IdleTimeout,
+    /// A UDP flow that carried its `udp_max_responses` replies.
+    MaxResponses,
+    /// A UDP flow whose service socket closed: the service moved or was removed.
+    SocketClosed,
 }
 
 impl End {
@@ -71,6 +77,9 @@ impl End {
             End::BackendRemoved => "backend_removed",
             End::ServiceRemoved => "service_removed",
             End::MaxDuration => "max_duration",
+            End::IdleTimeout => "idle_timeout",
+            End::MaxResponses => "max_responses",
+            End::SocketClosed => "socket_closed",
         }
     }
 }

@@ -14,10 +14,14 @@
 //! it finds then.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use mio::net::UdpSocket;
 
+use crate::data::finished::{End, Finished};
+use crate::model::endpoint::ClientAddr;
+use crate::model::service::Label;
 use crate::runtime::key::Key;
 use crate::runtime::timer::TimerKey;
 
@@ -44,6 +48,14 @@ pub struct Flow {
     pub replies_seen: u32,
     /// Its idle timer, once armed.
     pub timer: Option<TimerKey>,
+    /// Its first datagram.
+    pub started: Instant,
+    /// Bytes relayed client → backend, and backend → client.
+    pub bytes: [u64; 2],
+    /// How it ends, once known; a flow closed otherwise ends with its socket or shuttle.
+    pub end: Option<End>,
+    /// Its service's and backend's names, for the access log (they may be gone by its end).
+    pub names: (Arc<String>, Arc<Label>),
 }
 
 impl Flow {
@@ -61,6 +73,26 @@ impl Flow {
                 *left == 0
             }
             None => false,
+        }
+    }
+}
+
+impl Flow {
+    /// Its access-log record, ending `end` unless it knows better.
+    pub fn finished(&self, now: Instant, end: End) -> Finished<'_> {
+        let (service, label) = &self.names;
+        Finished {
+            at: SystemTime::now(),
+            service: service.as_str(),
+            client: ClientAddr::Inet(self.client),
+            backend: Some((label.name.as_str(), &label.addr)),
+            connect: None,
+            queued: Duration::ZERO,
+            duration: now.saturating_duration_since(self.started),
+            sent: self.bytes[0],
+            received: self.bytes[1],
+            failed_connects: 0,
+            end: self.end.unwrap_or(end),
         }
     }
 }
@@ -88,6 +120,16 @@ mod tests {
             replies_left: replies_allowed(max_responses),
             replies_seen: 0,
             timer: None,
+            started: Instant::now(),
+            bytes: [0, 0],
+            end: None,
+            names: (
+                Arc::new("dns".into()),
+                Arc::new(Label {
+                    name: "b0".into(),
+                    addr: crate::model::endpoint::Endpoint::Inet("127.0.0.1:53".parse().unwrap()),
+                }),
+            ),
         }
     }
 

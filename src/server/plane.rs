@@ -18,6 +18,7 @@ use super::{Entry, Server};
 use crate::control::api::{Plane, Staged};
 use crate::control::info::Info;
 use crate::control::metrics::Process;
+use crate::data::finished::End;
 use crate::data::proxy::Cut;
 use crate::model::config::{self, ServiceConfig};
 use crate::model::endpoint::Endpoint;
@@ -164,11 +165,11 @@ impl Plane for Server {
             Some(name) => {
                 let Some(target) = self.services.find_backend(key, name) else { return };
                 self.cut_pairs(|pair| pair.target() == target, Cut::BackendRemoved, now);
-                self.close_flows(|flow| flow.backend == target);
+                self.close_flows(|flow| flow.backend == target, End::BackendRemoved);
             }
             None => {
                 self.cut_pairs(|pair| pair.service() == key, Cut::ServiceRemoved, now);
-                self.close_flows(|flow| flow.service == key);
+                self.close_flows(|flow| flow.service == key, End::ServiceRemoved);
             }
         }
     }

@@ -22,6 +22,7 @@ use mio::net::UdpSocket;
 use mio::Interest;
 
 use super::{Entry, Server};
+use crate::data::finished::End;
 use crate::data::flow::{self, Flow};
 use crate::model::config;
 use crate::model::health::Transition;
@@ -120,6 +121,10 @@ impl Server {
             return None;
         };
         // Validation keeps unix paths off UDP services: a backend here has an IP address.
+        let names = match (self.services.service(service), self.services.backend(backend)) {
+            (Some(s), Some(b)) => (s.name.clone(), b.label.clone()),
+            _ => return None,
+        };
         let opened = self.services.backend(backend).and_then(|b| b.addr.inet()).ok_or(io::ErrorKind::NotFound.into());
         let opened = opened.and_then(net::udp_flow).and_then(|mut socket| {
             let registry = self.poll.registry();
@@ -136,6 +141,10 @@ impl Server {
                     replies_left,
                     replies_seen: 0,
                     timer: None,
+                    started: now,
+                    bytes: [0, 0],
+                    end: None,
+                    names,
                 };
                 Ok::<_, io::Error>(Entry::Flow(flow))
             })
@@ -175,6 +184,7 @@ impl Server {
         match sent {
             Ok(_) => {
                 f.last = now;
+                f.bytes[0] += n as u64;
                 if let Some(b) = services.backend(backend) {
                     b.state.datagrams_sent.add(1);
                     b.state.sent.add(n as u64);
@@ -209,6 +219,9 @@ impl Server {
             let first = f.replies_seen == 0;
             f.replies_seen = f.replies_seen.saturating_add(1);
             let last = f.replied(now);
+            if last {
+                f.end = Some(End::MaxResponses);
+            }
             let (client, listener, backend, service) = (f.client, f.listener, f.backend, f.service);
             let sent = match entries.get(listener) {
                 Some(Entry::Datagrams(socket)) => socket.socket.send_to(&datagram[..n], client).map(drop),
@@ -219,6 +232,9 @@ impl Server {
             }
             match sent {
                 Ok(()) => {
+                    if let Some(Entry::Flow(f)) = entries.get_mut(key) {
+                        f.bytes[1] += n as u64;
+                    }
                     if let Some(b) = services.backend(backend) {
                         b.state.datagrams_received.add(1);
                         b.state.received.add(n as u64);
@@ -241,7 +257,8 @@ impl Server {
     /// The backend refused a flow's datagram: a failed connect for passive
     /// health, and the flow ends, so the client's next datagram picks again.
     fn backend_refused(&mut self, key: Key, error: &io::Error) {
-        let Some(Entry::Flow(f)) = self.entries.get(key) else { return };
+        let Some(Entry::Flow(f)) = self.entries.get_mut(key) else { return };
+        f.end = Some(End::ConnectFailed);
         let backend = f.backend;
         let transition = self.services.connect_failed(backend);
         let (service, name) = self.services.names(backend);
@@ -258,18 +275,23 @@ impl Server {
         f.timer = None;
         let expires = f.expires();
         if now >= expires {
+            f.end = Some(End::IdleTimeout);
             return self.remove_entry(key);
         }
         f.timer = Some(self.timers.insert(expires, key));
     }
 
-    /// Ends every flow of this loop that `which` picks (a `?close`, a backend marked down).
-    pub(crate) fn close_flows(&mut self, which: impl Fn(&Flow) -> bool) {
+    /// Ends every flow of this loop that `which` picks (a `?close`, a backend
+    /// marked down), as `why` says in the access log.
+    pub(crate) fn close_flows(&mut self, which: impl Fn(&Flow) -> bool, why: End) {
         let keys: Vec<Key> = self
             .entries
-            .iter()
+            .iter_mut()
             .filter_map(|(key, entry)| match entry {
-                Entry::Flow(f) if which(f) => Some(key),
+                Entry::Flow(f) if which(f) => {
+                    f.end = Some(why);
+                    Some(key)
+                }
                 _ => None,
             })
             .collect();
@@ -283,6 +305,10 @@ impl Server {
     pub(super) fn flow_closed(&mut self, flow: &Flow) {
         if let Some(timer) = flow.timer {
             self.timers.cancel(timer);
+        }
+        if self.access_log.is_on() {
+            let end = if self.draining.is_some() { End::Shutdown } else { End::SocketClosed };
+            self.access_log.record(&flow.finished(Instant::now(), end));
         }
         if let Some(Entry::Datagrams(socket)) = self.entries.get_mut(flow.listener) {
             socket.flows.remove(&flow.client);

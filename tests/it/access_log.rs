@@ -16,6 +16,7 @@
 
 mod edges;
 mod ends;
+mod flows;
 mod line;
 mod sinks;
 
