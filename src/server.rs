@@ -180,8 +180,6 @@ pub struct Inherited {
     pub admin: Option<AdminListener>,
     /// The old process's backends that were down.
     pub health: Vec<crate::model::handover::BackendHealth>,
-    /// The old process's counters, which this one goes on from.
-    pub counters: Vec<crate::model::handover::ServiceCounters>,
     /// The unix socket files of its services, its until the hand-over is done.
     pub files: Vec<std::sync::Arc<crate::runtime::unix::SocketFile>>,
     /// The admin socket's file, if it is a unix one.
@@ -300,6 +298,10 @@ pub struct Server {
     upgrade: Option<upgrade::Upgrade>,
     /// Set once a new process took the listeners over: this one only drains.
     handed_over: bool,
+    /// The process an upgrade started, reaped if it exits while this one drains.
+    successor: Option<std::process::Child>,
+    /// The thread telling that process to serve; the drain waits for it.
+    telling: Option<std::thread::JoinHandle<()>>,
     /// The socket files an upgrade took over, left alone until it is done.
     adopted: Option<(Vec<std::sync::Arc<crate::runtime::unix::SocketFile>>, Option<std::path::PathBuf>)>,
 }
@@ -415,7 +417,7 @@ impl Server {
         match inherited {
             // The workers wait until this process has said it is ready (`finish_take_over`).
             Some(inherited) => {
-                server.carry_over(&inherited.health, &inherited.counters);
+                server.carry_health(&inherited.health);
                 server.adopted = Some((inherited.files, inherited.admin_path));
             }
             None => {
@@ -469,6 +471,8 @@ impl Server {
             relaunch: None,
             upgrade: None,
             handed_over: false,
+            successor: None,
+            telling: None,
             adopted: None,
         }
     }
@@ -688,7 +692,7 @@ impl Server {
             }
             self.hear_bell(now);
             self.on_change_deadline(now);
-            self.start_upgrade(now);
+            self.start_upgrade();
             if let Some(stuck) = self.workers_mut().and_then(|w| w.watch(now)) {
                 let why = format!(
                     "worker {stuck} has not answered for {:?}: its loop is stuck; exiting at once, for a supervisor to restart shuttle",
@@ -707,6 +711,9 @@ impl Server {
                 self.resume(key, now);
             }
             self.access_log.flush();
+            if self.draining.is_some() {
+                self.reap_successor();
+            }
             if self.drained(now) {
                 // Grace over with workers still running: they cut their connections and
                 // stop, waited for as after a second signal, so none is lost unlogged.
@@ -772,7 +779,7 @@ impl Server {
                     self.access_log.reopen();
                 }
                 SIGUSR1 => info!("SIGUSR1 received: there is no access log to reopen; shuttle keeps running"),
-                SIGUSR2 => self.on_upgrade_signal(now),
+                SIGUSR2 => self.on_upgrade_signal(),
                 other => info!("signal {other} received and ignored; shuttle keeps running"),
             }
         }
@@ -1040,6 +1047,10 @@ impl Server {
     /// flight), or the grace period ran out.
     fn drained(&self, now: Instant) -> bool {
         let Some(deadline) = self.draining else { return false };
+        // Even past the grace: until then the new process serves nothing (bounded by the link's deadline).
+        if self.telling_successor() {
+            return false;
+        }
         if self.stopping_now {
             // Workers were told to cut their connections and go; a stuck one is not waited for.
             return now >= deadline || self.workers().is_none_or(|w| w.all_exited());
@@ -1049,6 +1060,7 @@ impl Server {
         // A new process that an upgrade started is waited for (its deadline bounds
         // it), so that it is stopped if it becomes ready, not left to find us gone.
         let starting = matches!(self.upgrade, Some(upgrade::Upgrade::Running));
+
         if self.fds.pairs == 0 && self.fds.listeners == 0 && !saving && workers && !starting {
             if !matches!(self.role, Role::Worker { .. }) {
                 info!("all connections closed; exiting");

@@ -70,9 +70,12 @@ struct Loaded {
 /// `running` (an upgrade's), no file is read: the old process's config and
 /// the file it names stand in for them.
 fn load(flags: &Flags, identity: Option<&Identity>, running: Option<Running>) -> Result<Loaded, Failed> {
-    let (source, file) = match running {
-        Some(Running { source, file }) => (source, file),
-        None => read_source(flags, identity)?,
+    let (source, file, running_token) = match running {
+        Some(Running { source, file, token }) => (source, file, Some(token)),
+        None => {
+            let (source, file) = read_source(flags, identity)?;
+            (source, file, None)
+        }
     };
     let flags = match (file.form.globals(), &source) {
         (Some(globals), Some(path)) => {
@@ -94,9 +97,10 @@ fn load(flags: &Flags, identity: Option<&Identity>, running: Option<Running>) ->
         AdminAddr::Unix(..) => None,
     };
     service::check_all(&prepared, admin_tcp).map_err(|e| at_source(&source, e))?;
-    let token = match &flags.token_file {
-        Some(path) => Some(read_token(path)?),
-        None => None,
+    let token = match (running_token, &flags.token_file) {
+        (Some(token), _) => token,
+        (None, Some(path)) => Some(read_token(path)?),
+        (None, None) => None,
     };
     Ok(Loaded { source, form: file.form, flags, prepared, admin, token })
 }
@@ -108,6 +112,8 @@ pub(super) struct Running {
     pub source: Option<PathBuf>,
     /// The running config.
     pub file: ConfigFile,
+    /// The admin token in force (the file it came from may be root's alone, and this process not root).
+    pub token: Option<Vec<u8>>,
 }
 
 /// The file start-up reads (the state file when it exists, else `-config`), read.
@@ -150,6 +156,8 @@ pub fn start(flags: Flags, started: Started) -> Result<Server, Failed> {
         let (pid, services) = (taken.pid, taken.running.file.services.len());
         let mut server = start_with(flags, started, Some(taken))?;
         upgrade::ready(&link)?;
+        let counters = upgrade::wait_go(&link)?;
+        server.carry_counters(&counters);
         server.finish_take_over();
         let plural = if services == 1 { "" } else { "s" };
         log::info!("upgrade: took over {services} service{plural} from process {pid}");

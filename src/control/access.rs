@@ -63,6 +63,11 @@ impl std::fmt::Display for Refusal {
 }
 
 impl Access {
+    /// The bearer token, if one was configured (an upgrade hands it on).
+    pub fn token(&self) -> Option<&[u8]> {
+        self.token.as_deref()
+    }
+
     /// The policy for an API with these extra host names and token, on TCP or a unix socket.
     pub fn new(hosts: &[String], token: Option<Vec<u8>>, unix: bool) -> Access {
         let hosts = hosts.iter().map(|h| normal_host(h)).filter(|h| !h.is_empty()).collect();

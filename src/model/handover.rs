@@ -3,10 +3,14 @@
 //! the sockets. Pure data; the sockets travel in `runtime::passfd`.
 //!
 //! The old process sends the manifest as `M` messages (JSON in pieces), the
-//! descriptors as `F` messages, then `E`. The new one answers `R` once it
-//! serves, or `X` and why it cannot. The descriptors come in the manifest's
-//! order: every service's sockets (one per worker), the admin listener, the
-//! state file's lock.
+//! descriptors as `F` messages, then `E`. The new one builds its loops on
+//! them, accepting nothing yet, and answers `R` (ready), or `X` and why it
+//! cannot. Then the old one stops accepting and sends its counters as they
+//! are at that moment (`C` messages), then `G`: only then does the new one
+//! serve. If the old one calls it off instead (it began shutting down), the
+//! new one sees the end of the socket and exits, having served nothing. The
+//! descriptors come in the manifest's order: every service's sockets (one per
+//! worker), the admin listener, the state file's lock.
 //!
 //! The config travels in the manifest, not through the state file: the old
 //! process sends it only when no change is in flight and takes none until
@@ -28,8 +32,12 @@ pub mod kind {
     pub const FDS: u8 = b'F';
     /// Everything was sent.
     pub const END: u8 = b'E';
-    /// The new process serves.
+    /// The new process is ready to serve.
     pub const READY: u8 = b'R';
+    /// A piece of the counters' JSON.
+    pub const COUNTERS: u8 = b'C';
+    /// The old process has stopped accepting: serve.
+    pub const GO: u8 = b'G';
     /// The new process gives up; the rest of the message says why.
     pub const FAILED: u8 = b'X';
 }
@@ -56,8 +64,8 @@ pub struct Manifest {
     pub state_lock: bool,
     /// Every checked backend's health.
     pub health: Vec<BackendHealth>,
-    /// Every service's counters, which the new process goes on from.
-    pub counters: Vec<ServiceCounters>,
+    /// The admin token, which the new process may no longer be allowed to read (`-user`).
+    pub token: Option<String>,
 }
 
 /// A service's sockets: `count` descriptors of one `kind`.
@@ -154,6 +162,10 @@ pub enum ManifestError {
     },
     /// A service's socket count is not the worker count.
     Count(String),
+    /// Two services of one name.
+    Duplicate(String),
+    /// More workers than shuttle runs.
+    Workers(usize),
 }
 
 impl std::fmt::Display for ManifestError {
@@ -169,27 +181,22 @@ impl std::fmt::Display for ManifestError {
             ManifestError::Count(service) => {
                 write!(f, "service {service:?}: the number of its sockets is not the number of workers")
             }
+            ManifestError::Duplicate(service) => write!(f, "service {service:?} is handed over twice"),
+            ManifestError::Workers(n) => write!(f, "{n} workers: more than shuttle runs"),
         }
     }
 }
 
 impl Manifest {
-    /// How many descriptors follow it.
-    pub fn fds(&self) -> usize {
-        self.sockets.iter().map(|s| s.count).sum::<usize>() + 1 + usize::from(self.state_lock)
+    /// How many descriptors follow it (`None` past any real count).
+    pub fn fds(&self) -> Option<usize> {
+        let sockets = self.sockets.iter().try_fold(0usize, |n, s| n.checked_add(s.count))?;
+        sockets.checked_add(1 + usize::from(self.state_lock))
     }
 
-    /// The manifest as its `M` messages: JSON cut into pieces of at most `each` bytes.
-    pub fn to_messages(&self, each: usize) -> Vec<Vec<u8>> {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        json.chunks(each.max(2) - 1)
-            .map(|piece| {
-                let mut message = Vec::with_capacity(piece.len() + 1);
-                message.push(kind::MANIFEST);
-                message.extend_from_slice(piece);
-                message
-            })
-            .collect()
+    /// The manifest as its `M` messages of at most `each` bytes.
+    pub fn to_messages(&self, each: usize) -> serde_json::Result<Vec<Vec<u8>>> {
+        Ok(pieces(kind::MANIFEST, &serde_json::to_vec(self)?, each))
     }
 
     /// Reads the manifest from its JSON and checks it against `fds` received descriptors.
@@ -203,14 +210,44 @@ impl Manifest {
             return Err(ManifestError::Version(versioned.version));
         }
         let manifest: Manifest = serde_json::from_slice(json).map_err(|e| ManifestError::Malformed(e.to_string()))?;
-        if manifest.fds() != fds {
-            return Err(ManifestError::Fds { expected: manifest.fds(), got: fds });
+        if manifest.workers > crate::model::options::MAX_WORKERS {
+            return Err(ManifestError::Workers(manifest.workers));
         }
         if let Some(bad) = manifest.sockets.iter().find(|s| s.count != manifest.workers.max(1)) {
             return Err(ManifestError::Count(bad.service.clone()));
         }
+        let expected = manifest.fds().unwrap_or(usize::MAX);
+        if expected != fds {
+            return Err(ManifestError::Fds { expected, got: fds });
+        }
+        let mut names = std::collections::HashSet::new();
+        if let Some(twice) = manifest.sockets.iter().find(|s| !names.insert(s.service.as_str())) {
+            return Err(ManifestError::Duplicate(twice.service.clone()));
+        }
         Ok(manifest)
     }
+}
+
+/// The counters as their `C` messages of at most `each` bytes.
+pub fn counters_to_messages(counters: &[ServiceCounters], each: usize) -> serde_json::Result<Vec<Vec<u8>>> {
+    Ok(pieces(kind::COUNTERS, &serde_json::to_vec(counters)?, each))
+}
+
+/// Reads the counters from their JSON.
+pub fn parse_counters(json: &[u8]) -> Result<Vec<ServiceCounters>, ManifestError> {
+    serde_json::from_slice(json).map_err(|e| ManifestError::Malformed(e.to_string()))
+}
+
+/// `json` cut into messages of at most `each` bytes, each led by `kind`.
+fn pieces(kind: u8, json: &[u8], each: usize) -> Vec<Vec<u8>> {
+    json.chunks(each.max(2) - 1)
+        .map(|piece| {
+            let mut message = Vec::with_capacity(piece.len() + 1);
+            message.push(kind);
+            message.extend_from_slice(piece);
+            message
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -228,22 +265,27 @@ mod tests {
             admin: AdminSocket { kind: SocketKind::Tcp, path: None },
             state_lock: true,
             health: vec![BackendHealth { service: "web".into(), backend: "a".into(), up: false }],
-            counters: vec![ServiceCounters {
-                service: "web".into(),
-                errors: 3,
-                backends: vec![BackendCounters { backend: "a".into(), bytes: [10, 20], ..Default::default() }],
-                ..Default::default()
-            }],
+            token: Some("s3cret".into()),
         }
     }
 
     #[test]
     fn the_manifest_survives_its_pieces() {
         let m = manifest();
-        let messages = m.to_messages(16);
+        let messages = m.to_messages(16).unwrap();
         assert!(messages.len() > 5 && messages.iter().all(|p| p.len() <= 16 && p[0] == kind::MANIFEST));
         let json: Vec<u8> = messages.iter().flat_map(|p| p[1..].to_vec()).collect();
         assert_eq!(Manifest::parse(&json, 4), Ok(m));
+        let counters = vec![ServiceCounters {
+            service: "web".into(),
+            errors: 3,
+            backends: vec![BackendCounters { backend: "a".into(), bytes: [10, 20], ..Default::default() }],
+            ..Default::default()
+        }];
+        let messages = counters_to_messages(&counters, 16).unwrap();
+        assert!(messages.iter().all(|p| p.len() <= 16 && p[0] == kind::COUNTERS));
+        let json: Vec<u8> = messages.iter().flat_map(|p| p[1..].to_vec()).collect();
+        assert_eq!(parse_counters(&json), Ok(counters));
     }
 
     #[test]
@@ -259,6 +301,19 @@ mod tests {
         let json = serde_json::to_vec(&short).unwrap();
         assert_eq!(Manifest::parse(&json, 3), Err(ManifestError::Count("web".into())));
         assert!(matches!(Manifest::parse(b"{\"version\":1}", 0), Err(ManifestError::Malformed(_))));
+        let mut twice = manifest();
+        twice.sockets.push(twice.sockets[0].clone());
+        let json = serde_json::to_vec(&twice).unwrap();
+        assert_eq!(Manifest::parse(&json, 6), Err(ManifestError::Duplicate("web".into())));
+        let mut huge = manifest();
+        huge.workers = usize::MAX;
+        huge.sockets[0].count = usize::MAX;
+        huge.sockets.push(huge.sockets[0].clone());
+        let json = serde_json::to_vec(&huge).unwrap();
+        assert_eq!(Manifest::parse(&json, 4), Err(ManifestError::Workers(usize::MAX)));
+        huge.workers = 2;
+        let json = serde_json::to_vec(&huge).unwrap();
+        assert_eq!(Manifest::parse(&json, 4), Err(ManifestError::Count("web".into())));
         assert!(matches!(Manifest::parse(b"\xff", 0), Err(ManifestError::Malformed(_))));
     }
 }

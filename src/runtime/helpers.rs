@@ -56,10 +56,17 @@ pub enum Answer {
         /// The ping's number.
         seq: u64,
     },
-    /// The process started by a binary upgrade serves (its pid), or why it does not.
+    /// The process started by a binary upgrade is ready to serve, or why it is not.
     Upgraded {
-        /// The new process's pid, or why the upgrade failed.
-        result: Result<u32, String>,
+        /// The new process, waiting for the word to serve, or why the upgrade failed.
+        result: Result<crate::runtime::process::Successor, String>,
+    },
+    /// The new process of an upgrade was told to serve, or could not be.
+    Told {
+        /// Its pid.
+        pid: u32,
+        /// How the telling went.
+        result: io::Result<()>,
     },
     /// Worker loop `worker` has stopped: drained, or `failed` with why.
     Exited {

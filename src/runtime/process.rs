@@ -1,18 +1,18 @@
-//! Signalling another process: the one a binary upgrade started, when this
-//! process began shutting down before it heard that the other one serves.
+//! The process a binary upgrade started (reference §3.7), as the old one
+//! holds it once it has said it is ready: the link to it, and the child to
+//! reap if it exits while this one still runs.
 
-use std::io;
+use std::process::Child;
 
-/// Sends SIGTERM to `pid`: it drains and exits as after any SIGTERM.
-#[allow(unsafe_code)]
-pub fn terminate(pid: u32) -> io::Result<()> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "no such pid"))?;
-    if pid <= 1 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a process of ours"));
-    }
-    // SAFETY: kill takes two integers and touches no memory of ours.
-    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+use socket2::Socket;
+
+/// A new process that said it is ready and waits for the word to serve.
+#[derive(Debug)]
+pub struct Successor {
+    /// Its pid.
+    pub pid: u32,
+    /// The hand-over socketpair's end; dropping it unsent calls the upgrade off.
+    pub link: Socket,
+    /// The child, to reap if it exits while this process still runs.
+    pub child: Child,
 }

@@ -127,6 +127,10 @@ impl Server {
                     self.on_upgraded(result, now);
                     Vec::new()
                 }
+                Answer::Told { pid, result } => {
+                    self.on_told(pid, result);
+                    Vec::new()
+                }
                 answer => self.with_changes(|changes, server| changes.on_answer(server, answer, now)),
             };
             self.deliver(replies, now);

@@ -6,13 +6,17 @@
 //! over, and gives both to a thread of its own, which starts the binary at
 //! the path this process was started from, with the same arguments and
 //! `-upgrade-fd`, sends everything over a seqpacket socketpair, and waits
-//! (at most [`DEADLINE`]) for the new process to say it serves.
+//! (each message at most [`DEADLINE`]) for the new process to say it is ready.
 //!
-//! - Ready: the listeners close here without the SYN filter a retiring
-//!   listener gets. They are the new process's sockets too, so what is
-//!   queued in their backlogs stays queued, for it. Unix socket files and
-//!   the state file's lock stay with it. This process then drains as after
-//!   SIGTERM.
+//! - Ready: systemd hears the new `MAINPID=` from this process, still the
+//!   main one. The listeners close here without the SYN filter a retiring
+//!   listener gets: they are the new process's sockets too, so what is
+//!   queued in their backlogs stays queued, for it. Then the counters go to
+//!   the new process, with the word to serve (`G`); until then it accepts
+//!   nothing. Unix socket files and the state file's lock stay with it. This
+//!   process then drains as after SIGTERM.
+//! - Ready, but this process began shutting down meanwhile: the link is
+//!   dropped unsent, and the new process exits, having served nothing.
 //! - Anything else (the binary does not start, refuses the manifest,
 //!   crashes, or is late): the new process is killed if it still runs, and
 //!   this one goes on as if nothing happened, and says so.
@@ -20,7 +24,7 @@
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -34,8 +38,10 @@ use crate::model::handover::{self, kind, AdminSocket, BackendHealth, FileId, Man
 use crate::runtime::helpers::Answer;
 use crate::runtime::listen::Bound;
 use crate::runtime::passfd;
+use crate::runtime::process::Successor;
 
-/// How long the new process has to say it serves, from its start.
+/// How long each message of the hand-over may take, the new process's answer
+/// included (its start-up, name lookups and all).
 pub const DEADLINE: Duration = Duration::from_secs(10);
 /// `SHUTTLE_TEST_UPGRADE_DEADLINE_MS=N` shortens [`DEADLINE`] (the tests of a new process that never answers).
 pub const DEADLINE_ENV: &str = "SHUTTLE_TEST_UPGRADE_DEADLINE_MS";
@@ -53,8 +59,28 @@ pub struct Relaunch {
 impl Relaunch {
     /// This process's own executable and arguments.
     pub fn this_process() -> io::Result<Relaunch> {
-        Ok(Relaunch { exe: std::env::current_exe()?, args: without_upgrade_fd(std::env::args_os().skip(1)) })
+        let mut given = std::env::args_os();
+        let argv0 = given.next().map(PathBuf::from);
+        let exe = match argv0.as_deref().and_then(as_invoked) {
+            Some(exe) => exe,
+            None => std::env::current_exe()?,
+        };
+        Ok(Relaunch { exe, args: without_upgrade_fd(given) })
     }
+}
+
+/// The binary as it was invoked, symlinks kept: a path with a slash made
+/// absolute, a bare name found in `$PATH`. (`/proc/self/exe` would resolve a
+/// symlink, and an upgrade that repoints the link would run the old binary.)
+fn as_invoked(argv0: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if argv0.as_os_str().as_encoded_bytes().contains(&b'/') {
+        let path = if argv0.is_absolute() { argv0.to_path_buf() } else { std::env::current_dir().ok()?.join(argv0) };
+        return executable(&path).then_some(path);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(argv0)).find(|p| p.is_absolute() && executable(p))
 }
 
 /// The arguments less `-upgrade-fd N` (or `--upgrade-fd=N`): each upgrade names its own.
@@ -62,11 +88,12 @@ fn without_upgrade_fd(given: impl IntoIterator<Item = OsString>) -> Vec<OsString
     let mut args = Vec::new();
     let mut given = given.into_iter();
     while let Some(arg) = given.next() {
-        match arg.to_string_lossy().trim_start_matches('-') {
-            "upgrade-fd" => {
+        let text = arg.to_string_lossy();
+        match text.strip_prefix("--").or_else(|| text.strip_prefix('-')) {
+            Some("upgrade-fd") => {
                 given.next();
             }
-            flag if flag.starts_with("upgrade-fd=") => {}
+            Some(flag) if flag.starts_with("upgrade-fd=") => {}
             _ => args.push(arg),
         }
     }
@@ -84,7 +111,7 @@ pub(crate) enum Upgrade {
 
 impl Server {
     /// SIGUSR2.
-    pub(super) fn on_upgrade_signal(&mut self, now: Instant) {
+    pub(super) fn on_upgrade_signal(&mut self) {
         if self.handed_over {
             return info!("SIGUSR2 received after the hand-over: this process only drains");
         }
@@ -99,11 +126,11 @@ impl Server {
         }
         info!("SIGUSR2 received: upgrading; admin changes get 503 until the new process serves");
         self.upgrade = Some(Upgrade::Waiting);
-        self.start_upgrade(now);
+        self.start_upgrade();
     }
 
     /// Starts a waiting upgrade once no change is in flight; run every turn.
-    pub(super) fn start_upgrade(&mut self, _now: Instant) {
+    pub(super) fn start_upgrade(&mut self) {
         if matches!(self.upgrade, Some(Upgrade::Waiting)) && self.draining.is_some() {
             info!("upgrade: not started: this process is shutting down");
             self.upgrade = None;
@@ -117,6 +144,14 @@ impl Server {
                 error!("upgrade failed: {e}; this process keeps serving");
                 self.upgrade = None;
             }
+        }
+    }
+
+    /// Reaps the process an upgrade started if it has exited (while this one
+    /// drains: it is this process's child until this one exits).
+    pub(super) fn reap_successor(&mut self) {
+        if self.successor.as_mut().is_some_and(|child| !matches!(child.try_wait(), Ok(None))) {
+            self.successor = None;
         }
     }
 
@@ -147,9 +182,7 @@ impl Server {
         let mut fds = Vec::new();
         let mut sockets = Vec::new();
         let mut health = Vec::new();
-        let mut counters = Vec::new();
         for key in self.services.keys() {
-            counters.extend(self.services.counters_of(key));
             let Some(service) = self.services.service(key) else { continue };
             let name = service.settings.name.clone();
             let listener = service.listener.and_then(|l| self.entries.get(l));
@@ -203,31 +236,60 @@ impl Server {
             admin,
             state_lock,
             health,
-            counters,
+            token: self.access.token().map(|t| String::from_utf8_lossy(t).into_owned()),
         };
         Ok((manifest, fds))
     }
 
     /// The upgrade thread's answer.
-    pub(super) fn on_upgraded(&mut self, result: Result<u32, String>, now: Instant) {
+    pub(super) fn on_upgraded(&mut self, result: Result<Successor, String>, now: Instant) {
         self.upgrade = None;
-        match result {
-            // SIGTERM came during the hand-over: the listeners were retired for
-            // good, so the new process would serve nothing. It goes too.
-            Ok(pid) if self.draining.is_some() => {
-                warn!("upgrade: process {pid} is ready, but this one is shutting down: stopping it too");
-                if let Err(e) = crate::runtime::process::terminate(pid) {
-                    warn!("upgrade: cannot stop process {pid}: {e}");
-                }
-            }
-            Ok(pid) => {
-                info!(
-                    "upgrade: process {pid} is serving; this process stops accepting and drains its open connections"
-                );
-                self.hand_over(now);
-            }
-            Err(why) => error!("upgrade failed: {why}; this process keeps serving"),
+        let successor = match result {
+            Ok(successor) => successor,
+            Err(why) => return error!("upgrade failed: {why}; this process keeps serving"),
+        };
+        let Successor { pid, link, child } = successor;
+        self.successor = Some(child);
+        if self.draining.is_some() {
+            // Its end of the link closes with ours: it exits, having served nothing.
+            return warn!("upgrade: process {pid} is ready, but this one is shutting down: the upgrade is called off");
         }
+        // This process is still systemd's main one: it names its successor before it can exit.
+        self.notify.send(&format!("MAINPID={pid}\n"));
+        info!("upgrade: process {pid} is serving; this process stops accepting and drains its open connections");
+        self.hand_over(now);
+        // The totals as they stand once this process stopped accepting (its
+        // admin API is closed now), so no reader sees a counter go back.
+        let counters: Vec<_> = self.services.keys().filter_map(|k| self.services.counters_of(k)).collect();
+        let Role::Control { inbox, .. } = &self.role else { return };
+        let outbox = inbox.outbox();
+        let go = std::thread::Builder::new().name("shuttle-upgrade".into()).spawn(move || {
+            let result = send_go(&link, &counters);
+            // Its answer wakes the loop, whose drain may have waited for it alone.
+            let _ = outbox.post(Answer::Told { pid, result });
+        });
+        match go {
+            // The drain waits for it: exiting first would close the link unsent, calling the upgrade off.
+            Ok(thread) => self.telling = Some(thread),
+            Err(e) => error!("upgrade: cannot tell process {pid} to serve: {e}"),
+        }
+    }
+
+    /// The new process was told to serve (or could not be).
+    pub(super) fn on_told(&mut self, pid: u32, result: io::Result<()>) {
+        if let Some(thread) = self.telling.take() {
+            let _ = thread.join();
+        }
+        if let Err(e) = result {
+            error!(
+                "upgrade: cannot tell process {pid} to serve: {e}; it will exit, and nothing serves these services now"
+            );
+        }
+    }
+
+    /// Whether the word to serve is still on its way to the new process.
+    pub(super) fn telling_successor(&self) -> bool {
+        self.telling.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     /// The new process serves: leave it the sockets and files, then drain.
@@ -323,16 +385,15 @@ impl Server {
         }
     }
 
-    /// Goes on from the old process's health and counters.
-    pub(super) fn carry_over(&mut self, health: &[BackendHealth], counters: &[handover::ServiceCounters]) {
+    /// Goes on from the old process's counters, as they stood when it stopped accepting.
+    pub fn carry_counters(&mut self, counters: &[handover::ServiceCounters]) {
         for carried in counters {
             self.services.carry_counters(carried);
         }
-        self.carry_health(health);
     }
 
     /// Makes the backends the old process knew down start down here.
-    fn carry_health(&mut self, health: &[BackendHealth]) {
+    pub(super) fn carry_health(&mut self, health: &[BackendHealth]) {
         for h in health.iter().filter(|h| !h.up) {
             let backend = self.services.find(&h.service).and_then(|s| self.services.find_backend(s, &h.backend));
             match backend {
@@ -343,8 +404,9 @@ impl Server {
     }
 }
 
-/// The upgrade thread: starts the new process and hands it everything.
-fn launch(relaunch: &Relaunch, manifest: &Manifest, fds: &[OwnedFd]) -> Result<u32, String> {
+/// The upgrade thread: starts the new process, hands it everything, and
+/// waits for it to be ready.
+fn launch(relaunch: &Relaunch, manifest: &Manifest, fds: &[OwnedFd]) -> Result<Successor, String> {
     let (ours, theirs) = passfd::pair().map_err(|e| format!("cannot make the hand-over socket: {e}"))?;
     passfd::inheritable(theirs.as_fd()).map_err(|e| format!("cannot pass the hand-over socket: {e}"))?;
     let mut child = Command::new(&relaunch.exe)
@@ -361,10 +423,21 @@ fn launch(relaunch: &Relaunch, manifest: &Manifest, fds: &[OwnedFd]) -> Result<u
         std::env::var(DEADLINE_ENV).ok().and_then(|v| v.parse().ok()).map_or(DEADLINE, Duration::from_millis);
     match converse(&ours, manifest, fds, deadline) {
         // It runs on after this process exits, adopted by init or the service manager.
-        Ok(()) => Ok(pid),
+        Ok(()) => Ok(Successor { pid, link: ours, child }),
         Err(why) => {
-            let _ = child.kill();
-            let status = child.wait().map(|s| format!(" ({s})")).unwrap_or_default();
+            // One that gave up or crashed is exiting: its own status says more than our kill.
+            let exited = (0..100).find_map(|_| match child.try_wait() {
+                Ok(None) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    None
+                }
+                done => Some(done),
+            });
+            let status = match exited {
+                Some(Ok(Some(status))) => Ok(status),
+                _ => child.kill().and_then(|()| child.wait()),
+            };
+            let status = status.map(|s| format!(" ({s})")).unwrap_or_default();
             Err(format!("process {pid}{status}: {why}"))
         }
     }
@@ -374,7 +447,8 @@ fn launch(relaunch: &Relaunch, manifest: &Manifest, fds: &[OwnedFd]) -> Result<u
 fn converse(link: &socket2::Socket, manifest: &Manifest, fds: &[OwnedFd], deadline: Duration) -> Result<(), String> {
     passfd::set_deadline(link, deadline).map_err(|e| e.to_string())?;
     let sent = |e: io::Error| format!("the hand-over failed: {e}");
-    for message in manifest.to_messages(passfd::MAX_MESSAGE) {
+    let messages = manifest.to_messages(passfd::MAX_MESSAGE).map_err(|e| format!("cannot write the manifest: {e}"))?;
+    for message in messages {
         passfd::send(link, &message, &[]).map_err(sent)?;
     }
     for chunk in fds.chunks(passfd::MAX_FDS) {
@@ -382,17 +456,25 @@ fn converse(link: &socket2::Socket, manifest: &Manifest, fds: &[OwnedFd], deadli
         passfd::send(link, &[kind::FDS], &borrowed).map_err(sent)?;
     }
     passfd::send(link, &[kind::END], &[]).map_err(sent)?;
-    let mut answer = vec![0u8; 4096];
+    let mut answer = vec![0u8; passfd::MAX_MESSAGE];
     match passfd::recv(link, &mut answer) {
-        Ok((0, _)) => Err("it exited before it served".into()),
+        Ok((0, _)) => Err("it exited before it was ready".into()),
         Ok((_, _)) if answer[0] == kind::READY => Ok(()),
         Ok((n, _)) if answer[0] == kind::FAILED => Err(String::from_utf8_lossy(&answer[1..n]).into_owned()),
         Ok(_) => Err("it answered something unknown".into()),
         Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-            Err(format!("it did not serve within {deadline:?}"))
+            Err(format!("it was not ready within {deadline:?}"))
         }
         Err(e) => Err(format!("cannot read its answer: {e}")),
     }
+}
+
+/// Tells the new process to serve, with the counters to go on from.
+fn send_go(link: &socket2::Socket, counters: &[handover::ServiceCounters]) -> io::Result<()> {
+    for message in handover::counters_to_messages(counters, passfd::MAX_MESSAGE)? {
+        passfd::send(link, &message, &[])?;
+    }
+    passfd::send(link, &[kind::GO], &[])
 }
 
 #[cfg(test)]

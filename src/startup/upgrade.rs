@@ -17,7 +17,7 @@ use socket2::Socket;
 use super::Failed;
 use crate::control::admin::AdminListener;
 use crate::model::config;
-use crate::model::handover::{kind, Manifest};
+use crate::model::handover::{self, kind, Manifest, ServiceCounters};
 use crate::runtime::listen::Bound;
 use crate::runtime::passfd;
 use crate::runtime::unix::SocketFile;
@@ -78,7 +78,8 @@ pub(super) fn take(link: &Socket) -> Result<Taken, Failed> {
     let manifest = Manifest::parse(&json, fds.len()).map_err(|e| failed(e.to_string()))?;
     let file = config::parse_file(&manifest.config)
         .map_err(|e| failed(format!("the running shuttle's config does not load here: {e}")))?;
-    let running = super::Running { source: manifest.source.as_ref().map(PathBuf::from), file };
+    let source = manifest.source.as_ref().map(PathBuf::from);
+    let running = super::Running { source, file, token: manifest.token.as_ref().map(|t| t.as_bytes().to_vec()) };
     let mut fds = fds.into_iter();
     let mut sockets = HashMap::new();
     let mut files = Vec::new();
@@ -101,18 +102,11 @@ pub(super) fn take(link: &Socket) -> Result<Taken, Failed> {
         log::error!("upgrade: {CRASH_ENV} is set: aborting mid-hand-over");
         std::process::abort();
     }
-    let inherited = Inherited {
-        sockets,
-        admin: Some(admin),
-        health: manifest.health,
-        counters: manifest.counters,
-        files,
-        admin_path,
-    };
+    let inherited = Inherited { sockets, admin: Some(admin), health: manifest.health, files, admin_path };
     Ok(Taken { pid: manifest.pid, workers: manifest.workers, running, inherited, state_lock })
 }
 
-/// Tells the old process that this one serves.
+/// Tells the old process that this one is ready to serve.
 pub(super) fn ready(link: &Socket) -> Result<(), Failed> {
     if let Some(ms) = std::env::var(PAUSE_ENV).ok().and_then(|v| v.parse().ok()) {
         log::info!("upgrade: {PAUSE_ENV} is set: waiting {ms} ms before saying ready");
@@ -120,6 +114,27 @@ pub(super) fn ready(link: &Socket) -> Result<(), Failed> {
     }
     passfd::send(link, &[kind::READY], &[])
         .map_err(|e| Failed(format!("upgrade: cannot tell the running shuttle this one is ready: {e}")))
+}
+
+/// Waits for the old process to stop accepting: its counters, then the word
+/// to serve. The end of the link instead means it called the upgrade off.
+pub(super) fn wait_go(link: &Socket) -> Result<Vec<ServiceCounters>, Failed> {
+    let failed = |e: String| Failed(format!("upgrade: {e}"));
+    let mut json = Vec::new();
+    let mut buf = vec![0u8; passfd::MAX_MESSAGE];
+    loop {
+        let (n, _) = passfd::recv(link, &mut buf).map_err(|e| failed(format!("no word to serve came: {e}")))?;
+        match buf[..n].first() {
+            None => return Err(failed("the running shuttle called the upgrade off".into())),
+            Some(&kind::COUNTERS) => json.extend_from_slice(&buf[1..n]),
+            Some(&kind::GO) => break,
+            Some(other) => return Err(failed(format!("unknown hand-over message {other:#04x}"))),
+        }
+        if json.len() > MAX_MANIFEST {
+            return Err(failed("the counters are too big".into()));
+        }
+    }
+    handover::parse_counters(&json).map_err(|e| failed(e.to_string()))
 }
 
 /// Tells the old process why this one gives up (it logs it and serves on).

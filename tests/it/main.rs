@@ -42,5 +42,6 @@ mod timeouts;
 mod udp;
 mod unix;
 mod upgrade;
+mod upgrade_edges;
 mod upgrade_failures;
 mod workers;

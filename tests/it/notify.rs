@@ -138,7 +138,11 @@ fn after_an_upgrade_the_new_process_tells_systemd_its_pid_and_the_old_one_says_n
     }
     let _reap = Reap(new_pid);
     assert_ne!(new_pid, shuttle.pid());
-    assert!(next.contains(&"READY=1".to_string()), "{next:?}");
+    // The old process names its successor first (it is still the main one); then the new one is ready.
+    assert!(!next.contains(&"READY=1".to_string()), "{next:?}");
+    let ready = receive(&receiver);
+    assert!(ready.contains(&"READY=1".to_string()), "{ready:?}");
+    assert!(ready.contains(&format!("MAINPID={new_pid}")), "{ready:?}");
     let status = shuttle.wait_exit(DEADLINE).expect("the old process exits after its drain");
     assert!(status.success(), "{status:?}");
     // The old one's drain sent nothing: systemd would read STOPPING=1 as the service stopping.

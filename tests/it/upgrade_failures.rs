@@ -123,7 +123,7 @@ fn a_new_process_that_never_answers_is_killed_at_the_deadline() {
     shuttle.signal(libc::SIGUSR2);
     let pid = started_pid(&shuttle);
     let _reap = Reap(pid);
-    serves_on(&shuttle, "did not serve within 1s");
+    serves_on(&shuttle, "was not ready within 1s");
     let gone = wait_until(DEADLINE, || !Path::new(&format!("/proc/{pid}")).exists());
     assert!(gone, "the process that never answered was killed and reaped");
     upgrades_after_all(&mut shuttle, &exe);
