@@ -180,10 +180,8 @@ pub struct Inherited {
     pub admin: Option<AdminListener>,
     /// The old process's backends that were down.
     pub health: Vec<crate::model::handover::BackendHealth>,
-    /// The unix socket files of its services, its until the hand-over is done.
+    /// The unix socket files of its services and admin API, its until the hand-over is done.
     pub files: Vec<std::sync::Arc<crate::runtime::unix::SocketFile>>,
-    /// The admin socket's file, if it is a unix one.
-    pub admin_path: Option<std::path::PathBuf>,
 }
 
 /// Why the loop could not start.
@@ -303,7 +301,7 @@ pub struct Server {
     /// The thread telling that process to serve; the drain waits for it.
     telling: Option<std::thread::JoinHandle<()>>,
     /// The socket files an upgrade took over, left alone until it is done.
-    adopted: Option<(Vec<std::sync::Arc<crate::runtime::unix::SocketFile>>, Option<std::path::PathBuf>)>,
+    adopted: Option<Vec<std::sync::Arc<crate::runtime::unix::SocketFile>>>,
 }
 
 /// `SHUTTLE_TEST_WORKER_HANG=I` makes worker loop I stop turning at its first
@@ -418,7 +416,7 @@ impl Server {
             // The workers wait until this process has said it is ready (`finish_take_over`).
             Some(inherited) => {
                 server.carry_health(&inherited.health);
-                server.adopted = Some((inherited.files, inherited.admin_path));
+                server.adopted = Some(inherited.files);
             }
             None => {
                 if let Some(workers) = server.workers() {

@@ -7,18 +7,16 @@
 //! longer than `REQUEST_TIME` to arrive (or whose response takes that long to
 //! leave) is dropped.
 
-use std::fs;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
-use mio::net::{TcpListener, UnixListener, UnixStream};
+use mio::net::{TcpListener, UnixListener};
 use mio::{Interest, Registry};
-use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::context::Cx;
 use crate::control::api::Response;
@@ -26,8 +24,10 @@ use crate::control::http::{self, Decoder, Progress, Request, MAX_BODY, MAX_HEAD}
 use crate::model::counters::StatusCounts;
 use crate::runtime::conn::Conn;
 use crate::runtime::key::{Key, Side};
+use crate::runtime::listen::{Bound, SocketKind, StreamListener};
 use crate::runtime::ready::{Ready, Step};
 use crate::runtime::timer::{TimerKey, Wheel};
+use crate::runtime::unix::{self, SocketFile};
 
 /// How long a request may take to arrive, and a response to leave (reference §5).
 pub const REQUEST_TIME: Duration = Duration::from_secs(10);
@@ -62,18 +62,19 @@ pub enum AdminAddr {
 pub enum AdminListener {
     /// `host:port`.
     Tcp(TcpListener),
-    /// A unix socket path; the file is removed when the listener is dropped.
-    Unix(UnixListener, PathBuf),
+    /// A unix socket; its file is removed when the listener goes, if it is still ours.
+    Unix(UnixListener, Arc<SocketFile>),
 }
 
 impl AdminListener {
-    /// Binds `addr`; for a unix path a stale socket file there is removed first (reference §1).
+    /// Binds `addr`; for a unix path a stale socket file there is replaced,
+    /// and a live one or any other file refused (reference §1).
     pub fn bind(addr: &AdminAddr) -> io::Result<AdminListener> {
         match addr {
             AdminAddr::Unix(path, mode) => {
-                let listener = bind_unix(path, *mode)?;
+                let (listener, file) = unix::bind(path, *mode, ADMIN_BACKLOG)?;
                 info!("admin listening on {}", path.display());
-                Ok(AdminListener::Unix(listener, path.clone()))
+                Ok(AdminListener::Unix(listener, Arc::new(file)))
             }
             AdminAddr::Tcp(addr) => {
                 let listener = crate::runtime::net::bind(*addr)?;
@@ -83,26 +84,22 @@ impl AdminListener {
         }
     }
 
-    /// The admin listener another process handed over (reference §3.7), checked to be of its kind.
-    pub fn adopt(path: Option<PathBuf>, fd: std::os::fd::OwnedFd) -> io::Result<AdminListener> {
-        use crate::model::handover::SocketKind;
-        let kind = if path.is_some() { SocketKind::Unix } else { SocketKind::Tcp };
-        let file =
-            path.as_ref().map(|p| std::sync::Arc::new(crate::runtime::unix::SocketFile::adopt(p.clone(), (0, 0))));
-        match (crate::runtime::listen::Bound::adopt(kind, fd, file)?, path) {
-            (crate::runtime::listen::Bound::Stream(crate::runtime::listen::StreamListener::Tcp(l)), None) => {
-                Ok(AdminListener::Tcp(l))
+    /// The admin listener another process handed over (reference §3.7),
+    /// checked to be of its kind; a unix one's `file` stays that process's until
+    /// the hand-over is done ([`SocketFile::own`]).
+    pub fn adopt(file: Option<Arc<SocketFile>>, fd: OwnedFd) -> io::Result<AdminListener> {
+        let kind = if file.is_some() { SocketKind::Unix } else { SocketKind::Tcp };
+        match Bound::adopt(kind, fd, file)? {
+            Bound::Stream(StreamListener::Tcp(l)) => Ok(AdminListener::Tcp(l)),
+            Bound::Stream(StreamListener::Unix(l, file)) => Ok(AdminListener::Unix(l, file)),
+            Bound::Datagram(_) => {
+                Err(io::Error::new(io::ErrorKind::InvalidInput, "the handed-over admin socket is of another kind"))
             }
-            // Its file stays the old process's until the hand-over is done (`own`).
-            (crate::runtime::listen::Bound::Stream(crate::runtime::listen::StreamListener::Unix(l, _)), Some(_)) => {
-                Ok(AdminListener::Unix(l, PathBuf::new()))
-            }
-            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "the handed-over admin socket is of another kind")),
         }
     }
 
     /// Another descriptor of the same socket, for the hand-over.
-    pub fn fd_copy(&self) -> io::Result<std::os::fd::OwnedFd> {
+    pub fn fd_copy(&self) -> io::Result<OwnedFd> {
         let socket = match self {
             AdminListener::Tcp(l) => socket2::SockRef::from(l).try_clone()?,
             AdminListener::Unix(l, _) => socket2::SockRef::from(l).try_clone()?,
@@ -110,25 +107,11 @@ impl AdminListener {
         Ok(socket.into())
     }
 
-    /// A unix listener's path.
-    pub fn path(&self) -> Option<&Path> {
+    /// A unix listener's socket file.
+    pub fn file(&self) -> Option<&Arc<SocketFile>> {
         match self {
             AdminListener::Tcp(_) => None,
-            AdminListener::Unix(_, path) => Some(path),
-        }
-    }
-
-    /// Takes the socket file at `path` on, once a hand-over is done: it is removed when this listener closes.
-    pub fn own(&mut self, file: PathBuf) {
-        if let AdminListener::Unix(_, path) = self {
-            *path = file;
-        }
-    }
-
-    /// Leaves the socket file in place when this listener closes: another process serves it now.
-    pub fn disown(&mut self) {
-        if let AdminListener::Unix(_, path) = self {
-            *path = PathBuf::new();
+            AdminListener::Unix(_, file) => Some(file),
         }
     }
 
@@ -170,52 +153,6 @@ impl AdminListener {
                 };
                 (Conn::Unix(s), who)
             }),
-        }
-    }
-}
-
-/// Binds a unix socket with mode `mode` whatever the umask: the file's mode is
-/// set between `bind` and `listen`, and until `listen` nobody can connect.
-fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
-    let dir = crate::runtime::files::parent_dir(path);
-    if let Ok(meta) = fs::metadata(dir) {
-        // Without the sticky bit, anyone who may write the directory may replace our socket.
-        let m = meta.permissions().mode();
-        if m & 0o002 != 0 && m & 0o1000 == 0 {
-            let message = format!(
-                "directory {} is writable by every user and not sticky (mode {:04o})",
-                dir.display(),
-                m & 0o7777
-            );
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, message));
-        }
-    }
-    if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        // Stale only if the connect is refused: never take over a running
-        // shuttle's socket. Nonblocking, so a full backlog can't hang start-up.
-        match UnixStream::connect(path) {
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => fs::remove_file(path)?,
-            _ => return Err(io::Error::new(io::ErrorKind::AddrInUse, "another process is listening there")),
-        }
-    }
-    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&SockAddr::unix(path)?)?;
-    let ready = fs::set_permissions(path, fs::Permissions::from_mode(mode)).and_then(|()| socket.listen(ADMIN_BACKLOG));
-    if let Err(e) = ready {
-        let _ = fs::remove_file(path);
-        return Err(e);
-    }
-    Ok(UnixListener::from_std(std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(socket))))
-}
-
-impl Drop for AdminListener {
-    fn drop(&mut self) {
-        if let AdminListener::Unix(_, path) = self {
-            if path.as_os_str().is_empty() {
-                return;
-            }
-            let _ = fs::remove_file(path);
         }
     }
 }

@@ -92,13 +92,11 @@ pub struct FileId {
     pub ino: u64,
 }
 
-/// The admin listener.
+/// The admin listener: TCP, or a unix socket and its file.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AdminSocket {
-    /// TCP or unix.
-    pub kind: SocketKind,
-    /// For a unix socket, its path.
-    pub path: Option<String>,
+    /// For a unix socket, its file; `None` for TCP.
+    pub file: Option<FileId>,
 }
 
 /// One backend's health.
@@ -262,7 +260,7 @@ mod tests {
             config: "[]\n".into(),
             source: Some("/etc/shuttle.json".into()),
             sockets: vec![ServiceSockets { service: "web".into(), kind: SocketKind::Tcp, count: 2, file: None }],
-            admin: AdminSocket { kind: SocketKind::Tcp, path: None },
+            admin: AdminSocket { file: None },
             state_lock: true,
             health: vec![BackendHealth { service: "web".into(), backend: "a".into(), up: false }],
             token: Some("s3cret".into()),

@@ -39,6 +39,7 @@ use crate::runtime::helpers::Answer;
 use crate::runtime::listen::Bound;
 use crate::runtime::passfd;
 use crate::runtime::process::Successor;
+use crate::runtime::unix::SocketFile;
 
 /// How long each message of the hand-over may take, the new process's answer
 /// included (its start-up, name lookups and all).
@@ -204,7 +205,7 @@ impl Server {
                 }
                 _ => return Err(io::Error::other(format!("service {name:?} has no listener to hand over"))),
             };
-            let file = file.map(|f| FileId { path: f.path().display().to_string(), dev: f.id().0, ino: f.id().1 });
+            let file = file.as_deref().map(file_id);
             sockets.push(ServiceSockets { service: name.clone(), kind, count, file });
             for &b in &service.backends {
                 let Some(backend) = self.services.backend(b) else { continue };
@@ -218,8 +219,7 @@ impl Server {
             return Err(io::Error::other("the admin listener is closed"));
         };
         fds.push(admin.fd_copy()?);
-        let path = admin.path().map(|p| p.display().to_string());
-        let admin = AdminSocket { kind: if path.is_some() { SocketKind::Unix } else { SocketKind::Tcp }, path };
+        let admin = AdminSocket { file: admin.file().map(|f| file_id(f)) };
         let lock = self.changes.as_ref().and_then(Changes::state_lock).transpose()?;
         let state_lock = lock.is_some();
         fds.extend(lock);
@@ -303,7 +303,9 @@ impl Server {
                     }
                 }
                 Entry::AdminListener(admin) => {
-                    admin.disown();
+                    if let Some(file) = admin.file() {
+                        file.disown();
+                    }
                     if let Err(e) = admin.deregister(self.poll.registry()) {
                         warn!("upgrade: cannot deregister the admin listener: {e}");
                     }
@@ -368,17 +370,12 @@ impl Server {
 
     /// The old process has let go: the socket files and the state file's lock file are this one's now.
     pub fn finish_take_over(&mut self) {
-        let Some((files, admin_path)) = self.adopted.take() else { return };
+        let Some(files) = self.adopted.take() else { return };
         if let Some(workers) = self.workers() {
             workers.start();
         }
         for file in files {
             file.own();
-        }
-        if let (Some(path), Some(Entry::AdminListener(admin))) =
-            (admin_path, self.admin_listener.and_then(|k| self.entries.get_mut(k)))
-        {
-            admin.own(path);
         }
         if let Some(Err(e)) = self.changes.as_ref().map(Changes::name_holder) {
             warn!("upgrade: cannot write this process's pid into the state file's lock file: {e}");
@@ -402,6 +399,12 @@ impl Server {
             }
         }
     }
+}
+
+/// A socket file as the manifest names it.
+fn file_id(file: &SocketFile) -> FileId {
+    let (dev, ino) = file.id();
+    FileId { path: file.path().display().to_string(), dev, ino }
 }
 
 /// The upgrade thread: starts the new process, hands it everything, and

@@ -17,7 +17,7 @@ use socket2::Socket;
 use super::Failed;
 use crate::control::admin::AdminListener;
 use crate::model::config;
-use crate::model::handover::{self, kind, Manifest, ServiceCounters};
+use crate::model::handover::{self, kind, FileId, Manifest, ServiceCounters};
 use crate::runtime::listen::Bound;
 use crate::runtime::passfd;
 use crate::runtime::unix::SocketFile;
@@ -84,7 +84,7 @@ pub(super) fn take(link: &Socket) -> Result<Taken, Failed> {
     let mut sockets = HashMap::new();
     let mut files = Vec::new();
     for s in &manifest.sockets {
-        let file = s.file.as_ref().map(|f| Arc::new(SocketFile::adopt(PathBuf::from(&f.path), (f.dev, f.ino))));
+        let file = s.file.as_ref().map(adopt_file);
         files.extend(file.clone());
         let mut group = Vec::with_capacity(s.count);
         for fd in fds.by_ref().take(s.count) {
@@ -94,16 +94,22 @@ pub(super) fn take(link: &Socket) -> Result<Taken, Failed> {
         }
         sockets.insert(s.service.clone(), group);
     }
-    let admin_path = manifest.admin.path.as_ref().map(PathBuf::from);
+    let admin_file = manifest.admin.file.as_ref().map(adopt_file);
+    files.extend(admin_file.clone());
     let fd = fds.next().ok_or_else(|| failed("no admin listener".into()))?;
-    let admin = AdminListener::adopt(admin_path.clone(), fd).map_err(|e| failed(format!("admin listener: {e}")))?;
+    let admin = AdminListener::adopt(admin_file, fd).map_err(|e| failed(format!("admin listener: {e}")))?;
     let state_lock = if manifest.state_lock { fds.next().map(File::from) } else { None };
     if std::env::var(CRASH_ENV).is_ok_and(|v| v == "1") {
         log::error!("upgrade: {CRASH_ENV} is set: aborting mid-hand-over");
         std::process::abort();
     }
-    let inherited = Inherited { sockets, admin: Some(admin), health: manifest.health, files, admin_path };
+    let inherited = Inherited { sockets, admin: Some(admin), health: manifest.health, files };
     Ok(Taken { pid: manifest.pid, workers: manifest.workers, running, inherited, state_lock })
+}
+
+/// A socket file the old process bound, not yet this one's to remove.
+fn adopt_file(f: &FileId) -> Arc<SocketFile> {
+    Arc::new(SocketFile::adopt(PathBuf::from(&f.path), (f.dev, f.ino)))
 }
 
 /// Tells the old process that this one is ready to serve.
