@@ -290,18 +290,8 @@ pub struct Server {
     heard: u64,
     /// Every datagram this loop relays passes through it (64 KiB once a UDP service exists).
     datagram: Vec<u8>,
-    /// How SIGUSR2 starts this binary again.
-    relaunch: Option<upgrade::Relaunch>,
-    /// A binary upgrade under way.
-    upgrade: Option<upgrade::Upgrade>,
-    /// Set once a new process took the listeners over: this one only drains.
-    handed_over: bool,
-    /// The process an upgrade started, reaped if it exits while this one drains.
-    successor: Option<std::process::Child>,
-    /// The thread telling that process to serve; the drain waits for it.
-    telling: Option<std::thread::JoinHandle<()>>,
-    /// The socket files an upgrade took over, left alone until it is done.
-    adopted: Option<Vec<std::sync::Arc<crate::runtime::unix::SocketFile>>>,
+    /// Binary upgrades: this process's, and the one it took over from.
+    upgrades: upgrade::Upgrades,
 }
 
 /// `SHUTTLE_TEST_WORKER_HANG=I` makes worker loop I stop turning at its first
@@ -379,7 +369,7 @@ impl Server {
         server.signals = Some(signals);
         server.changes = Some(changes);
         server.services.set_bell(bell);
-        server.relaunch = options.relaunch;
+        server.upgrades.relaunch = options.relaunch;
         let now = Instant::now();
         let admin_text = match &options.admin {
             AdminAddr::Tcp(addr) => addr.to_string(),
@@ -416,7 +406,7 @@ impl Server {
             // The workers wait until this process has said it is ready (`finish_take_over`).
             Some(inherited) => {
                 server.carry_health(&inherited.health);
-                server.adopted = Some(inherited.files);
+                server.upgrades.adopted = Some(inherited.files);
             }
             None => {
                 if let Some(workers) = server.workers() {
@@ -466,12 +456,7 @@ impl Server {
             hang_on_accept: false,
             heard: 0,
             datagram: Vec::new(),
-            relaunch: None,
-            upgrade: None,
-            handed_over: false,
-            successor: None,
-            telling: None,
-            adopted: None,
+            upgrades: upgrade::Upgrades::default(),
         }
     }
 
@@ -770,7 +755,7 @@ impl Server {
                 SIGTERM | SIGINT => self.begin_drain(now),
                 // Nothing new may start once the drain has begun.
                 SIGHUP if self.draining.is_some() => info!("SIGHUP received while shutting down: not reloading"),
-                SIGHUP if self.upgrade.is_some() => info!("SIGHUP received during an upgrade: not reloading"),
+                SIGHUP if self.upgrades.state.is_some() => info!("SIGHUP received during an upgrade: not reloading"),
                 SIGHUP => self.reload(now),
                 SIGUSR1 if self.access_log.is_on() => {
                     info!("SIGUSR1 received: reopening the access log");
@@ -928,14 +913,14 @@ impl Server {
         let pairs = self.fds.pairs;
         let them = if pairs == 1 { "connection gets" } else { "connections get" };
         match (&self.role, self.workers()) {
-            (Role::Worker { index, .. }, _) if self.handed_over => {
+            (Role::Worker { index, .. }, _) if self.upgrades.handed_over => {
                 log::debug!("worker {index} handed over: {pairs} open {them} up to {:?}", self.grace)
             }
-            (_, Some(workers)) if self.handed_over => {
+            (_, Some(workers)) if self.upgrades.handed_over => {
                 info!("draining: the open connections of {} workers get up to {:?}", workers.len(), self.grace);
                 workers.drain();
             }
-            (_, None) if self.handed_over => info!("draining: {pairs} open {them} up to {:?}", self.grace),
+            (_, None) if self.upgrades.handed_over => info!("draining: {pairs} open {them} up to {:?}", self.grace),
             (Role::Worker { index, .. }, _) => {
                 log::debug!("worker {index} shutting down: {pairs} open {them} up to {:?}", self.grace)
             }
@@ -950,7 +935,7 @@ impl Server {
             _ => info!("shutting down: listeners closed, {pairs} open {them} up to {:?}", self.grace),
         }
         // After an upgrade the new process speaks to systemd: it is the main process now.
-        if matches!(self.role, Role::Control { .. }) && !self.handed_over {
+        if matches!(self.role, Role::Control { .. }) && !self.upgrades.handed_over {
             let open = self.fds.process_pairs();
             let them = if open == 1 { "connection gets" } else { "connections get" };
             self.notify.send(&format!("STOPPING=1\nSTATUS=draining: {open} open {them} up to {:?}\n", self.grace));
@@ -1057,7 +1042,7 @@ impl Server {
         let workers = self.workers().is_none_or(|w| w.all_exited());
         // A new process that an upgrade started is waited for (its deadline bounds
         // it), so that it is stopped if it becomes ready, not left to find us gone.
-        let starting = matches!(self.upgrade, Some(upgrade::Upgrade::Running));
+        let starting = matches!(self.upgrades.state, Some(upgrade::Upgrade::Running));
 
         if self.fds.pairs == 0 && self.fds.listeners == 0 && !saving && workers && !starting {
             if !matches!(self.role, Role::Worker { .. }) {

@@ -24,7 +24,9 @@ pub fn pair() -> io::Result<(Socket, Socket)> {
     Socket::pair(Domain::UNIX, Type::SEQPACKET, None)
 }
 
-/// Makes `fd` survive `exec`, for the one end a new process inherits.
+/// Makes `fd` survive `exec`, for the one end a new process inherits. Only
+/// the upgrade thread starts processes, and it closes this end as soon as
+/// the child has it, so no other child can inherit it meanwhile.
 #[allow(unsafe_code)]
 pub fn inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: F_GETFD/F_SETFD only read and set the flags of a descriptor
@@ -62,7 +64,9 @@ pub fn adopt(fd: RawFd) -> io::Result<Socket> {
     let socket = unsafe { Socket::from_raw_fd(fd) };
     // Close-on-exec again: no later child of this process should inherit it.
     // SAFETY: as in `inheritable`.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(socket)
 }
 

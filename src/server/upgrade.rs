@@ -26,6 +26,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
@@ -101,6 +102,24 @@ fn without_upgrade_fd(given: impl IntoIterator<Item = OsString>) -> Vec<OsString
     args
 }
 
+/// What a loop knows of binary upgrades.
+#[derive(Debug, Default)]
+pub(crate) struct Upgrades {
+    /// How SIGUSR2 starts this binary again (`None`: its path is unknown).
+    pub relaunch: Option<Relaunch>,
+    /// This process's upgrade under way.
+    pub state: Option<Upgrade>,
+    /// Set once a new process took the listeners over: this one only drains.
+    pub handed_over: bool,
+    /// The process it started, reaped if it exits while this one drains.
+    successor: Option<std::process::Child>,
+    /// The thread telling that process to serve; the drain waits for it.
+    telling: Option<std::thread::JoinHandle<()>>,
+    /// In a process that took over: the socket files it adopted, left alone
+    /// (the old process's) until it is told to serve.
+    pub adopted: Option<Vec<Arc<SocketFile>>>,
+}
+
 /// Where an upgrade stands.
 #[derive(Debug)]
 pub(crate) enum Upgrade {
@@ -113,37 +132,39 @@ pub(crate) enum Upgrade {
 impl Server {
     /// SIGUSR2.
     pub(super) fn on_upgrade_signal(&mut self) {
-        if self.handed_over {
+        if self.upgrades.handed_over {
             return info!("SIGUSR2 received after the hand-over: this process only drains");
         }
         if self.draining.is_some() {
             return info!("SIGUSR2 received while shutting down: not upgrading");
         }
-        if self.upgrade.is_some() {
+        if self.upgrades.state.is_some() {
             return info!("SIGUSR2 received: upgrade already in progress");
         }
-        if self.relaunch.is_none() {
+        if self.upgrades.relaunch.is_none() {
             return warn!("SIGUSR2 received: cannot upgrade: the path of this binary is unknown");
         }
         info!("SIGUSR2 received: upgrading; admin changes get 503 until the new process serves");
-        self.upgrade = Some(Upgrade::Waiting);
+        self.upgrades.state = Some(Upgrade::Waiting);
         self.start_upgrade();
     }
 
     /// Starts a waiting upgrade once no change is in flight; run every turn.
     pub(super) fn start_upgrade(&mut self) {
-        if matches!(self.upgrade, Some(Upgrade::Waiting)) && self.draining.is_some() {
+        if matches!(self.upgrades.state, Some(Upgrade::Waiting)) && self.draining.is_some() {
             info!("upgrade: not started: this process is shutting down");
-            self.upgrade = None;
+            self.upgrades.state = None;
         }
-        if !matches!(self.upgrade, Some(Upgrade::Waiting)) || !self.changes.as_ref().is_some_and(Changes::is_idle) {
+        if !matches!(self.upgrades.state, Some(Upgrade::Waiting))
+            || !self.changes.as_ref().is_some_and(Changes::is_idle)
+        {
             return;
         }
         match self.offer() {
-            Ok(()) => self.upgrade = Some(Upgrade::Running),
+            Ok(()) => self.upgrades.state = Some(Upgrade::Running),
             Err(e) => {
                 error!("upgrade failed: {e}; this process keeps serving");
-                self.upgrade = None;
+                self.upgrades.state = None;
             }
         }
     }
@@ -151,14 +172,14 @@ impl Server {
     /// Reaps the process an upgrade started if it has exited (while this one
     /// drains: it is this process's child until this one exits).
     pub(super) fn reap_successor(&mut self) {
-        if self.successor.as_mut().is_some_and(|child| !matches!(child.try_wait(), Ok(None))) {
-            self.successor = None;
+        if self.upgrades.successor.as_mut().is_some_and(|child| !matches!(child.try_wait(), Ok(None))) {
+            self.upgrades.successor = None;
         }
     }
 
     /// Whether admin changes must wait: an upgrade is under way.
     pub(super) fn upgrading(&self) -> Option<Response> {
-        self.upgrade.as_ref()?;
+        self.upgrades.state.as_ref()?;
         let mut response =
             Response::error(503, "a binary upgrade is in progress; no change is taken until it ends: try again");
         response.fields.push(("Retry-After", "1".into()));
@@ -167,7 +188,7 @@ impl Server {
 
     /// Hands the manifest and the sockets to the thread that starts the new process.
     fn offer(&mut self) -> io::Result<()> {
-        let Some(relaunch) = self.relaunch.clone() else { return Err(io::Error::other("no binary to run")) };
+        let Some(relaunch) = self.upgrades.relaunch.clone() else { return Err(io::Error::other("no binary to run")) };
         let Role::Control { inbox, .. } = &self.role else { return Err(io::Error::other("not the control loop")) };
         let outbox = inbox.outbox();
         let (manifest, fds) = self.manifest()?;
@@ -243,13 +264,13 @@ impl Server {
 
     /// The upgrade thread's answer.
     pub(super) fn on_upgraded(&mut self, result: Result<Successor, String>, now: Instant) {
-        self.upgrade = None;
+        self.upgrades.state = None;
         let successor = match result {
             Ok(successor) => successor,
             Err(why) => return error!("upgrade failed: {why}; this process keeps serving"),
         };
         let Successor { pid, link, child } = successor;
-        self.successor = Some(child);
+        self.upgrades.successor = Some(child);
         if self.draining.is_some() {
             // Its end of the link closes with ours: it exits, having served nothing.
             return warn!("upgrade: process {pid} is ready, but this one is shutting down: the upgrade is called off");
@@ -270,14 +291,14 @@ impl Server {
         });
         match go {
             // The drain waits for it: exiting first would close the link unsent, calling the upgrade off.
-            Ok(thread) => self.telling = Some(thread),
+            Ok(thread) => self.upgrades.telling = Some(thread),
             Err(e) => error!("upgrade: cannot tell process {pid} to serve: {e}"),
         }
     }
 
     /// The new process was told to serve (or could not be).
     pub(super) fn on_told(&mut self, pid: u32, result: io::Result<()>) {
-        if let Some(thread) = self.telling.take() {
+        if let Some(thread) = self.upgrades.telling.take() {
             let _ = thread.join();
         }
         if let Err(e) = result {
@@ -289,12 +310,11 @@ impl Server {
 
     /// Whether the word to serve is still on its way to the new process.
     pub(super) fn telling_successor(&self) -> bool {
-        self.telling.as_ref().is_some_and(|t| !t.is_finished())
+        self.upgrades.telling.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     /// The new process serves: leave it the sockets and files, then drain.
     fn hand_over(&mut self, now: Instant) {
-        self.handed_over = true;
         for (_, entry) in self.entries.iter_mut() {
             match entry {
                 Entry::Group(group) => {
@@ -321,9 +341,10 @@ impl Server {
     }
 
     /// Closes this loop's listeners with no filter and leaves their socket
-    /// files: the process that took them over accepts what they queue.
+    /// files: the process that took them over accepts what they queue. From
+    /// here on this loop only drains (a worker hears of the hand-over here).
     pub(super) fn release_listeners(&mut self) {
-        self.handed_over = true;
+        self.upgrades.handed_over = true;
         let keys: Vec<_> = self
             .entries
             .iter()
@@ -370,7 +391,7 @@ impl Server {
 
     /// The old process has let go: the socket files and the state file's lock file are this one's now.
     pub fn finish_take_over(&mut self) {
-        let Some(files) = self.adopted.take() else { return };
+        let Some(files) = self.upgrades.adopted.take() else { return };
         if let Some(workers) = self.workers() {
             workers.start();
         }
