@@ -59,7 +59,7 @@ pub enum Answer {
     /// The process started by a binary upgrade is ready to serve, or why it is not.
     Upgraded {
         /// The new process, waiting for the word to serve, or why the upgrade failed.
-        result: Result<crate::runtime::process::Successor, String>,
+        result: Result<crate::runtime::process::Successor, crate::runtime::process::UpgradeError>,
     },
     /// The new process of an upgrade was told to serve, or could not be.
     Told {

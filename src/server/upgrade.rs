@@ -39,7 +39,7 @@ use crate::model::handover::{self, kind, AdminSocket, BackendHealth, FileId, Man
 use crate::runtime::helpers::Answer;
 use crate::runtime::listen::Bound;
 use crate::runtime::passfd;
-use crate::runtime::process::Successor;
+use crate::runtime::process::{Fault, Successor, UpgradeError};
 use crate::runtime::unix::SocketFile;
 
 /// How long each message of the hand-over may take, the new process's answer
@@ -263,7 +263,7 @@ impl Server {
     }
 
     /// The upgrade thread's answer.
-    pub(super) fn on_upgraded(&mut self, result: Result<Successor, String>, now: Instant) {
+    pub(super) fn on_upgraded(&mut self, result: Result<Successor, UpgradeError>, now: Instant) {
         self.upgrades.state = None;
         let successor = match result {
             Ok(successor) => successor,
@@ -430,22 +430,23 @@ fn file_id(file: &SocketFile) -> FileId {
 
 /// The upgrade thread: starts the new process, hands it everything, and
 /// waits for it to be ready.
-fn launch(relaunch: &Relaunch, manifest: &Manifest, fds: &[OwnedFd]) -> Result<Successor, String> {
-    let (ours, theirs) = passfd::pair().map_err(|e| format!("cannot make the hand-over socket: {e}"))?;
-    passfd::inheritable(theirs.as_fd()).map_err(|e| format!("cannot pass the hand-over socket: {e}"))?;
+fn launch(relaunch: &Relaunch, manifest: &Manifest, fds: &[OwnedFd]) -> Result<Successor, UpgradeError> {
+    let (ours, theirs) = passfd::pair().map_err(UpgradeError::Prepare)?;
+    passfd::inheritable(theirs.as_fd()).map_err(UpgradeError::Prepare)?;
+    let messages = manifest.to_messages(passfd::MAX_MESSAGE).map_err(|e| UpgradeError::Prepare(e.into()))?;
     let mut child = Command::new(&relaunch.exe)
         .args(&relaunch.args)
         .arg("-upgrade-fd")
         .arg(theirs.as_raw_fd().to_string())
         .stdin(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", relaunch.exe.display()))?;
+        .map_err(|source| UpgradeError::Start { exe: relaunch.exe.clone(), source })?;
     drop(theirs);
     let pid = child.id();
     info!("upgrade: starting {} (process {pid})", relaunch.exe.display());
     let deadline =
         std::env::var(DEADLINE_ENV).ok().and_then(|v| v.parse().ok()).map_or(DEADLINE, Duration::from_millis);
-    match converse(&ours, manifest, fds, deadline) {
+    match converse(&ours, &messages, fds, deadline) {
         // It runs on after this process exits, adopted by init or the service manager.
         Ok(()) => Ok(Successor { pid, link: ours, child }),
         Err(why) => {
@@ -458,38 +459,33 @@ fn launch(relaunch: &Relaunch, manifest: &Manifest, fds: &[OwnedFd]) -> Result<S
                 done => Some(done),
             });
             let status = match exited {
-                Some(Ok(Some(status))) => Ok(status),
-                _ => child.kill().and_then(|()| child.wait()),
+                Some(Ok(Some(status))) => Some(status),
+                _ => child.kill().and_then(|()| child.wait()).ok(),
             };
-            let status = status.map(|s| format!(" ({s})")).unwrap_or_default();
-            Err(format!("process {pid}{status}: {why}"))
+            Err(UpgradeError::Process { pid, status, why })
         }
     }
 }
 
-/// Sends the manifest and the descriptors, then waits for the answer.
-fn converse(link: &socket2::Socket, manifest: &Manifest, fds: &[OwnedFd], deadline: Duration) -> Result<(), String> {
-    passfd::set_deadline(link, deadline).map_err(|e| e.to_string())?;
-    let sent = |e: io::Error| format!("the hand-over failed: {e}");
-    let messages = manifest.to_messages(passfd::MAX_MESSAGE).map_err(|e| format!("cannot write the manifest: {e}"))?;
-    for message in messages {
-        passfd::send(link, &message, &[]).map_err(sent)?;
+/// Sends the manifest's messages and the descriptors, then waits for the answer.
+fn converse(link: &socket2::Socket, manifest: &[Vec<u8>], fds: &[OwnedFd], deadline: Duration) -> Result<(), Fault> {
+    passfd::set_deadline(link, deadline).map_err(Fault::Send)?;
+    for message in manifest {
+        passfd::send(link, message, &[]).map_err(Fault::Send)?;
     }
     for chunk in fds.chunks(passfd::MAX_FDS) {
         let borrowed: Vec<BorrowedFd<'_>> = chunk.iter().map(AsFd::as_fd).collect();
-        passfd::send(link, &[kind::FDS], &borrowed).map_err(sent)?;
+        passfd::send(link, &[kind::FDS], &borrowed).map_err(Fault::Send)?;
     }
-    passfd::send(link, &[kind::END], &[]).map_err(sent)?;
+    passfd::send(link, &[kind::END], &[]).map_err(Fault::Send)?;
     let mut answer = vec![0u8; passfd::MAX_MESSAGE];
     match passfd::recv(link, &mut answer) {
-        Ok((0, _)) => Err("it exited before it was ready".into()),
+        Ok((0, _)) => Err(Fault::Exited),
         Ok((_, _)) if answer[0] == kind::READY => Ok(()),
-        Ok((n, _)) if answer[0] == kind::FAILED => Err(String::from_utf8_lossy(&answer[1..n]).into_owned()),
-        Ok(_) => Err("it answered something unknown".into()),
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-            Err(format!("it was not ready within {deadline:?}"))
-        }
-        Err(e) => Err(format!("cannot read its answer: {e}")),
+        Ok((n, _)) if answer[0] == kind::FAILED => Err(Fault::Refused(String::from_utf8_lossy(&answer[1..n]).into())),
+        Ok(_) => Err(Fault::Unknown),
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Err(Fault::Late(deadline)),
+        Err(e) => Err(Fault::Answer(e)),
     }
 }
 
