@@ -4,7 +4,7 @@
 //! turn, and new ones get 503 until the upgrade ends), the control loop
 //! writes the manifest, takes a descriptor of every socket it will hand
 //! over, and gives both to a thread of its own, which starts the binary at
-//! the path this process was started from, with the same arguments and
+//! the path this process was invoked by, with the same arguments and
 //! `-upgrade-fd`, sends everything over a seqpacket socketpair, and waits
 //! (each message at most [`DEADLINE`]) for the new process to say it is ready.
 //!
