@@ -1174,3 +1174,57 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod carried {
+    use super::*;
+
+    fn web() -> Prepared {
+        let mut config = ServiceConfig::new("web", "127.0.0.1:0");
+        for name in ["a", "b"] {
+            config.backends.push(BackendConfig::new(name, "127.0.0.1:9"));
+        }
+        prepare(config, &Lookups::new()).unwrap()
+    }
+
+    #[test]
+    fn counters_carried_to_another_process_add_up_by_name() {
+        let mut old = Services::default();
+        let (key, backends) = old.insert(web());
+        let a = &old.backend(backends[0]).unwrap().state;
+        a.sent.add(10);
+        a.received.add(20);
+        a.connections.add(3);
+        a.check_fail.add(1);
+        old.service(key).unwrap().state.no_backend.add(4);
+        let carried = old.counters_of(key).unwrap();
+
+        let mut new = Services::default();
+        let (key, backends) = new.insert(web());
+        new.backend(backends[0]).unwrap().state.sent.add(1);
+        new.carry_counters(&carried);
+        let a = new.backend(backends[0]).unwrap().state.counters();
+        assert_eq!((a.sent, a.received, a.connections, a.check_fail), (11, 20, 3, 1));
+        assert_eq!(new.backend(backends[1]).unwrap().state.counters(), Counters::default());
+        assert_eq!(new.service(key).unwrap().state.no_backend.get(), 4);
+        // A backend or service the new config lacks is skipped, not an error.
+        let mut other = carried.clone();
+        other.backends[0].backend = "gone".into();
+        new.carry_counters(&other);
+        other.service = "gone".into();
+        new.carry_counters(&other);
+        assert_eq!(new.backend(backends[0]).unwrap().state.counters().sent, 11);
+    }
+
+    #[test]
+    fn a_backend_carried_down_starts_down_and_counts_in_the_tally_once() {
+        let mut services = Services::default();
+        let (key, backends) = services.insert(web());
+        services.enroll(key, &backends, &[]);
+        services.carry_down(backends[0]);
+        services.carry_down(backends[0]);
+        assert!(!services.backend(backends[0]).unwrap().state.health.is_up());
+        assert_eq!(services.service(key).unwrap().state.tally.counts(), (2, 1));
+        assert_eq!(services.backend(backends[0]).unwrap().state.downs.get(), 0, "not a transition seen here");
+    }
+}
