@@ -95,7 +95,10 @@ impl AccessLog {
         let (queue, batches) = mpsc::sync_channel(QUEUE);
         let shared = Arc::new(Shared::default());
         let writer = Writer { target, sink, shared: shared.clone(), failing: false };
-        thread::Builder::new().name("shuttle-access".into()).spawn(move || writer.run(batches))?;
+        thread::Builder::new().name("shuttle-access".into()).spawn(move || {
+            crate::runtime::privileges::confine_thread();
+            writer.run(batches)
+        })?;
         Ok(AccessLog { on: Some(Handle { queue, shared, format, batch: Vec::new(), lines: 0 }) })
     }
 

@@ -164,6 +164,7 @@ impl Resolver {
         let (outbox, in_flight) = (self.outbox.clone(), self.in_flight.clone());
         let asked = names.clone();
         let spawned = thread::Builder::new().name("shuttle-resolve".into()).spawn(move || {
+            crate::runtime::privileges::confine_thread();
             let found = lookup_all(&asked);
             in_flight.fetch_sub(1, Ordering::Relaxed);
             let _ = outbox.post(Answer::Resolved { job, found });
@@ -186,6 +187,7 @@ pub fn resolve_now(names: Vec<String>) -> Lookups {
     let (tx, rx) = mpsc::channel();
     let asked = names.clone();
     let spawned = thread::Builder::new().name("shuttle-resolve".into()).spawn(move || {
+        crate::runtime::privileges::confine_thread();
         for name in names {
             let found = lookup(&name);
             if tx.send((name, found)).is_err() {
@@ -244,6 +246,7 @@ pub fn run_once<R: Send + 'static>(
     let (result, received) = mpsc::sync_channel(1);
     let outbox = outbox.clone();
     thread::Builder::new().name(name.into()).spawn(move || {
+        crate::runtime::privileges::confine_thread();
         // Sent before the wake-up, so the loop finds it when it looks.
         let _ = result.send(work());
         let _ = outbox.post(Answer::Done { job, result: Ok(()) });
@@ -266,6 +269,7 @@ impl Worker {
     pub fn new(name: &str, outbox: Outbox) -> io::Result<Worker> {
         let (jobs, queue) = mpsc::channel::<(u64, Work)>();
         thread::Builder::new().name(name.into()).spawn(move || {
+            crate::runtime::privileges::confine_thread();
             for (job, work) in queue {
                 let result = work();
                 let _ = outbox.post(Answer::Done { job, result });

@@ -52,7 +52,10 @@ pub fn init(debug: bool) {
     let (queue, lines) = mpsc::sync_channel(QUEUE);
     let dropped = Arc::new(AtomicU64::new(0));
     let writer_dropped = dropped.clone();
-    let spawned = thread::Builder::new().name("shuttle-log".into()).spawn(move || write_lines(lines, &writer_dropped));
+    let spawned = thread::Builder::new().name("shuttle-log".into()).spawn(move || {
+        crate::runtime::privileges::confine_thread();
+        write_lines(lines, &writer_dropped)
+    });
     let mut builder = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     if debug {
         builder.filter_level(log::LevelFilter::Debug);

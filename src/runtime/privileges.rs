@@ -89,6 +89,29 @@ pub fn switch(id: &Identity) -> Result<Kept, SwitchError> {
     Ok(kept)
 }
 
+/// Drops every capability of the calling thread, unless the process runs as
+/// root (with no `-user`, root's threads stay as they are). Worker and helper
+/// threads call it as they start: only the control thread binds, and a
+/// thread started after the switch, or in a process that an upgrade started
+/// as the user, would otherwise inherit its capability (reference §1.1).
+pub fn confine_thread() {
+    if crate::runtime::files::effective_uid() == 0 {
+        return;
+    }
+    // Lowering one's own sets cannot be refused; and it is not logged, as the
+    // log writer's own thread calls this too.
+    let _ = set_caps(0).and_then(|()| clear_ambient());
+}
+
+#[allow(unsafe_code)]
+fn clear_ambient() -> Result<(), SwitchError> {
+    let clear = libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong;
+    // SAFETY: PR_CAP_AMBIENT takes integers only; the unused arguments must be 0.
+    let rc =
+        unsafe { libc::prctl(libc::PR_CAP_AMBIENT, clear, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    check("prctl(PR_CAP_AMBIENT_CLEAR_ALL)", rc.into())
+}
+
 /// The hint a failed bind gets when the cause is likely the missing capability.
 pub fn bind_hint(port: u16, e: &io::Error) -> Option<&'static str> {
     let privileged = port != 0 && port < 1024;

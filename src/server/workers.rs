@@ -415,6 +415,7 @@ fn run_worker(
     grace: Duration,
     cpu: Option<usize>,
 ) {
+    crate::runtime::privileges::confine_thread();
     if let Some(cpu) = cpu {
         match cpus::pin_this_thread(cpu) {
             Ok(()) => debug!("worker {index} runs on CPU {cpu}"),

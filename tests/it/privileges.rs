@@ -345,3 +345,46 @@ fn a_state_file_the_new_user_writes_chooses_nothing_root_opens() {
     std::os::unix::fs::symlink(&secret, &link).expect("symlink");
     expect_startup_error(&["-user", "nobody", "-state", path_str(&link)], &[path_str(&link), "symbolic link"]);
 }
+
+#[test]
+fn after_an_upgrade_only_the_control_thread_keeps_the_capability_and_binds_below_1024() {
+    let Some((_dir, home)) = nobody_home("after_an_upgrade_only_the_control_thread") else { return };
+    let log = home.join("access.log");
+    let shuttle =
+        Shuttle::launch(&["-user", "nobody", "-workers", "2", "-access-log", path_str(&log)], Launch::default());
+    shuttle.wait_for_line("running as user nobody");
+    let admin = shuttle.admin_addr();
+    shuttle.signal(libc::SIGUSR2);
+    let line = shuttle.wait_for_line(" is serving; ");
+    let pid: i32 = line
+        .split("upgrade: process ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"));
+    struct Reap(i32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            // SAFETY: kill takes two integers.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _reap = Reap(pid);
+    // Its threads are all up once it answers the admin API.
+    assert!(crate::support::wait_until(crate::support::DEADLINE, || {
+        crate::admin::get(admin, "/_info").json()["pid"] == pid
+    }));
+    let all = tasks(pid);
+    assert!(all.iter().filter(|(n, _, _)| n.starts_with("shuttle-w")).count() == 2, "{all:?}");
+    for (name, main, f) in &all {
+        let want = if *main { NET_BIND } else { 0 };
+        for set in ["CapPrm", "CapEff", "CapAmb"] {
+            assert_eq!(mask(f, set), want, "{set} of thread {name} of the new process");
+        }
+    }
+    // The control thread still binds below 1024 for a service added now.
+    let port = free_low_port(1000);
+    let backend = crate::support::echo();
+    let body = service_at(&format!("127.0.0.1:{port}"), &backend.address().to_string());
+    crate::admin::put(admin, "/low", &body).expect(200);
+}
