@@ -1000,14 +1000,21 @@ impl Server {
     /// Closes the pairs still open when the loop stops (the grace ran out, or a
     /// second signal), so each is counted and gets its access-log line (`end=shutdown`).
     fn close_open_pairs(&mut self) {
-        let open: Vec<Key> = self
+        let open: Vec<(Key, bool)> = self
             .entries
             .iter()
-            .filter(|(_, entry)| matches!(entry, Entry::Pair(_) | Entry::Queued(_)))
-            .map(|(key, _)| key)
+            .filter_map(|(key, entry)| match entry {
+                Entry::Pair(_) => Some((key, false)),
+                Entry::Queued(_) => Some((key, true)),
+                _ => None,
+            })
             .collect();
-        for key in open {
-            self.remove_entry(key);
+        for (key, queued) in open {
+            if queued {
+                self.shut_queued(key);
+            } else {
+                self.remove_entry(key);
+            }
         }
     }
 

@@ -157,6 +157,15 @@ impl AdminListener {
     }
 }
 
+impl Drop for AdminListener {
+    fn drop(&mut self) {
+        // While the socket is still open, so the inode it binds cannot have gone to another file.
+        if let AdminListener::Unix(_, file) = self {
+            file.remove();
+        }
+    }
+}
+
 /// Where an admin connection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {

@@ -91,7 +91,8 @@ impl Flow {
             duration: now.saturating_duration_since(self.started),
             sent: self.bytes[0],
             received: self.bytes[1],
-            failed_connects: 0,
+            // A refused datagram is the flow's one failed connect (reference §7.1).
+            failed_connects: u16::from(self.end == Some(End::ConnectFailed)),
             end: self.end.unwrap_or(end),
         }
     }

@@ -56,15 +56,21 @@ impl SocketFile {
 
     /// Removes the file if it is still ours; only the first call does anything.
     pub fn remove(&self) {
-        if self.removed.swap(true, Ordering::AcqRel) {
+        if self.removed.swap(true, Ordering::Acquire) {
             return;
         }
-        if !self.is_ours() {
-            log::info!("{}: not removed: another socket or file has taken its place", self.path.display());
-            return;
-        }
-        if let Err(e) = fs::remove_file(&self.path) {
-            log::warn!("cannot remove {}: {e}", self.path.display());
+        let path = self.path.display();
+        match fs::symlink_metadata(&self.path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // Not ours to judge (a directory we may no longer search, after -user): the
+            // next start replaces it as stale.
+            Err(e) => log::info!("{path}: not removed: {e}"),
+            Ok(m) if m.file_type().is_socket() && (m.dev(), m.ino()) == (self.dev, self.ino) => {
+                if let Err(e) = fs::remove_file(&self.path) {
+                    log::info!("{path}: not removed: {e}; the next start replaces it as stale");
+                }
+            }
+            Ok(_) => log::info!("{path}: not removed: another socket or file has taken its place"),
         }
     }
 

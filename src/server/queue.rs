@@ -314,6 +314,16 @@ impl Server {
         }
     }
 
+    /// Closes a client still queued when shuttle stops (the grace ended, a
+    /// second signal): a FIN and its access-log line, as a pair closed then gets.
+    pub(super) fn shut_queued(&mut self, key: Key) {
+        if let Some(Entry::Queued(q)) = self.entries.get(key) {
+            net::close_gently(&q.client.stream);
+            self.log_queued(key, End::Shutdown);
+        }
+        self.remove_entry(key);
+    }
+
     /// The access log's line for a queued client that never got a pair.
     fn log_queued(&mut self, key: Key, end: End) {
         let Some(Entry::Queued(q)) = self.entries.get(key) else { return };

@@ -106,6 +106,7 @@ impl Server {
     /// dropped and counted) at the flow limit or without a backend.
     fn open_flow(&mut self, listener: Key, service: Key, client: SocketAddr, now: Instant) -> Option<Key> {
         let s = self.services.service(service)?;
+        let service_name = s.name.clone();
         let max_flows = u64::from(s.settings.max_flows);
         let idle = config::seconds(s.settings.udp_idle_timeout)?;
         let replies_left = flow::replies_allowed(s.settings.udp_max_responses);
@@ -121,12 +122,10 @@ impl Server {
             return None;
         };
         // Validation keeps unix paths off UDP services: a backend here has an IP address.
-        let names = match (self.services.service(service), self.services.backend(backend)) {
-            (Some(s), Some(b)) => (s.name.clone(), b.label.clone()),
-            _ => return None,
-        };
-        let opened = self.services.backend(backend).and_then(|b| b.addr.inet()).ok_or(io::ErrorKind::NotFound.into());
+        let label = self.services.backend(backend).map(|b| b.label.clone());
+        let opened = label.as_ref().and_then(|l| l.addr.inet()).ok_or(io::Error::from(io::ErrorKind::NotFound));
         let opened = opened.and_then(net::udp_flow).and_then(|mut socket| {
+            let names = (service_name, label.ok_or(io::ErrorKind::NotFound)?);
             let registry = self.poll.registry();
             self.entries.try_insert_with(|key| {
                 registry.register(&mut socket, key.token(Side::Backend), Interest::READABLE)?;
@@ -325,6 +324,10 @@ impl Server {
         self.fds.listeners -= 1;
         for &flow in socket.flows.values() {
             self.remove_entry(flow);
+        }
+        // A deleted service lived on only for its socket (as a TCP one lives on for its queue).
+        if let Some(service) = socket.service.filter(|&s| self.services.is_retired(s)) {
+            drop(self.services.remove(service));
         }
     }
 }

@@ -365,3 +365,30 @@ fn a_client_queued_when_the_drain_begins_is_served_once_a_slot_frees() {
     let status = shuttle.wait_exit(DEADLINE).expect("exit once the last client is done");
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn a_client_still_queued_when_the_grace_ends_gets_a_fin_and_its_access_log_line() {
+    let b = Counting::spawn();
+    let dir = crate::support::tempdir();
+    let log = dir.path().join("access.log");
+    let fields = json!({"max_queue": 10, "queue_timeout": 60});
+    let mut shuttle = Shuttle::start_with_config(
+        &json!([web(vec![limited("b0", &b.backend, 1)], fields)]),
+        &["-grace", "1", "-access-log", log.to_str().expect("utf-8")],
+    );
+    let addr = shuttle.service_addr("web");
+    let mut holder = client(addr, "0");
+    assert!(served_within(&mut holder, DEADLINE));
+    let mut queued = client(addr, "1");
+    let (holder_addr, queued_addr) = (holder.local_addr().unwrap(), queued.local_addr().unwrap());
+    wait_stat(&shuttle, "queued", 1);
+    shuttle.signal(libc::SIGTERM);
+    let status = shuttle.wait_exit(DEADLINE).expect("exit once the grace is over");
+    assert!(status.success(), "{status:?}");
+    queued.set_read_timeout(Some(DEADLINE)).unwrap();
+    assert_eq!(queued.read(&mut [0u8; 16]).map_err(|e| e.kind()), Ok(0), "a FIN, not a reset");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains(&format!("client={holder_addr} ")), "the pair's line: {text}");
+    let line = text.lines().find(|l| l.contains(&format!("client={queued_addr} ")));
+    assert!(line.is_some_and(|l| l.ends_with("end=shutdown")), "the queued client's line: {text}");
+}

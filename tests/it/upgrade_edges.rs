@@ -1,7 +1,7 @@
 //! Binary upgrades at their edges (reference §3.7), first found by a review:
 //! a binary reached through a symlink, `-user` with a token file only root
 //! may read, systemd hearing the new pid before the old process exits, and
-//! counters read during the hand-over.
+//! counters read during the hand-over, and a unix admin socket.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
@@ -193,4 +193,32 @@ fn a_counter_read_during_the_hand_over_is_never_more_than_just_after_it() {
     traffic.join().expect("the traffic thread");
     assert!(after >= during, "web's sent went from {during} (during the hand-over) to {after} (just after it)");
     assert!(shuttle.wait_exit(DEADLINE).expect("the old process exits").success());
+}
+
+/// A unix admin socket is handed over like the listeners: the new process
+/// answers on the same file, the old one leaves it as it exits, and the new
+/// one removes it when it stops.
+#[test]
+fn a_unix_admin_socket_is_handed_over_and_removed_only_by_its_last_owner() {
+    let dir = tempdir();
+    let echo = echo();
+    let config = web_config(dir.path(), &echo);
+    let sock = dir.path().join("admin.sock");
+    let args = ["-config", config.to_str().expect("utf-8"), "-http", sock.to_str().expect("utf-8"), "-grace", "1"];
+    let mut shuttle = Shuttle::launch(&args, Launch::default());
+    shuttle.wait_for_line(" listening on ");
+    let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(p).expect("the socket file"));
+    let before = ino(&sock);
+    shuttle.signal(libc::SIGUSR2);
+    let pid = served_by(&shuttle);
+    let mut reap = Reap(Some(pid));
+    assert!(shuttle.wait_exit(DEADLINE).expect("the old process exits").success());
+    assert_eq!(ino(&sock), before, "the same socket file, left by the old process");
+    let info = crate::admin::Http::unix(&sock).request("GET", "/_info", None);
+    assert_eq!((info.status, info.json()["pid"].as_i64()), (200, Some(i64::from(pid))));
+    // SAFETY: kill takes two integers; the pid is the new shuttle's.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert!(wait_until(DEADLINE, || exited(pid)), "the new process stops on SIGTERM");
+    reap.0 = None;
+    assert!(wait_until(DEADLINE, || !sock.exists()), "its last owner removed the socket file");
 }
