@@ -1,6 +1,6 @@
 //! Binary upgrades at their edges (reference §3.7), first found by a review:
 //! a binary reached through a symlink, `-user` with a token file only root
-//! may read, systemd hearing the new pid before the old process exits, and
+//! may read, systemd hearing the new pid before the old process exits,
 //! counters read during the hand-over, and a unix admin socket.
 
 use std::os::unix::fs::PermissionsExt;
