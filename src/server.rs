@@ -638,7 +638,7 @@ impl Server {
                 self.fds.listeners -= 1;
                 self.admin_listener = None;
             }
-            Entry::Group(_) => {}
+            Entry::Group(group) => self.fds.listeners -= group.copies.len(),
             Entry::Flow(flow) => self.flow_closed(flow),
             Entry::Datagrams(socket) => self.datagrams_closed(socket),
         }

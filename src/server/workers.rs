@@ -478,6 +478,8 @@ impl Server {
         let first = sockets.first().ok_or(io::ErrorKind::AddrNotAvailable)?;
         let (local, kind, file) = (first.local_addr()?, first.kind(), first.file().cloned());
         let copies = sockets.iter().map(Bound::dup).collect::<io::Result<Vec<_>>>()?;
+        // The copies are descriptors this loop holds for as long as the group lives.
+        self.fds.listeners += copies.len();
         let group = Group { service: None, local: local.clone(), sockets, copies, kind, file };
         let listener = self.entries.insert_with(|_| Entry::Group(group));
         Ok(Staged { listener, local })
