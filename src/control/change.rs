@@ -536,7 +536,14 @@ mod tests {
             !self.unacknowledged
         }
         fn info(&self) -> crate::control::info::Info {
-            crate::control::info::Info::new(crate::control::info::Started::now(), Instant::now(), 1, 0, 0, 0)
+            crate::control::info::Info::new(
+                crate::control::info::Started::now(),
+                Instant::now(),
+                1,
+                0,
+                0,
+                Default::default(),
+            )
         }
         fn process(&self) -> crate::control::metrics::Process<'_> {
             crate::control::metrics::Process {

@@ -49,11 +49,13 @@ pub struct Info {
     pub backends: usize,
     /// Connections open now, over every worker.
     pub active: u64,
+    /// UDP flows open now, over every worker.
+    pub flows: u64,
 }
 
 impl Info {
     /// The info of this process, given what only the loop knows.
-    pub fn new(started: Started, now: Instant, workers: usize, services: usize, backends: usize, active: u64) -> Info {
+    pub fn new(started: Started, now: Instant, workers: usize, services: usize, backends: usize, open: Open) -> Info {
         Info {
             version: env!("CARGO_PKG_VERSION"),
             commit: COMMIT,
@@ -63,9 +65,19 @@ impl Info {
             workers,
             services,
             backends,
-            active,
+            active: open.connections,
+            flows: open.flows,
         }
     }
+}
+
+/// What is open now, over every worker.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Open {
+    /// TCP and unix connections.
+    pub connections: u64,
+    /// UDP flows.
+    pub flows: u64,
 }
 
 #[cfg(test)]
@@ -76,20 +88,31 @@ mod tests {
     #[test]
     fn fields_come_in_the_documented_order() {
         let started = Started::now();
-        let info = Info::new(started, started.mono + Duration::from_millis(2500), 2, 3, 4, 5);
+        let open = Open { connections: 5, flows: 6 };
+        let info = Info::new(started, started.mono + Duration::from_millis(2500), 2, 3, 4, open);
         assert_eq!(info.uptime_seconds, 2, "whole seconds, rounded down");
         let text = serde_json::to_string(&info).unwrap();
-        let order =
-            ["version", "commit", "pid", "started", "uptime_seconds", "workers", "services", "backends", "active"];
+        let order = [
+            "version",
+            "commit",
+            "pid",
+            "started",
+            "uptime_seconds",
+            "workers",
+            "services",
+            "backends",
+            "active",
+            "flows",
+        ];
         let at: Vec<usize> = order.iter().map(|k| text.find(&format!("\"{k}\"")).unwrap()).collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "{text}");
-        assert!(text.contains(r#""workers":2,"services":3,"backends":4,"active":5"#), "{text}");
+        assert!(text.contains(r#""workers":2,"services":3,"backends":4,"active":5,"flows":6"#), "{text}");
     }
 
     #[test]
     fn an_uptime_is_never_negative() {
         let started = Started::now();
         let earlier = started.mono.checked_sub(Duration::from_secs(1)).unwrap_or(started.mono);
-        assert_eq!(Info::new(started, earlier, 1, 0, 0, 0).uptime_seconds, 0);
+        assert_eq!(Info::new(started, earlier, 1, 0, 0, Open::default()).uptime_seconds, 0);
     }
 }

@@ -63,7 +63,10 @@ impl Plane for Server {
         let services = self.services.len();
         let backends = self.services.keys().filter_map(|k| self.services.service(k)).map(|s| s.backends.len()).sum();
         let workers = self.workers().map_or(1, |w| w.len());
-        Info::new(self.started, Instant::now(), workers, services, backends, self.fds.process_pairs())
+        let flows =
+            self.services.keys().filter_map(|k| self.services.service(k)).map(|s| s.state.udp.flows.get()).sum();
+        let open = crate::control::info::Open { connections: self.fds.process_pairs(), flows };
+        Info::new(self.started, Instant::now(), workers, services, backends, open)
     }
 
     fn process(&self) -> Process<'_> {

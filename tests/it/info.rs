@@ -49,14 +49,14 @@ fn info_shows_the_build_the_process_and_what_it_serves() {
     let mut sorted = keys.clone();
     sorted.sort();
     let mut expected =
-        ["version", "commit", "pid", "started", "uptime_seconds", "workers", "services", "backends", "active"];
+        ["version", "commit", "pid", "started", "uptime_seconds", "workers", "services", "backends", "active", "flows"];
     expected.sort();
     assert_eq!(sorted, expected, "{info}");
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(info["pid"], json!(shuttle.pid()));
     assert_eq!(info["workers"], json!(test_workers()));
     assert_eq!((info["services"].clone(), info["backends"].clone()), (json!(3), json!(3)), "{info}");
-    assert_eq!(info["active"], 0, "{info}");
+    assert_eq!((info["active"].clone(), info["flows"].clone()), (json!(0), json!(0)), "{info}");
     match &info["commit"] {
         Value::Null => {}
         Value::String(c) => assert!(!c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'), "{c}"),

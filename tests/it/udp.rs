@@ -176,6 +176,12 @@ fn an_echo_flow_reaches_each_of_two_round_robin_backends() {
     assert_eq!((s["datagrams_sent"].as_u64(), s["datagrams_received"].as_u64()), (Some(6), Some(6)), "{s}");
     assert_eq!(s["sent"], (0..6).map(|i| format!("hello {i}").len()).sum::<usize>(), "bytes to the backends");
     assert_eq!(counter(admin, "/dns/a", "active"), 3, "a flow is an active connection of its backend");
+    let info = call(admin, "GET", "/_info", None).json();
+    assert_eq!(
+        (info["flows"].as_u64(), info["active"].as_u64()),
+        (Some(6), Some(0)),
+        "flows apart from connections: {info}"
+    );
 }
 
 #[test]
