@@ -6,6 +6,7 @@ use crate::cli;
 use crate::control::http::{Decoder, HttpError, Progress, Request, MAX_BODY};
 use crate::model::address;
 use crate::model::config::{self, ServiceConfig};
+use crate::model::handover::{self, Manifest};
 use crate::model::proxy_header::{self, Origin, Parsed, Version, MAX_HEADER};
 
 /// What decoding a byte stream came to: the requests, then the error that ended it, if any.
@@ -147,6 +148,24 @@ pub fn proxy_header(data: &[u8]) {
     }
 }
 
+/// What an upgrade's new process reads from the old one (the first byte is
+/// how many descriptors came): no panic; a manifest taken names exactly those
+/// descriptors, one socket per worker each, and survives its own round trip;
+/// counters taken survive theirs.
+pub fn handover(data: &[u8]) {
+    let Some((&fds, json)) = data.split_first() else { return };
+    if let Ok(manifest) = Manifest::parse(json, usize::from(fds)) {
+        assert_eq!(manifest.fds(), Some(usize::from(fds)), "the descriptors the manifest names");
+        assert!(manifest.sockets.iter().all(|s| s.count == manifest.workers.max(1)));
+        let again = serde_json::to_vec(&manifest).expect("a manifest taken writes back");
+        assert_eq!(Manifest::parse(&again, usize::from(fds)), Ok(manifest), "a manifest's round trip");
+    }
+    if let Ok(counters) = handover::parse_counters(json) {
+        let again = serde_json::to_vec(&counters).expect("counters taken write back");
+        assert_eq!(handover::parse_counters(&again), Ok(counters), "the counters' round trip");
+    }
+}
+
 /// The command line: no panic, whatever the arguments (NUL-separated).
 pub fn cli(data: &[u8]) {
     let args: Vec<String> = data.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
@@ -166,6 +185,7 @@ mod tests {
         ("address", super::address),
         ("cli", super::cli),
         ("proxy_header", super::proxy_header),
+        ("handover", super::handover),
     ];
 
     /// Every committed corpus input and seed, through the same entry points as the fuzzers.
