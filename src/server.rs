@@ -695,7 +695,7 @@ impl Server {
             }
             self.access_log.flush();
             if self.draining.is_some() {
-                self.reap_successor();
+                self.reap_successor(now);
             }
             if self.drained(now) {
                 // Grace over with workers still running: they cut their connections and
@@ -912,27 +912,21 @@ impl Server {
         }
         let pairs = self.fds.pairs;
         let them = if pairs == 1 { "connection gets" } else { "connections get" };
+        // After a hand-over the listeners are the new process's: this one only drains.
+        let (worker_does, process_does) = match self.upgrades.handed_over {
+            true => ("drains after the hand-over", "draining"),
+            false => ("shutting down", "shutting down: listeners closed"),
+        };
         match (&self.role, self.workers()) {
-            (Role::Worker { index, .. }, _) if self.upgrades.handed_over => {
-                log::debug!("worker {index} handed over: {pairs} open {them} up to {:?}", self.grace)
-            }
-            (_, Some(workers)) if self.upgrades.handed_over => {
-                info!("draining: the open connections of {} workers get up to {:?}", workers.len(), self.grace);
-                workers.drain();
-            }
-            (_, None) if self.upgrades.handed_over => info!("draining: {pairs} open {them} up to {:?}", self.grace),
             (Role::Worker { index, .. }, _) => {
-                log::debug!("worker {index} shutting down: {pairs} open {them} up to {:?}", self.grace)
+                log::debug!("worker {index} {worker_does}: {pairs} open {them} up to {:?}", self.grace)
             }
             (_, Some(workers)) => {
-                info!(
-                    "shutting down: listeners closed, the open connections of {} workers get up to {:?}",
-                    workers.len(),
-                    self.grace
-                );
+                let n = workers.len();
+                info!("{process_does}, the open connections of {n} workers get up to {:?}", self.grace);
                 workers.drain();
             }
-            _ => info!("shutting down: listeners closed, {pairs} open {them} up to {:?}", self.grace),
+            _ => info!("{process_does}, {pairs} open {them} up to {:?}", self.grace),
         }
         // After an upgrade the new process speaks to systemd: it is the main process now.
         if matches!(self.role, Role::Control { .. }) && !self.upgrades.handed_over {
@@ -1047,10 +1041,9 @@ impl Server {
         }
         let saving = self.changes.as_ref().is_some_and(Changes::is_saving);
         let workers = self.workers().is_none_or(|w| w.all_exited());
-        // A new process that an upgrade started is waited for (its deadline bounds
-        // it), so that it is stopped if it becomes ready, not left to find us gone.
+        // The answer of a new process an upgrade started is waited for (its
+        // deadline bounds it), so that the upgrade is called off in good order.
         let starting = matches!(self.upgrades.state, Some(upgrade::Upgrade::Running));
-
         if self.fds.pairs == 0 && self.fds.listeners == 0 && !saving && workers && !starting {
             if !matches!(self.role, Role::Worker { .. }) {
                 info!("all connections closed; exiting");

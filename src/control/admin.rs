@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
-use mio::net::{TcpListener, UnixListener};
 use mio::{Interest, Registry};
 
 use crate::context::Cx;
@@ -57,31 +56,28 @@ pub enum AdminAddr {
     Unix(PathBuf, u32),
 }
 
-/// The admin API's listening socket.
+/// The admin API's listening socket: a service's kind of stream listener,
+/// whose unix file is removed when it goes, if it is still ours.
 #[derive(Debug)]
-pub enum AdminListener {
-    /// `host:port`.
-    Tcp(TcpListener),
-    /// A unix socket; its file is removed when the listener goes, if it is still ours.
-    Unix(UnixListener, Arc<SocketFile>),
-}
+pub struct AdminListener(StreamListener);
 
 impl AdminListener {
     /// Binds `addr`; for a unix path a stale socket file there is replaced,
     /// and a live one or any other file refused (reference §1).
     pub fn bind(addr: &AdminAddr) -> io::Result<AdminListener> {
-        match addr {
+        let listener = match addr {
             AdminAddr::Unix(path, mode) => {
                 let (listener, file) = unix::bind(path, *mode, ADMIN_BACKLOG)?;
                 info!("admin listening on {}", path.display());
-                Ok(AdminListener::Unix(listener, Arc::new(file)))
+                StreamListener::Unix(listener, Arc::new(file))
             }
             AdminAddr::Tcp(addr) => {
                 let listener = crate::runtime::net::bind(*addr)?;
                 info!("admin listening on {}", listener.local_addr()?);
-                Ok(AdminListener::Tcp(listener))
+                StreamListener::Tcp(listener)
             }
-        }
+        };
+        Ok(AdminListener(listener))
     }
 
     /// The admin listener another process handed over (reference §3.7),
@@ -90,8 +86,7 @@ impl AdminListener {
     pub fn adopt(file: Option<Arc<SocketFile>>, fd: OwnedFd) -> io::Result<AdminListener> {
         let kind = if file.is_some() { SocketKind::Unix } else { SocketKind::Tcp };
         match Bound::adopt(kind, fd, file)? {
-            Bound::Stream(StreamListener::Tcp(l)) => Ok(AdminListener::Tcp(l)),
-            Bound::Stream(StreamListener::Unix(l, file)) => Ok(AdminListener::Unix(l, file)),
+            Bound::Stream(listener) => Ok(AdminListener(listener)),
             Bound::Datagram(_) => {
                 Err(io::Error::new(io::ErrorKind::InvalidInput, "the handed-over admin socket is of another kind"))
             }
@@ -100,67 +95,49 @@ impl AdminListener {
 
     /// Another descriptor of the same socket, for the hand-over.
     pub fn fd_copy(&self) -> io::Result<OwnedFd> {
-        let socket = match self {
-            AdminListener::Tcp(l) => socket2::SockRef::from(l).try_clone()?,
-            AdminListener::Unix(l, _) => socket2::SockRef::from(l).try_clone()?,
-        };
-        Ok(socket.into())
+        self.0.fd_copy()
     }
 
     /// A unix listener's socket file.
     pub fn file(&self) -> Option<&Arc<SocketFile>> {
-        match self {
-            AdminListener::Tcp(_) => None,
-            AdminListener::Unix(_, file) => Some(file),
-        }
+        self.0.file()
     }
 
     /// The bound TCP address, if it is one.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        match self {
-            AdminListener::Tcp(l) => l.local_addr().ok(),
-            AdminListener::Unix(..) => None,
-        }
+        self.0.local_addr().ok().and_then(|a| a.inet())
     }
 
     /// Registers the listener under `key`.
     pub fn register(mut self, key: Key, registry: &Registry) -> io::Result<AdminListener> {
-        let token = key.token(Side::Client);
-        match &mut self {
-            AdminListener::Tcp(l) => registry.register(l, token, Interest::READABLE)?,
-            AdminListener::Unix(l, _) => registry.register(l, token, Interest::READABLE)?,
-        }
+        registry.register(&mut self.0, key.token(Side::Client), Interest::READABLE)?;
         Ok(self)
     }
 
     /// Stops this poller hearing of it.
     pub fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
-        match self {
-            AdminListener::Tcp(l) => registry.deregister(l),
-            AdminListener::Unix(l, _) => registry.deregister(l),
-        }
+        registry.deregister(&mut self.0)
     }
 
     /// Accepts one admin client, with a name for it in logs.
     pub fn accept(&self) -> io::Result<(Conn, String)> {
-        match self {
-            AdminListener::Tcp(l) => l.accept().map(|(s, peer)| (Conn::Tcp(s), peer.to_string())),
-            AdminListener::Unix(l, _) => l.accept().map(|(s, _)| {
-                // The socket's peer, as the kernel vouches for it: who changed what, in the audit log.
-                let who = match crate::runtime::net::peer_cred(&s) {
-                    Some((uid, pid)) => format!("unix socket (uid {uid}, pid {pid})"),
-                    None => "unix socket".to_string(),
-                };
-                (Conn::Unix(s), who)
-            }),
-        }
+        let (conn, peer) = self.0.accept()?;
+        let who = match &conn {
+            Conn::Tcp(_) => peer.to_string(),
+            // The socket's peer, as the kernel vouches for it: who changed what, in the audit log.
+            Conn::Unix(s) => match crate::runtime::net::peer_cred(s) {
+                Some((uid, pid)) => format!("unix socket (uid {uid}, pid {pid})"),
+                None => "unix socket".to_string(),
+            },
+        };
+        Ok((conn, who))
     }
 }
 
 impl Drop for AdminListener {
     fn drop(&mut self) {
         // While the socket is still open, so the inode it binds cannot have gone to another file.
-        if let AdminListener::Unix(_, file) = self {
+        if let Some(file) = self.0.file() {
             file.remove();
         }
     }

@@ -78,6 +78,14 @@ impl StreamListener {
         }
     }
 
+    /// What it is, as the hand-over names it.
+    pub fn kind(&self) -> SocketKind {
+        match self {
+            StreamListener::Tcp(_) => SocketKind::Tcp,
+            StreamListener::Unix(..) => SocketKind::Unix,
+        }
+    }
+
     /// Another handle on the same listening socket, for another worker.
     pub fn duplicate(&self) -> io::Result<StreamListener> {
         match self {
@@ -181,8 +189,7 @@ impl Bound {
     /// What it is, as the hand-over names it.
     pub fn kind(&self) -> SocketKind {
         match self {
-            Bound::Stream(StreamListener::Tcp(_)) => SocketKind::Tcp,
-            Bound::Stream(StreamListener::Unix(..)) => SocketKind::Unix,
+            Bound::Stream(s) => s.kind(),
             Bound::Datagram(_) => SocketKind::Udp,
         }
     }

@@ -113,6 +113,8 @@ pub(crate) struct Upgrades {
     pub handed_over: bool,
     /// The process it started, reaped if it exits while this one drains.
     successor: Option<std::process::Child>,
+    /// When to look whether it has exited next (a `waitpid` a second, not one a turn).
+    next_reap: Option<Instant>,
     /// The thread telling that process to serve; the drain waits for it.
     telling: Option<std::thread::JoinHandle<()>>,
     /// In a process that took over: the socket files it adopted, left alone
@@ -171,9 +173,15 @@ impl Server {
 
     /// Reaps the process an upgrade started if it has exited (while this one
     /// drains: it is this process's child until this one exits).
-    pub(super) fn reap_successor(&mut self) {
-        if self.upgrades.successor.as_mut().is_some_and(|child| !matches!(child.try_wait(), Ok(None))) {
-            self.upgrades.successor = None;
+    pub(super) fn reap_successor(&mut self, now: Instant) {
+        let upgrades = &mut self.upgrades;
+        let Some(child) = upgrades.successor.as_mut() else { return };
+        if upgrades.next_reap.is_some_and(|at| now < at) {
+            return;
+        }
+        upgrades.next_reap = Some(now + Duration::from_secs(1));
+        if !matches!(child.try_wait(), Ok(None)) {
+            upgrades.successor = None;
         }
     }
 
@@ -217,8 +225,7 @@ impl Server {
                 }
                 Some(Entry::Listener(l)) => {
                     fds.push(l.socket.fd_copy()?);
-                    let kind = if l.socket.file().is_some() { SocketKind::Unix } else { SocketKind::Tcp };
-                    (kind, l.socket.file().cloned(), 1)
+                    (l.socket.kind(), l.socket.file().cloned(), 1)
                 }
                 Some(Entry::Datagrams(d)) => {
                     fds.push(socket2::SockRef::from(&d.socket).try_clone()?.into());

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,22 +60,8 @@ pub(super) fn link(fd: i32) -> Result<Socket, Failed> {
 /// Reads everything the old process sends, up to its end.
 pub(super) fn take(link: &Socket) -> Result<Taken, Failed> {
     let failed = |e: String| Failed(format!("upgrade: {e}"));
-    let mut json = Vec::new();
     let mut fds = Vec::new();
-    let mut buf = vec![0u8; passfd::MAX_MESSAGE];
-    loop {
-        let (n, got) = passfd::recv(link, &mut buf).map_err(|e| failed(format!("cannot read the hand-over: {e}")))?;
-        match buf[..n].first() {
-            None => return Err(failed("the running shuttle closed the hand-over".into())),
-            Some(&kind::MANIFEST) => json.extend_from_slice(&buf[1..n]),
-            Some(&kind::FDS) => fds.extend(got),
-            Some(&kind::END) => break,
-            Some(other) => return Err(failed(format!("unknown hand-over message {other:#04x}"))),
-        }
-        if json.len() > MAX_MANIFEST {
-            return Err(failed("the manifest is too big".into()));
-        }
-    }
+    let json = gather(link, kind::MANIFEST, kind::END, Some(&mut fds))?;
     let manifest = Manifest::parse(&json, fds.len()).map_err(|e| failed(e.to_string()))?;
     let file = config::parse_file(&manifest.config)
         .map_err(|e| failed(format!("the running shuttle's config does not load here: {e}")))?;
@@ -125,22 +112,31 @@ pub(super) fn ready(link: &Socket) -> Result<(), Failed> {
 /// Waits for the old process to stop accepting: its counters, then the word
 /// to serve. The end of the link instead means it called the upgrade off.
 pub(super) fn wait_go(link: &Socket) -> Result<Vec<ServiceCounters>, Failed> {
+    let json = gather(link, kind::COUNTERS, kind::GO, None)?;
+    handover::parse_counters(&json).map_err(|e| Failed(format!("upgrade: {e}")))
+}
+
+/// Reads messages up to one of kind `end`: the JSON that the `piece` ones
+/// carry, joined, and (where `fds` takes them) the descriptors of `FDS` ones.
+fn gather(link: &Socket, piece: u8, end: u8, mut fds: Option<&mut Vec<OwnedFd>>) -> Result<Vec<u8>, Failed> {
     let failed = |e: String| Failed(format!("upgrade: {e}"));
     let mut json = Vec::new();
     let mut buf = vec![0u8; passfd::MAX_MESSAGE];
     loop {
-        let (n, _) = passfd::recv(link, &mut buf).map_err(|e| failed(format!("no word to serve came: {e}")))?;
-        match buf[..n].first() {
-            None => return Err(failed("the running shuttle called the upgrade off".into())),
-            Some(&kind::COUNTERS) => json.extend_from_slice(&buf[1..n]),
-            Some(&kind::GO) => break,
-            Some(other) => return Err(failed(format!("unknown hand-over message {other:#04x}"))),
+        let (n, got) = passfd::recv(link, &mut buf).map_err(|e| failed(format!("cannot read the hand-over: {e}")))?;
+        match (buf[..n].first(), fds.as_deref_mut()) {
+            // Waiting for the word to serve, the end of the link is the old process calling it off.
+            (None, _) if end == kind::GO => return Err(failed("the running shuttle called the upgrade off".into())),
+            (None, _) => return Err(failed("the running shuttle closed the hand-over".into())),
+            (Some(&k), _) if k == end => return Ok(json),
+            (Some(&k), _) if k == piece => json.extend_from_slice(&buf[1..n]),
+            (Some(&kind::FDS), Some(fds)) => fds.extend(got),
+            (Some(other), _) => return Err(failed(format!("unknown hand-over message {other:#04x}"))),
         }
         if json.len() > MAX_MANIFEST {
-            return Err(failed("the counters are too big".into()));
+            return Err(failed("the hand-over's JSON is too big".into()));
         }
     }
-    handover::parse_counters(&json).map_err(|e| failed(e.to_string()))
 }
 
 /// Tells the old process why this one gives up (it logs it and serves on).

@@ -129,14 +129,7 @@ fn after_an_upgrade_the_new_process_tells_systemd_its_pid_and_the_old_one_says_n
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no MAINPID in {next:?}"));
     // Whatever happens below, the new process goes with the test.
-    struct Reap(i32);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            // SAFETY: kill takes two integers.
-            unsafe { libc::kill(self.0, libc::SIGKILL) };
-        }
-    }
-    let _reap = Reap(new_pid);
+    let _reap = crate::support::Reap(Some(new_pid));
     assert_ne!(new_pid, shuttle.pid());
     // The old process names its successor first (it is still the main one); then the new one is ready.
     assert!(!next.contains(&"READY=1".to_string()), "{next:?}");

@@ -355,21 +355,8 @@ fn after_an_upgrade_only_the_control_thread_keeps_the_capability_and_binds_below
     shuttle.wait_for_line("running as user nobody");
     let admin = shuttle.admin_addr();
     shuttle.signal(libc::SIGUSR2);
-    let line = shuttle.wait_for_line(" is serving; ");
-    let pid: i32 = line
-        .split("upgrade: process ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line:?}"));
-    struct Reap(i32);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            // SAFETY: kill takes two integers.
-            unsafe { libc::kill(self.0, libc::SIGKILL) };
-        }
-    }
-    let _reap = Reap(pid);
+    let pid = crate::support::served_by(&shuttle);
+    let _reap = crate::support::Reap(Some(pid));
     // Its threads are all up once it answers the admin API.
     assert!(crate::support::wait_until(crate::support::DEADLINE, || {
         crate::admin::get(admin, "/_info").json()["pid"] == pid

@@ -10,6 +10,7 @@ pub mod dns;
 mod pattern;
 mod restartable;
 mod sha256;
+mod successor;
 
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
@@ -27,6 +28,7 @@ pub use backend::{blackhole, echo, named, refusing, sink, stall, stream, Backend
 pub use pattern::{Pattern, Sink, Source};
 pub use restartable::{reuse_socket, Restartable};
 pub use sha256::Sha256;
+pub use successor::{pid_after, served_by, started_by, Reap};
 
 /// How long start-up, exits and other "should happen soon" events may take.
 pub const DEADLINE: Duration = Duration::from_secs(10);

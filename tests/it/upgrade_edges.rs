@@ -14,33 +14,9 @@ use serde_json::json;
 
 use crate::admin::get;
 use crate::support::{
-    backend, connect, echo, is_root, round_trip, service, shuttle_bin, tempdir, wait_until, write_config, Launch,
-    Shuttle, DEADLINE,
+    backend, connect, echo, is_root, pid_after, round_trip, served_by, service, shuttle_bin, tempdir, wait_until,
+    write_config, Launch, Reap, Shuttle, DEADLINE,
 };
-
-/// Kills a process the test's shuttle started (an upgrade's), whatever happens.
-struct Reap(Option<i32>);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            // SAFETY: kill takes two integers.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
-/// The pid after `marker` in `line`.
-fn pid_in(line: &str, marker: &str) -> Option<i32> {
-    let rest = line.split(marker).nth(1)?;
-    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-}
-
-/// The new process's pid, once the old one says it is serving.
-fn served_by(shuttle: &Shuttle) -> i32 {
-    let line = shuttle.wait_for_line(" is serving; ");
-    pid_in(&line, "upgrade: process ").unwrap_or_else(|| panic!("no pid in {line:?}"))
-}
 
 /// Whether `pid` has exited (a zombie, or gone).
 fn exited(pid: i32) -> bool {
@@ -143,7 +119,7 @@ fn systemd_hears_the_new_pid_before_the_old_process_exits() {
         shuttle.signal(libc::SIGUSR2);
         let mut reap = Reap(None);
         let gone = wait_until(DEADLINE, || {
-            reap.0 = reap.0.or_else(|| shuttle.stderr_lines().iter().find_map(|l| pid_in(l, "upgrade: process ")));
+            reap.0 = reap.0.or_else(|| shuttle.stderr_lines().iter().find_map(|l| pid_after(l, "upgrade: process ")));
             exited(old)
         });
         assert!(gone, "round {round}: the old process never exited");

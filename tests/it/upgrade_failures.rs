@@ -11,19 +11,9 @@ use serde_json::json;
 
 use crate::admin::{config_json, get, put};
 use crate::support::{
-    backend, connect, echo, round_trip, service, shuttle_bin, tempdir, wait_until, write_config, Backend, Launch,
-    Shuttle, DEADLINE,
+    backend, connect, echo, round_trip, served_by, service, shuttle_bin, started_by, tempdir, wait_until, write_config,
+    Backend, Launch, Reap, Shuttle, DEADLINE,
 };
-
-/// Kills a process the test's shuttle started (an upgrade's), whatever happens.
-struct Reap(i32);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        // SAFETY: kill takes two integers.
-        unsafe { libc::kill(self.0, libc::SIGKILL) };
-    }
-}
 
 /// Starts shuttle from a copy of the binary at `dir/shuttle`, so that the
 /// test may replace it, with service `web` on `echo`.
@@ -39,13 +29,6 @@ fn start_from_copy(dir: &Path, echo: &Backend, env: Vec<(String, String)>) -> (S
         Shuttle::launch_under_with(&wrapper, &["-config", config.to_str().expect("utf-8"), "-grace", "5"], launch);
     shuttle.wait_for_line(" listening on ");
     (shuttle, exe)
-}
-
-/// The pid of the process an upgrade started, from the old process's log.
-fn started_pid(shuttle: &Shuttle) -> i32 {
-    let started = shuttle.wait_for_line("upgrade: starting ");
-    let pid = started.split("(process ").nth(1).and_then(|rest| rest.trim_end_matches(')').parse().ok());
-    pid.unwrap_or_else(|| panic!("no pid in {started:?}"))
 }
 
 /// Puts `bytes` at `exe` as an executable, through a rename (the running binary is never written).
@@ -76,14 +59,8 @@ fn upgrades_after_all(shuttle: &mut Shuttle, exe: &Path) {
     let config = config_json(admin);
     replace(exe, &std::fs::read(shuttle_bin()).expect("read the binary"));
     shuttle.signal(libc::SIGUSR2);
-    let line = shuttle.wait_for_line(" is serving; ");
-    let pid: i32 = line
-        .split("upgrade: process ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line:?}"));
-    let _reap = Reap(pid);
+    let pid = served_by(shuttle);
+    let _reap = Reap(Some(pid));
     assert!(shuttle.wait_exit(DEADLINE).expect("the old process drains and exits").success());
     assert_eq!(get(admin, "/_info").expect(200).json()["pid"], pid);
     assert_eq!(config_json(admin), config, "the config carried over");
@@ -121,8 +98,8 @@ fn a_new_process_that_never_answers_is_killed_at_the_deadline() {
     // It holds the hand-over socket open and reads nothing.
     replace(&exe, b"#!/bin/sh\nexec sleep 60\n");
     shuttle.signal(libc::SIGUSR2);
-    let pid = started_pid(&shuttle);
-    let _reap = Reap(pid);
+    let pid = started_by(&shuttle);
+    let _reap = Reap(Some(pid));
     serves_on(&shuttle, "was not ready within 1s");
     let gone = wait_until(DEADLINE, || !Path::new(&format!("/proc/{pid}")).exists());
     assert!(gone, "the process that never answered was killed and reaped");
@@ -136,8 +113,8 @@ fn sigterm_during_the_hand_over_stops_both_processes() {
     let env = vec![("SHUTTLE_TEST_UPGRADE_PAUSE_MS".to_string(), "1000".to_string())];
     let (mut shuttle, _exe) = start_from_copy(dir.path(), &echo, env);
     shuttle.signal(libc::SIGUSR2);
-    let pid = started_pid(&shuttle);
-    let _reap = Reap(pid);
+    let pid = started_by(&shuttle);
+    let _reap = Reap(Some(pid));
     // The new process holds the sockets and waits before saying it is ready.
     shuttle.wait_for_line("before saying ready");
     shuttle.signal(libc::SIGTERM);
